@@ -1,0 +1,35 @@
+"""gemmtune.kernels: GPTQ format, CPU reference math, CUDA sources, compile + launch, dispatch.
+
+Imports nothing from the other gemmtune areas. CuPy and the GPU are touched lazily, so this
+package imports on machines without either.
+"""
+
+from .config import PRESETS, TUNABLES, KernelConfig, preset
+from .device import DeviceInfo
+from .errors import (
+    CudaUnavailableError,
+    GemmtuneError,
+    InvalidConfigError,
+    InvalidProblemError,
+    InvalidTensorError,
+    KernelBuildError,
+)
+from .problem import Problem
+from .workload import WORKLOADS, Workload
+
+__all__ = [
+    "PRESETS",
+    "TUNABLES",
+    "WORKLOADS",
+    "CudaUnavailableError",
+    "DeviceInfo",
+    "GemmtuneError",
+    "InvalidConfigError",
+    "InvalidProblemError",
+    "InvalidTensorError",
+    "KernelBuildError",
+    "KernelConfig",
+    "Problem",
+    "Workload",
+    "preset",
+]

@@ -1,0 +1,149 @@
+"""`KernelConfig`: every tunable of the dispatch and its kernels, in one frozen object.
+
+The ranges below are the *space*: what the kernels can be compiled and launched with. The tuner
+(`gemmtune.autotune.space`) derives its Optuna search space from this table, profile import
+validates against it, and `key()` is the one stable spelling used by caches, the database and
+exported profiles alike (Triton's `Config` plays the same role).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from .errors import InvalidConfigError
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """Declared range of one field: `choices` for the tuner, `lo..hi` for validation."""
+
+    name: str
+    doc: str
+    choices: tuple[int, ...]
+    lo: int
+    hi: int
+    affects_kernel: bool = True
+
+
+TUNABLES: tuple[Tunable, ...] = (
+    Tunable("max_q_gemm_rows", "M at or below which the fused kernel runs; above it the weight is "
+            "reconstructed to fp16 and cuBLAS multiplies", (0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 50,
+            64, 96, 128, 192, 256, 384, 512), 0, 8192, affects_kernel=False),
+    Tunable("max_q_gemm_rows_kernel", "rows of A one fused-kernel block handles (the m_count "
+            "template instance)", (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), 1, 64),
+    Tunable("block_n", "output columns one block covers (32 per warp column)", (32, 64, 128, 256),
+            32, 256),
+    Tunable("threads", "threads per block; threads / block_n warps split the block's K range",
+            (64, 128, 256, 512), 32, 1024),
+    Tunable("split_k", "K slices across blocks (0 = choose from the SM count); slices are "
+            "reduced in fp32 by the last block to finish", (0, 1, 2, 3, 4, 6, 8, 12, 16), 0, 64),
+    Tunable("k_unroll", "K steps each thread loads before it computes (loads in flight)",
+            (1, 2, 4, 8), 1, 16),
+    Tunable("recon_chunk_n", "reconstruct path: columns dequantized per cuBLAS call so the fp16 "
+            "chunk stays in L2 (0 = whole matrix at once)", (0, 1024, 2048, 4096, 8192, 16384),
+            0, 1 << 20, affects_kernel=False),
+)
+
+_BY_NAME = {t.name: t for t in TUNABLES}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One point of the search space. Construct with keywords; invalid values raise."""
+
+    max_q_gemm_rows: int = 32
+    max_q_gemm_rows_kernel: int = 16
+    block_n: int = 64
+    threads: int = 128
+    split_k: int = 0
+    k_unroll: int = 4
+    recon_chunk_n: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            t = _BY_NAME[f.name]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidConfigError(f"{f.name} must be an int, got {value!r}")
+            if not t.lo <= value <= t.hi:
+                raise InvalidConfigError(f"{f.name}={value} is outside {t.lo}..{t.hi}")
+        if self.block_n % 32:
+            raise InvalidConfigError(f"block_n={self.block_n} must be a multiple of 32")
+        if self.threads % 32:
+            raise InvalidConfigError(f"threads={self.threads} must be a multiple of 32")
+        if self.threads < self.block_n or self.threads % self.block_n:
+            raise InvalidConfigError(
+                f"threads={self.threads} must be a multiple of block_n={self.block_n} "
+                "(one warp per 32 columns, the rest split K)"
+            )
+        warps_k = self.threads // self.block_n
+        if warps_k & (warps_k - 1):
+            raise InvalidConfigError(f"threads/block_n={warps_k} must be a power of two")
+        if self.recon_chunk_n and self.recon_chunk_n % 256:
+            raise InvalidConfigError(f"recon_chunk_n={self.recon_chunk_n} must be 0 or a multiple of 256")
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def warps_n(self) -> int:
+        return self.block_n // 32
+
+    @property
+    def warps_k(self) -> int:
+        return self.threads // self.block_n
+
+    def key(self) -> str:
+        """Stable, human-readable identity (field order is part of the format: append only)."""
+        return (
+            f"r{self.max_q_gemm_rows}-mk{self.max_q_gemm_rows_kernel}-bn{self.block_n}"
+            f"-t{self.threads}-sk{self.split_k}-u{self.k_unroll}-rc{self.recon_chunk_n}"
+        )
+
+    def variant_key(self) -> str:
+        """Identity of the fused-kernel launch alone: configs equal here time identically at any
+        M the fused kernel handles (so measurements are memoised per (variant, M))."""
+        return (
+            f"mk{self.max_q_gemm_rows_kernel}-bn{self.block_n}-t{self.threads}"
+            f"-sk{self.split_k}-u{self.k_unroll}"
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KernelConfig:
+        """Strict: unknown or missing fields and wrong types raise InvalidConfigError."""
+        if not isinstance(data, dict):
+            raise InvalidConfigError(f"config must be an object, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        extra = set(data) - names
+        missing = names - set(data)
+        if extra:
+            raise InvalidConfigError(f"unknown config field(s): {', '.join(sorted(extra))}")
+        if missing:
+            raise InvalidConfigError(f"missing config field(s): {', '.join(sorted(missing))}")
+        return cls(**data)
+
+    def replace(self, **changes: int) -> KernelConfig:
+        return replace(self, **changes)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+PRESETS: dict[str, KernelConfig] = {
+    "default": KernelConfig(),
+    # ExLlamaV2 up to 0.0.11: fused kernel up to 50 rows, 8 rows per block.
+    "exllamav2-0.0.11": KernelConfig(max_q_gemm_rows=50, max_q_gemm_rows_kernel=8),
+    # ExLlamaV2 from 0.0.12: fused kernel up to 32 rows, 4 rows per block.
+    "exllamav2-0.0.12": KernelConfig(max_q_gemm_rows=32, max_q_gemm_rows_kernel=4),
+}
+
+
+def preset(name: str) -> KernelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise InvalidConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})") from None
