@@ -1,0 +1,1 @@
+"""gemmtune.db: SQLAlchemy models, store, migrations, profiles (imports nothing else of gemmtune)."""

@@ -1,0 +1,1 @@
+"""Alembic migration environment of gemmtune (own version table)."""
