@@ -1,0 +1,58 @@
+"""The narrow interface between the search and the measurement of kernels.
+
+The search (`study.py`) sees kernels only through an `Evaluator`: it asks for per-M latencies of
+the fused kernel and of the reconstruct path under a config, and never knows CUDA. The GPU
+implementation lives in `measure.py`; tests use a synthetic landscape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from gemmtune.kernels.config import KernelConfig
+from gemmtune.kernels.device import DeviceInfo
+from gemmtune.kernels.problem import Problem
+from gemmtune.kernels.workload import Workload
+
+
+class TrialFailure(Exception):
+    """A variant that cannot be used: compile error, launch error, resource limit, or a wrong
+    result against the reference. `reason` is stored with the failed trial."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """GPU time of one call, in µs: median of repeats and their spread."""
+
+    median_us: float
+    spread_us: float  # interquartile range of the repeats
+    repeats: int
+
+
+class Evaluator(Protocol):
+    problem: Problem
+    workload: Workload
+    device: DeviceInfo
+    kernel_hash: str
+
+    def fused(self, config: KernelConfig, m: int) -> Measurement:
+        """Fused-kernel time at M rows. Depends only on `config.variant_key()`; memoised per
+        (variant, M). Raises TrialFailure."""
+        ...
+
+    def recon(self, config: KernelConfig, m: int) -> Measurement:
+        """Reconstruct + cuBLAS time at M rows. Depends only on `config.recon_chunk_n`;
+        memoised. Raises TrialFailure."""
+        ...
+
+    def interleaved(
+        self, a: KernelConfig, b: KernelConfig, rounds: int = 5
+    ) -> tuple[dict[int, Measurement], dict[int, Measurement]]:
+        """Whole-dispatch times of `a` and `b` for every M of the workload, measured A B A B …
+        on the same card (fresh, not memoised): the final check before a winner is stored."""
+        ...
