@@ -82,6 +82,13 @@ class KernelConfig:
         warps_k = self.threads // self.block_n
         if warps_k & (warps_k - 1):
             raise InvalidConfigError(f"threads/block_n={warps_k} must be a power of two")
+        tiles = -(-self.max_q_gemm_rows_kernel // 8)
+        if self.k_unroll * tiles > 8:
+            raise InvalidConfigError(
+                f"k_unroll={self.k_unroll} with max_q_gemm_rows_kernel={self.max_q_gemm_rows_kernel} "
+                f"keeps {self.k_unroll * tiles} activation tiles in registers (at most 8: "
+                "k_unroll * ceil(rows/8) <= 8)"
+            )
         if self.recon_chunk_n and self.recon_chunk_n % 256:
             raise InvalidConfigError(f"recon_chunk_n={self.recon_chunk_n} must be 0 or a multiple of 256")
 

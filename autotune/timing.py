@@ -1,0 +1,118 @@
+"""GPU timing the way DESIGN requires: CUDA graphs, events, L2-defeating rotation, medians.
+
+A Python CuPy launch costs ~20 µs of host time, more than a small GEMV runs, so calls are
+captured into a CUDA graph (one call per weight copy, the copies together larger than L2) and
+the graph's replays are timed with CUDA events. The result is GPU time per call.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from .evaluator import Measurement
+
+L2_DEFEAT_BYTES = 150 * 2**20
+"""Copies rotated per measurement must total more than this (H100 L2 is 50 MB)."""
+
+CALLS_PER_GRAPH = 20
+
+
+def copies_needed(bytes_per_copy: int, budget_bytes: int = 8 * 2**30) -> int:
+    """Weight copies to rotate through: enough to exceed L2_DEFEAT_BYTES, at least 2, at most
+    CALLS_PER_GRAPH, and no more than fit in `budget_bytes`."""
+    want = max(2, math.ceil(L2_DEFEAT_BYTES / max(bytes_per_copy, 1)))
+    fit = max(1, budget_bytes // max(bytes_per_copy, 1))
+    return int(max(1, min(want, CALLS_PER_GRAPH, fit)))
+
+
+def _iqr(xs: list[float]) -> float:
+    if len(xs) < 4:
+        return max(xs) - min(xs)
+    q = statistics.quantiles(xs, n=4)
+    return q[2] - q[0]
+
+
+def graph_time(call: Callable[[int], object], calls: int = CALLS_PER_GRAPH, repeats: int = 15,
+               warmup: int = 2) -> Measurement:
+    """Per-call GPU time of `call(i)` for i in 0..calls-1, captured once and replayed.
+
+    `call(i)` must launch its work on torch's current stream and use copy `i % copies` of its
+    data. It is run once eagerly first (compiles, allocates, warms cuBLAS) outside the capture.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(calls):
+            call(i)
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for i in range(calls):
+            call(i)
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            graph.replay()
+        samples: list[float] = []
+        for _ in range(repeats):
+            start.record(stream)
+            graph.replay()
+            end.record(stream)
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1000.0 / calls)
+    del graph
+    return Measurement(statistics.median(samples), _iqr(samples), repeats)
+
+
+def graph_time_interleaved(calls_a: Callable[[int], object], calls_b: Callable[[int], object],
+                           calls: int = CALLS_PER_GRAPH, rounds: int = 15) -> tuple[Measurement, Measurement]:
+    """Time two alternatives A B A B … (same card, same conditions): for the final check of a
+    tuned winner against the default, where drift between two separate runs would bias it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graphs = []
+    for fn in (calls_a, calls_b):
+        with torch.cuda.stream(stream):
+            for i in range(calls):
+                fn(i)
+        stream.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=stream):
+            for i in range(calls):
+                fn(i)
+        graphs.append(g)
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    out: list[list[float]] = [[], []]
+    with torch.cuda.stream(stream):
+        for g in graphs:
+            g.replay()
+        for _ in range(rounds):
+            for idx, g in enumerate(graphs):
+                start.record(stream)
+                g.replay()
+                end.record(stream)
+                end.synchronize()
+                out[idx].append(start.elapsed_time(end) * 1000.0 / calls)
+    return (Measurement(statistics.median(out[0]), _iqr(out[0]), rounds),
+            Measurement(statistics.median(out[1]), _iqr(out[1]), rounds))
+
+
+def copy_bandwidth_tbps(nbytes: int = 2 * 2**30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), in TB/s."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    m = graph_time(lambda i: dst.copy_(src), calls=5, repeats=10)
+    return 2 * src.numel() * 2 / (m.median_us * 1e-6) / 1e12
+
+
+def fp16_matmul_tflops(size: int = 8192) -> float:
+    a = torch.randn(size, size, device="cuda", dtype=torch.float16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.float16)
+    m = graph_time(lambda i: torch.mm(a, b), calls=5, repeats=10)
+    return 2 * size**3 / (m.median_us * 1e-6) / 1e12

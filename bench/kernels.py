@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Benchmark the GPTQ kernels against torch fp16 on the LLM shapes of the kernels issue.
+
+For each shape and M: the fused kernel at its best variant (a two-stage sweep), the reconstruct
++ cuBLAS path, the dispatch under one config per shape (best variant + best threshold, as a
+tuner would pick it), and torch fp16 matmul. Every number is GPU time per call from CUDA-graph
+replays (20 calls per graph, each on a different weight copy, copies > 150 MB so L2 cannot hold
+them), median of 15 replays. Ceilings (copy bandwidth, fp16 matmul peak) are measured in the
+same run. Writes JSON; `bench/report.py` turns it into the BENCHMARKS.md table.
+
+    python bench/kernels.py -o out/kernels.json              # full run (~ minutes on an H100)
+    python bench/kernels.py --shapes 4096x4096 --ms 1,16,64  # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gemmtune.autotune import timing  # noqa: E402
+from gemmtune.kernels.config import KernelConfig  # noqa: E402
+from gemmtune.kernels.device import query_device  # noqa: E402
+from gemmtune.kernels.dispatch import plan_for  # noqa: E402
+from gemmtune.kernels.gptq import random_gptq  # noqa: E402
+from gemmtune.kernels.sources import kernel_hash  # noqa: E402
+from gemmtune.kernels.weights import QuantizedWeight  # noqa: E402
+
+SHAPES = [
+    ("llama3-8b", "qkv", 4096, 6144),
+    ("llama3-8b", "o", 4096, 4096),
+    ("llama3-8b", "gate_up", 4096, 28672),
+    ("llama3-8b", "down", 14336, 4096),
+    ("llama2-70b", "qkv", 8192, 10240),
+    ("llama2-70b", "o", 8192, 8192),
+    ("llama2-70b", "gate_up", 8192, 57344),
+    ("llama2-70b", "down", 28672, 8192),
+]
+MS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512]
+STAGE1_MS = (1, 8, 16, 64)
+FUSED_LIMIT = 512  # max_q_gemm_rows that forces the fused path at every benchmarked M
+
+
+def candidates() -> list[KernelConfig]:
+    out = []
+    for mk in (8, 16, 32, 64):
+        for bn in (64, 128):
+            for wk in (1, 2, 4):
+                for u in (1, 2, 4, 8):
+                    if u * -(-mk // 8) > 8 or (u == 1 and mk < 64) or (u == 8 and mk > 8):
+                        continue
+                    out.append(KernelConfig(max_q_gemm_rows=FUSED_LIMIT, max_q_gemm_rows_kernel=mk,
+                                            block_n=bn, threads=bn * wk, split_k=0, k_unroll=u))
+    return out
+
+
+def roofline_us(k: int, n: int, m: int, bw_tbps: float, tflops: float, group: int = 128) -> float:
+    g = k // group
+    nbytes = k * n // 2 + g * n * 2 + g * n // 2 + m * k * 2 + m * n * 2
+    return max(nbytes / (bw_tbps * 1e12), 2 * m * n * k / (tflops * 1e12)) * 1e6
+
+
+def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float, tf: float,
+                log) -> list[dict]:
+    gen = torch.Generator().manual_seed(k * 7 + n)
+    t = random_gptq(k, n, 4, 128, False, "v1", generator=gen)
+    per_copy = t.problem.weight_bytes()
+    copies = timing.copies_needed(per_copy)
+    weights = [QuantizedWeight(t, "cuda") for _ in range(copies)]
+    fp16_copies = timing.copies_needed(k * n * 2)
+    w16 = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02 for _ in range(fp16_copies)]
+
+    def run_cfg(cfg: KernelConfig, a: torch.Tensor) -> timing.Measurement:
+        plans = [plan_for(w, cfg) for w in weights]
+        for p in plans[:1]:
+            p.prepare()
+        return timing.graph_time(lambda i: plans[i % copies](a))
+
+    acts = {m: torch.randn(m, k, device="cuda", dtype=torch.float16) for m in ms}
+    fused: dict[str, dict[int, float]] = {}
+    cands = candidates()
+    # stage 1: every candidate on a few Ms
+    for c in cands:
+        fused[c.variant_key()] = {}
+        for m in STAGE1_MS:
+            if m in acts:
+                fused[c.variant_key()][m] = run_cfg(c, acts[m]).median_us
+    stage1 = [m for m in STAGE1_MS if m in acts]
+    def score(c: KernelConfig) -> float:
+        d = fused[c.variant_key()]
+        return sum(math.log(d[m]) for m in stage1)
+    top = sorted(cands, key=score)[:6]
+    # best per stage-1 M too, so each M's best variant is in stage 2
+    for m in stage1:
+        best_m = min(cands, key=lambda c: fused[c.variant_key()][m])
+        if best_m not in top:
+            top.append(best_m)
+    for c in top:
+        for m in ms:
+            if m not in fused[c.variant_key()]:
+                fused[c.variant_key()][m] = run_cfg(c, acts[m]).median_us
+    recon: dict[int, dict[int, float]] = {}
+    for chunk in (0, 4096):
+        if chunk >= n:
+            continue
+        cfg = KernelConfig(max_q_gemm_rows=0, recon_chunk_n=chunk)
+        recon[chunk] = {m: run_cfg(cfg, acts[m]).median_us for m in ms}
+    fp16 = {m: timing.graph_time(lambda i, a=acts[m]: torch.mm(a, w16[i % fp16_copies])).median_us for m in ms}
+
+    # dispatch config: one variant, one chunk, one threshold for the whole shape (geomean objective)
+    best_obj, best_cfg = math.inf, None
+    for c in top:
+        fv = fused[c.variant_key()]
+        for chunk, rv in recon.items():
+            for r in [0, *ms]:
+                obj = sum(math.log(fv[m] if m <= r else rv[m]) for m in ms)
+                if obj < best_obj:
+                    best_obj, best_cfg = obj, c.replace(max_q_gemm_rows=r, recon_chunk_n=chunk)
+    assert best_cfg is not None
+    rows = []
+    for m in ms:
+        d = run_cfg(best_cfg, acts[m]).median_us
+        fbest_key = min(fused, key=lambda key: fused[key].get(m, math.inf))
+        rows.append({
+            "model": model, "layer": layer, "K": k, "N": n, "M": m,
+            "fp16_us": round(fp16[m], 2),
+            "fused_best_us": round(fused[fbest_key][m], 2),
+            "fused_best_variant": fbest_key,
+            "recon_us": round(min(rv[m] for rv in recon.values()), 2),
+            "dispatch_us": round(d, 2),
+            "dispatch_config": best_cfg.key(),
+            "roofline_us": round(roofline_us(k, n, m, bw, tf), 2),
+        })
+        log(f"{model:11s} {layer:8s} {k:6d}x{n:<6d} M={m:4d} fp16 {fp16[m]:8.2f}  fused {fused[fbest_key][m]:8.2f} "
+            f"[{fbest_key}]  recon {rows[-1]['recon_us']:8.2f}  dispatch {d:8.2f}  roof {rows[-1]['roofline_us']:7.2f}")
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="", help="comma list of KxN (default: all eight)")
+    ap.add_argument("--ms", default="", help="comma list of M (default: the 15 of the issue)")
+    ap.add_argument("-o", "--output", default="bench-kernels.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("error: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    shapes = SHAPES
+    if args.shapes:
+        want = {tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")}
+        shapes = [s for s in SHAPES if (s[2], s[3]) in want]
+    ms = [int(x) for x in args.ms.split(",")] if args.ms else MS
+    dev = query_device()
+    t0 = time.time()
+    bw = timing.copy_bandwidth_tbps()
+    tf = timing.fp16_matmul_tflops()
+    print(f"# {dev.name}  copy {bw:.2f} TB/s  fp16 matmul {tf:.0f} TFLOP/s", flush=True)
+    rows = []
+    for model, layer, k, n in shapes:
+        rows += bench_shape(model, layer, k, n, ms, bw, tf, lambda s: print(s, flush=True))
+    result = {
+        "what": "Per-call GPU time (µs) of 4-bit g128 GPTQ GEMMs, gemmtune kernels vs torch fp16",
+        "method": "CUDA graph of 20 calls, each on a different weight copy (copies > 150 MB), "
+                  "median of 15 event-timed replays; random data",
+        "date": dt.date.today().isoformat(),
+        "device": dev.to_dict(),
+        "kernel_hash": kernel_hash(),
+        "torch": torch.__version__,
+        "command": "python bench/kernels.py " + " ".join(sys.argv[1:]),
+        "ceilings": {"copy_bandwidth_TBps": round(bw, 3), "fp16_matmul_TFLOPs": round(tf, 1)},
+        "seconds": round(time.time() - t0, 1),
+        "rows": rows,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.output} in {result['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""Compile + launch: the narrow backend API the rest of gemmtune sees kernels through.
+
+`get_kernel(variant, device)` builds one template instance of a shipped `.cu` file with NVRTC
+(through `cupy.RawModule`), once per process and device; CuPy keeps the binary in its disk
+cache across processes. `launch(...)` runs it on a given CUDA stream handle (torch's current
+stream) with no per-call context manager and no allocation, so it is cheap on the host and
+records into CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import CudaUnavailableError, KernelBuildError
+from .sources import COMMON_FLAGS, CUDA_DIR, read_source
+
+
+@dataclass(frozen=True)
+class FusedVariant:
+    """One compiled instance of the fused kernel (`kernels/cuda/gptq_gemm.cu`)."""
+
+    bits: int
+    m_count: int
+    warps_n: int
+    warps_k: int
+    unroll: int
+    act_order: bool
+    split: bool
+
+    source = "gptq_gemm.cu"
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_n * self.warps_k
+
+    def expression(self) -> str:
+        b = lambda v: "true" if v else "false"  # noqa: E731
+        return (
+            f"gemmtune::gptq_gemm<{self.bits},{self.m_count},{self.warps_n},{self.warps_k},"
+            f"{self.unroll},{b(self.act_order)},{b(self.split)}>"
+        )
+
+    def signature(self) -> str:
+        return ("const half*, const uint32_t*, const half2*, const int*, half*, float*, int*, "
+                "int, int, int, int")
+
+
+@dataclass(frozen=True)
+class ReconVariant:
+    """One compiled instance of the reconstruct kernel (`kernels/cuda/gptq_reconstruct.cu`)."""
+
+    bits: int
+    act_order: bool
+
+    source = "gptq_reconstruct.cu"
+    threads = 256
+
+    def expression(self) -> str:
+        return f"gemmtune::gptq_reconstruct<{self.bits},{'true' if self.act_order else 'false'}>"
+
+    def signature(self) -> str:
+        return "const uint32_t*, const half2*, const int*, half*, int, int, int, int, int, int"
+
+
+Variant = FusedVariant | ReconVariant
+
+_lock = threading.Lock()
+_functions: dict[tuple[str, int], Any] = {}
+
+
+def nvrtc_options() -> tuple[str, ...]:
+    return (*COMMON_FLAGS, f"-I{CUDA_DIR}")
+
+
+def _cupy() -> Any:
+    try:
+        import cupy
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise CudaUnavailableError(
+            "CuPy is not installed: pip install 'gemmtune[cuda13]' (or [cuda12])"
+        ) from exc
+    return cupy
+
+
+def get_kernel(variant: Variant, device: int = 0) -> Any:
+    """The launchable `cupy.cuda.Function` of `variant` on `device` (compiled on first use)."""
+    key = (variant.expression(), device)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    cupy = _cupy()
+    with _lock:
+        fn = _functions.get(key)
+        if fn is not None:
+            return fn
+        try:
+            with cupy.cuda.Device(device):
+                module = cupy.RawModule(
+                    code=read_source(variant.source),
+                    options=nvrtc_options(),
+                    name_expressions=[variant.expression()],
+                )
+                kernel = module.get_function(variant.expression())
+                fn = getattr(kernel, "kernel", kernel)  # RawKernel -> cupy.cuda.Function
+        except cupy.cuda.compiler.CompileException as exc:
+            raise KernelBuildError(f"{variant.expression()} failed to compile:\n{exc}") from exc
+        except cupy.cuda.driver.CUDADriverError as exc:
+            raise KernelBuildError(f"{variant.expression()} failed to load: {exc}") from exc
+        _functions[key] = fn
+    return fn
+
+
+class StreamRef:
+    """The one attribute CuPy's launcher reads from a stream object: its handle."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+
+_streams: dict[int, StreamRef] = {}
+
+
+def stream_ref(handle: int) -> StreamRef:
+    ref = _streams.get(handle)
+    if ref is None:
+        ref = _streams[handle] = StreamRef(handle)
+    return ref
+
+
+def launch(fn: Any, grid: tuple[int, int, int], block: int, args: tuple[Any, ...],
+           stream: int) -> None:
+    """Launch on the CUDA stream `stream` (a raw handle, e.g. torch's `cuda_stream`)."""
+    fn(grid, (block, 1, 1), args, stream=stream_ref(stream))
+
+
+def ptr(value: int) -> np.uint64:
+    return np.uint64(value)
+
+
+def i32(value: int) -> np.int32:
+    return np.int32(value)

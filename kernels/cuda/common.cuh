@@ -1,0 +1,111 @@
+// gemmtune: helpers shared by the GPTQ kernels.
+//
+// Portability: the only inline PTX is the tensor-core MMA, and it has a plain C++ fallback
+// (warp shuffles + fp32 FMA) selected on non-NVIDIA or pre-sm_80 targets, or when
+// GEMMTUNE_PORTABLE_MMA is defined, so HIP builds of CuPy stay possible.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#ifndef __HIPCC__
+#include <cstdint>
+#endif
+
+namespace gemmtune {
+
+// Streaming load for data read exactly once (the packed weights): evict-first.
+template <typename T>
+__device__ __forceinline__ T load_stream(const T* p) {
+#if defined(__HIPCC__)
+  return *p;
+#else
+  return __ldcs(p);
+#endif
+}
+
+// Read-only cached load (activations, scales: re-read by many warps).
+template <typename T>
+__device__ __forceinline__ T load_ro(const T* p) {
+#if defined(__HIPCC__)
+  return *p;
+#else
+  return __ldg(p);
+#endif
+}
+
+// Load that bypasses L1: reads values other blocks produced with atomics (which live in L2).
+__device__ __forceinline__ float load_l2(const float* p) {
+#if defined(__HIPCC__)
+  return __atomic_load_n(p, __ATOMIC_RELAXED);
+#else
+  return __ldcg(p);
+#endif
+}
+
+__device__ __forceinline__ uint32_t shfl(uint32_t v, int lane) {
+#if defined(__HIPCC__)
+  return __shfl(v, lane);
+#else
+  return __shfl_sync(0xffffffffu, v, lane);
+#endif
+}
+
+__device__ __forceinline__ uint32_t h2_as_u32(half2 h) {
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+__device__ __forceinline__ half2 u32_as_h2(uint32_t u) {
+  return *reinterpret_cast<half2*>(&u);
+}
+
+// Two quantized values of one packed word as a half2 holding (1024 + q_lo, 1024 + q_hi):
+// OR-ing the value into the mantissa of 1024.0 (0x6400) is exact for q < 1024.
+// For BITS=4 `pair` i picks the nibbles i and i+4; for BITS=8 the bytes i and i+2.
+template <int BITS>
+__device__ __forceinline__ half2 unpack_pair(uint32_t word, int pair) {
+  constexpr uint32_t mask = BITS == 4 ? 0x000F000Fu : 0x00FF00FFu;
+  return u32_as_h2(((word >> (BITS * pair)) & mask) | 0x64006400u);
+}
+
+// D += A(16x16, row) * B(16x8, col), fp16 inputs, fp32 accumulators, in the register fragment
+// layout of PTX mma.m16n8k16 (lane = 4*group + tig):
+//   a[0]=(row g, k 2t..2t+1) a[1]=(row g+8, k 2t..) a[2]=(row g, k 2t+8..) a[3]=(row g+8, k 2t+8..)
+//   b[0]=(k 2t..2t+1, col g) b[1]=(k 2t+8.., col g)
+//   d[0..1]=(row g, col 2t..2t+1) d[2..3]=(row g+8, col 2t..2t+1)
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]) {
+#if !defined(__HIPCC__) && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800) && \
+    !defined(GEMMTUNE_PORTABLE_MMA)
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+#pragma unroll
+  for (int tq = 0; tq < 4; ++tq) {
+    // A rows g and g+8, k pairs (2tq, 2tq+1) and (2tq+8, 2tq+9), held by lane 4g+tq.
+    const int src_a = 4 * g + tq;
+    const float2 a_lo0 = __half22float2(u32_as_h2(shfl(a[0], src_a)));
+    const float2 a_hi0 = __half22float2(u32_as_h2(shfl(a[1], src_a)));
+    const float2 a_lo1 = __half22float2(u32_as_h2(shfl(a[2], src_a)));
+    const float2 a_hi1 = __half22float2(u32_as_h2(shfl(a[3], src_a)));
+    // B columns 2t and 2t+1, same k pairs, held by lanes 4*(2t)+tq and 4*(2t+1)+tq.
+    const int src_b0 = 4 * (2 * t) + tq;
+    const int src_b1 = 4 * (2 * t + 1) + tq;
+    const float2 b00 = __half22float2(u32_as_h2(shfl(b[0], src_b0)));
+    const float2 b01 = __half22float2(u32_as_h2(shfl(b[1], src_b0)));
+    const float2 b10 = __half22float2(u32_as_h2(shfl(b[0], src_b1)));
+    const float2 b11 = __half22float2(u32_as_h2(shfl(b[1], src_b1)));
+    d[0] += a_lo0.x * b00.x + a_lo0.y * b00.y + a_lo1.x * b01.x + a_lo1.y * b01.y;
+    d[1] += a_lo0.x * b10.x + a_lo0.y * b10.y + a_lo1.x * b11.x + a_lo1.y * b11.y;
+    d[2] += a_hi0.x * b00.x + a_hi0.y * b00.y + a_hi1.x * b01.x + a_hi1.y * b01.y;
+    d[3] += a_hi0.x * b10.x + a_hi0.y * b10.y + a_hi1.x * b11.x + a_hi1.y * b11.y;
+  }
+#endif
+}
+
+}  // namespace gemmtune

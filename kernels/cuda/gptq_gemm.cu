@@ -1,0 +1,228 @@
+// gemmtune: fused GPTQ GEMM  C[M,N] = A[M,K] @ dequant(W)[K,N]  on tensor cores.
+//
+// The product is computed transposed, C^T = W^T A^T, so the weight is the 16-row MMA operand
+// and the activations the 8-column one: at decode sizes (M <= 8) only the unused half of an
+// 8-wide tile is wasted, not 15/16 of a 16-wide one.
+//
+// Each lane reads 16 bytes of qweight per K step: one packed word row (V = 32/BITS values of K)
+// for 4 adjacent columns. The 4 lanes of an MMA group read 4 consecutive word rows, the 8
+// groups of a warp 32 consecutive columns, so a warp's loads are 4 fully used 128-byte lines.
+// The K order inside an MMA is permuted to match what a lane holds (MMA k index 2t,2t+1 <->
+// word t, values {2s, 2s+V/2}); the activations are loaded with the same permutation, so the
+// sum is unchanged. Dequantisation is exact up to one fp16 rounding: (1024+q) - (1024+z) is an
+// exact integer in fp16, times the scale.
+//
+// Tunables (template arguments, one compiled variant each):
+//   M_COUNT  rows of A per block (ExLlamaV2's MAX_Q_GEMM_ROWS_KERNEL), 1..64
+//   WARPS_N  warps side by side along N (block covers 32*WARPS_N columns)
+//   WARPS_K  warps splitting the block's K range (reduced through shared memory)
+//   UNROLL   K steps a lane loads before it computes (loads in flight)
+//   ACT_ORDER  weight rows are stored sorted by group; A is gathered through `perm`
+//   SPLIT    gridDim.y > 1 K slices: fp32 partials go to `ws`, the last block of a tile writes C
+//            and restores `ws` and its counter to zero (no memset per call, graph-capturable)
+#include "common.cuh"
+
+namespace gemmtune {
+
+template <int BITS, int M_COUNT, int WARPS_N, int WARPS_K, int UNROLL, bool ACT_ORDER, bool SPLIT>
+__global__ void __launch_bounds__(WARPS_N * WARPS_K * 32)
+gptq_gemm(const half* __restrict__ a,           // [M, K]
+          const uint32_t* __restrict__ qweight,  // [K / V, N]
+          const half2* __restrict__ sz,          // [G, N]: (scale, 1024 + zero)
+          const int* __restrict__ perm,          // [K]: column of A for stored row k (ACT_ORDER)
+          half* __restrict__ c,                  // [M, N]
+          float* __restrict__ ws,                // [M, N] fp32, all zero between calls (SPLIT)
+          int* __restrict__ counters,            // [gridDim.x * gridDim.z], zero between calls
+          int M, int K, int N, int group_size) {
+  static_assert(BITS == 4 || BITS == 8, "fused kernel handles 4- and 8-bit weights");
+  constexpr int V = 32 / BITS;           // values of K per packed word
+  constexpr int KSTEP = 4 * V;           // K per step (4 word rows)
+  constexpr int KS_PER_WORD = V / 4;     // MMA k16 steps per step
+  constexpr int NT = (M_COUNT + 7) / 8;  // 8-row activation tiles
+  constexpr int BLOCK_N = 32 * WARPS_N;
+  constexpr int AWORDS = V / 2;          // 32-bit words of activations per lane per tile
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int wn = warp % WARPS_N;
+  const int wk = warp / WARPS_N;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+
+  const int col0 = blockIdx.x * BLOCK_N + wn * 32 + 4 * g;
+  const bool col_ok = col0 < N;
+  const int m0 = blockIdx.z * M_COUNT;
+
+  const int total_steps = K / KSTEP;
+  const int s_begin = (int)(((long long)total_steps * blockIdx.y) / gridDim.y);
+  const int s_end = (int)(((long long)total_steps * (blockIdx.y + 1)) / gridDim.y);
+
+  float acc[2][NT][4];
+#pragma unroll
+  for (int x = 0; x < 2; ++x)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[x][j][e] = 0.f;
+
+  for (int base = s_begin + wk; base < s_end; base += WARPS_K * UNROLL) {
+    uint4 wq[UNROLL];
+    uint4 szv[UNROLL];
+    uint32_t av[UNROLL][NT][AWORDS];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int step = base + u * WARPS_K;
+      const int row = step * 4 + t;  // packed word row of this lane
+      const bool ok = step < s_end;
+      if (ok && col_ok) {
+        wq[u] = load_stream(reinterpret_cast<const uint4*>(qweight + (size_t)row * N + col0));
+        const int grp = (row * V) / group_size;
+        szv[u] = load_ro(reinterpret_cast<const uint4*>(sz + (size_t)grp * N + col0));
+      } else {
+        wq[u] = make_uint4(0u, 0u, 0u, 0u);
+        szv[u] = make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int mr = 8 * j + g;
+        const int m = m0 + mr;
+        if (ok && mr < M_COUNT && m < M) {
+          const half* arow = a + (size_t)m * K;
+          if constexpr (ACT_ORDER) {
+#pragma unroll
+            for (int w = 0; w < AWORDS; ++w) {
+              const half lo = load_ro(arow + load_ro(perm + row * V + 2 * w));
+              const half hi = load_ro(arow + load_ro(perm + row * V + 2 * w + 1));
+              av[u][j][w] = h2_as_u32(__halves2half2(lo, hi));
+            }
+          } else if constexpr (AWORDS == 4) {
+            const uint4 v = load_ro(reinterpret_cast<const uint4*>(arow + row * V));
+            av[u][j][0] = v.x; av[u][j][1] = v.y; av[u][j][2] = v.z; av[u][j][3] = v.w;
+          } else {
+            const uint2 v = load_ro(reinterpret_cast<const uint2*>(arow + row * V));
+            av[u][j][0] = v.x; av[u][j][1] = v.y;
+          }
+        } else {
+#pragma unroll
+          for (int w = 0; w < AWORDS; ++w) av[u][j][w] = 0u;
+        }
+      }
+    }
+
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      if (base + u * WARPS_K >= s_end) break;  // warp-uniform
+      const uint32_t wcol[4] = {wq[u].x, wq[u].y, wq[u].z, wq[u].w};
+      const uint32_t szc[4] = {szv[u].x, szv[u].y, szv[u].z, szv[u].w};
+      half2 s2[4], z2[4];
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) {
+        s2[cc] = __low2half2(u32_as_h2(szc[cc]));
+        z2[cc] = __high2half2(u32_as_h2(szc[cc]));
+      }
+#pragma unroll
+      for (int ks = 0; ks < KS_PER_WORD; ++ks) {
+        uint32_t p0[4], p1[4];
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+          p0[cc] = h2_as_u32(__hmul2(__hsub2(unpack_pair<BITS>(wcol[cc], 2 * ks), z2[cc]), s2[cc]));
+          p1[cc] = h2_as_u32(__hmul2(__hsub2(unpack_pair<BITS>(wcol[cc], 2 * ks + 1), z2[cc]), s2[cc]));
+        }
+        // MMA row g <-> column col0+2x, row g+8 <-> column col0+2x+1.
+        const uint32_t fa0[4] = {p0[0], p0[1], p1[0], p1[1]};
+        const uint32_t fa1[4] = {p0[2], p0[3], p1[2], p1[3]};
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint32_t lo = av[u][j][ks];
+          const uint32_t hi = av[u][j][ks + V / 4];
+          const uint32_t fb[2] = {__byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632)};
+          mma_16816(acc[0][j], fa0, fb);
+          mma_16816(acc[1][j], fa1, fb);
+        }
+      }
+    }
+  }
+
+  // Lane (g, t) now holds C[m0 + 8j + 2t + e][col0 + 2x + h] = acc[x][j][2h + e].
+  if constexpr (WARPS_K == 1) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int mr = 8 * j + 2 * t + e;
+        const int m = m0 + mr;
+        if (!col_ok || mr >= M_COUNT || m >= M) continue;
+        const float v0 = acc[0][j][e], v1 = acc[0][j][2 + e];
+        const float v2 = acc[1][j][e], v3 = acc[1][j][2 + e];
+        if constexpr (SPLIT) {
+          float* dst = ws + (size_t)m * N + col0;
+          atomicAdd(dst + 0, v0); atomicAdd(dst + 1, v1);
+          atomicAdd(dst + 2, v2); atomicAdd(dst + 3, v3);
+        } else {
+          const half2 h01 = __floats2half2_rn(v0, v1);
+          const half2 h23 = __floats2half2_rn(v2, v3);
+          *reinterpret_cast<uint2*>(c + (size_t)m * N + col0) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
+        }
+      }
+    }
+  } else {
+    // Reduce the WARPS_K partial tiles through shared memory, one 8-row tile at a time.
+    __shared__ float red[8][BLOCK_N];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      for (int i = threadIdx.x; i < 8 * BLOCK_N; i += blockDim.x) (&red[0][0])[i] = 0.f;
+      __syncthreads();
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = 2 * t + e;
+        const int cl = wn * 32 + 4 * g;
+        atomicAdd(&red[r][cl + 0], acc[0][j][e]);
+        atomicAdd(&red[r][cl + 1], acc[0][j][2 + e]);
+        atomicAdd(&red[r][cl + 2], acc[1][j][e]);
+        atomicAdd(&red[r][cl + 3], acc[1][j][2 + e]);
+      }
+      __syncthreads();
+      for (int i = threadIdx.x; i < 8 * BLOCK_N; i += blockDim.x) {
+        const int r = i / BLOCK_N;
+        const int cl = i % BLOCK_N;
+        const int mr = 8 * j + r;
+        const int m = m0 + mr;
+        const int n = blockIdx.x * BLOCK_N + cl;
+        if (mr >= M_COUNT || m >= M || n >= N) continue;
+        if constexpr (SPLIT) {
+          atomicAdd(ws + (size_t)m * N + n, red[r][cl]);
+        } else {
+          c[(size_t)m * N + n] = __float2half_rn(red[r][cl]);
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  if constexpr (SPLIT) {
+    // Last block of this output tile converts the fp32 sums and leaves ws/counter at zero.
+    __shared__ int is_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const int tile = blockIdx.z * gridDim.x + blockIdx.x;
+      is_last = atomicAdd(counters + tile, 1) == (int)gridDim.y - 1;
+    }
+    __syncthreads();
+    if (is_last) {
+      __threadfence();
+      const int rows = min(M_COUNT, M - m0);
+      for (int i = threadIdx.x; i < rows * BLOCK_N; i += blockDim.x) {
+        const int r = i / BLOCK_N;
+        const int n = blockIdx.x * BLOCK_N + i % BLOCK_N;
+        if (n >= N) continue;
+        float* p = ws + (size_t)(m0 + r) * N + n;
+        c[(size_t)(m0 + r) * N + n] = __float2half_rn(load_l2(p));
+        *p = 0.f;
+      }
+      if (threadIdx.x == 0) counters[blockIdx.z * gridDim.x + blockIdx.x] = 0;
+    }
+  }
+}
+
+}  // namespace gemmtune

@@ -1,0 +1,174 @@
+"""`dispatch(a, weight, config)`: fused kernel for small M, reconstruct + cuBLAS above.
+
+All per-(weight, config) decisions (kernel variants, grid shapes, workspace sizes) are made once
+in a `Plan`; a call does a few attribute checks, picks the path by M and launches on torch's
+current stream. Nothing but the output is allocated per call, so calls record into CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import compile as ck
+from .config import KernelConfig
+from .errors import InvalidTensorError
+from .weights import QuantizedWeight
+from .workspace import Workspace, workspace
+
+# Blocks to aim for when split_k = 0 (auto): two waves of the GPU keep every SM busy while the
+# last blocks of the first wave drain.
+_AUTO_WAVES = 2
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Plan:
+    """Everything needed to run one weight under one config."""
+
+    def __init__(self, weight: QuantizedWeight, config: KernelConfig) -> None:
+        p = weight.problem
+        self.weight = weight
+        self.config = config
+        self.device_index = weight.device.index
+        self.k, self.n = p.k, p.n
+        self.group = p.effective_group
+        self.max_rows = config.max_q_gemm_rows
+        self.m_count = config.max_q_gemm_rows_kernel
+        self.block_n = config.block_n
+        self.threads = config.threads
+        self.grid_x = _cdiv(p.n, config.block_n)
+        kstep = 4 * (32 // p.bits)
+        self.total_steps = p.k // kstep
+        props = torch.cuda.get_device_properties(self.device_index)
+        self.sm_count = props.multi_processor_count
+        self.fused_variants = {
+            split: ck.FusedVariant(p.bits, config.max_q_gemm_rows_kernel, config.warps_n,
+                                   config.warps_k, config.k_unroll, p.act_order, split)
+            for split in (False, True)
+        }
+        self.recon_variant = ck.ReconVariant(p.bits, p.act_order)
+        self.chunk = config.recon_chunk_n if 0 < config.recon_chunk_n < p.n else p.n
+        self.ws: Workspace = workspace(weight.device)
+        max_fused = min(self.max_rows, 1 << 16)
+        tiles = self.grid_x * _cdiv(max(max_fused, 1), self.m_count)
+        self.ws.ensure(max_fused * p.n, tiles, p.k * self.chunk)
+        self._fns: dict[bool, object] = {}
+        self._recon_fn: object | None = None
+
+    # -- grid ----------------------------------------------------------------------------------
+    def split_for(self, m: int) -> int:
+        """K slices for M rows (config.split_k, or auto from the SM count), at most one step each."""
+        gz = _cdiv(m, self.m_count)
+        split = self.config.split_k
+        if split == 0:
+            split = _cdiv(_AUTO_WAVES * self.sm_count, self.grid_x * gz)
+        steps_per_warp = max(1, self.total_steps // self.config.warps_k)
+        return max(1, min(split, steps_per_warp))
+
+    def fused_fn(self, split: bool) -> object:
+        fn = self._fns.get(split)
+        if fn is None:
+            fn = self._fns[split] = ck.get_kernel(self.fused_variants[split], self.device_index)
+        return fn
+
+    def recon_fn(self) -> object:
+        if self._recon_fn is None:
+            self._recon_fn = ck.get_kernel(self.recon_variant, self.device_index)
+        return self._recon_fn
+
+    def prepare(self) -> None:
+        """Compile every kernel this plan can launch (so a timed or captured call compiles nothing)."""
+        self.fused_fn(False)
+        self.fused_fn(True)
+        self.recon_fn()
+
+    # -- paths ---------------------------------------------------------------------------------
+    def run_fused(self, a: torch.Tensor, c: torch.Tensor, m: int, stream: int) -> None:
+        w = self.weight
+        gy = self.split_for(m)
+        split = gy > 1
+        ws = self.ws
+        args = (
+            ck.ptr(a.data_ptr()), ck.ptr(w.qweight.data_ptr()), ck.ptr(w.sz.data_ptr()),
+            ck.ptr(w.perm.data_ptr()), ck.ptr(c.data_ptr()), ck.ptr(ws.partials.data_ptr()),
+            ck.ptr(ws.counters.data_ptr()), ck.i32(m), ck.i32(self.k), ck.i32(self.n),
+            ck.i32(self.group),
+        )
+        grid = (self.grid_x, gy, _cdiv(m, self.m_count))
+        ck.launch(self.fused_fn(split), grid, self.threads, args, stream)
+
+    def reconstruct(self, out: torch.Tensor, n0: int, count: int, ldo: int, stream: int) -> None:
+        w = self.weight
+        rows = self.k * w.problem.bits // 32
+        grid = (_cdiv(count // 4, ck.ReconVariant.threads), rows, 1)
+        args = (
+            ck.ptr(w.qweight.data_ptr()), ck.ptr(w.sz.data_ptr()), ck.ptr(w.perm.data_ptr()),
+            ck.ptr(out.data_ptr()), ck.i32(self.k), ck.i32(self.n), ck.i32(self.group),
+            ck.i32(n0), ck.i32(count), ck.i32(ldo),
+        )
+        ck.launch(self.recon_fn(), grid, ck.ReconVariant.threads, args, stream)
+
+    def run_recon(self, a: torch.Tensor, c: torch.Tensor, stream: int) -> None:
+        k, n, chunk = self.k, self.n, self.chunk
+        buf = self.ws.dequant
+        if chunk >= n:
+            w = buf[: k * n].view(k, n)
+            self.reconstruct(w, 0, n, n, stream)
+            torch.mm(a, w, out=c)
+            return
+        for n0 in range(0, n, chunk):
+            cnt = min(chunk, n - n0)
+            w = buf[: k * cnt].view(k, cnt)
+            self.reconstruct(w, n0, cnt, cnt, stream)
+            torch.mm(a, w, out=c[:, n0 : n0 + cnt])
+
+    def __call__(self, a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        k, n = self.k, self.n
+        m = a.numel() // k
+        a2 = a.view(m, k)
+        c = torch.empty((m, n), dtype=torch.float16, device=a.device) if out is None else out.view(m, n)
+        if m == 0:
+            return c.view(*a.shape[:-1], n)
+        stream = torch.cuda.current_stream(a.device).cuda_stream
+        if m <= self.max_rows:
+            self.run_fused(a2, c, m, stream)
+        else:
+            self.run_recon(a2, c, stream)
+        return c.view(*a.shape[:-1], n)
+
+
+def check_input(a: torch.Tensor, weight: QuantizedWeight, out: torch.Tensor | None = None) -> None:
+    """Typed errors for every input the kernels cannot take (instead of a CUDA fault)."""
+    if not isinstance(a, torch.Tensor):
+        raise InvalidTensorError(f"input must be a torch.Tensor, got {type(a).__name__}")
+    if a.dtype != torch.float16:
+        raise InvalidTensorError(f"input dtype must be torch.float16, got {a.dtype}")
+    if a.device != weight.device:
+        raise InvalidTensorError(f"input is on {a.device}, weight on {weight.device}")
+    if a.dim() < 1 or a.shape[-1] != weight.k:
+        raise InvalidTensorError(f"input last dimension must be K={weight.k}, got shape {tuple(a.shape)}")
+    if not a.is_contiguous():
+        raise InvalidTensorError("input must be contiguous (call .contiguous())")
+    if a.data_ptr() % 16:
+        raise InvalidTensorError("input data must be 16-byte aligned")
+    if out is not None:
+        m = a.numel() // weight.k
+        if out.dtype != torch.float16 or out.device != weight.device or not out.is_contiguous() \
+                or out.numel() != m * weight.n:
+            raise InvalidTensorError(f"out must be a contiguous float16 tensor of {m}x{weight.n} on {weight.device}")
+
+
+def plan_for(weight: QuantizedWeight, config: KernelConfig) -> Plan:
+    plan = weight.plans.get(config)
+    if plan is None:
+        plan = weight.plans[config] = Plan(weight, config)
+    return plan
+
+
+def dispatch(a: torch.Tensor, weight: QuantizedWeight, config: KernelConfig,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """C = A @ dequant(W) in fp16 for any leading dims of A; picks fused vs reconstruct by M."""
+    check_input(a, weight, out)
+    return plan_for(weight, config)(a, out)

@@ -1,0 +1,43 @@
+"""Shared helpers of the GPU tests: skip reason, reference products on fresh random data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gemmtune.kernels import reference
+from gemmtune.kernels.gptq import GPTQTensors, random_gptq
+
+
+def cuda_ok() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+requires_gpu = pytest.mark.skipif(not cuda_ok(), reason="needs a CUDA GPU and CuPy (run `pytest -m gpu` on the GPU machine)")
+
+
+def layer(k: int, n: int, bits: int = 4, group: int = 128, act: bool = False, zf: str = "v1",
+          seed: int = 0) -> GPTQTensors:
+    return random_gptq(k, n, bits, group, act, zf, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_product(a: torch.Tensor, t: GPTQTensors, w_ref: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 product of `a` (any device) with the CPU-reference dequantized weight, on a's device."""
+    if w_ref is None:
+        w_ref = reference.dequantize(t, torch.float32).to(a.device)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return a.reshape(-1, t.k).float() @ w_ref
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def activations(m: int, k: int, seed: int, device: str = "cuda") -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(m, k, generator=g, device=device, dtype=torch.float32).to(torch.float16)
