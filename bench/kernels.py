@@ -23,16 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gemmtune.autotune import timing  # noqa: E402
-from gemmtune.kernels.config import KernelConfig  # noqa: E402
-from gemmtune.kernels.device import query_device  # noqa: E402
-from gemmtune.kernels.dispatch import plan_for  # noqa: E402
-from gemmtune.kernels.gptq import random_gptq  # noqa: E402
-from gemmtune.kernels.sources import kernel_hash  # noqa: E402
-from gemmtune.kernels.weights import QuantizedWeight  # noqa: E402
+from gemmtune.autotune import timing
+from gemmtune.kernels.config import KernelConfig
+from gemmtune.kernels.device import query_device
+from gemmtune.kernels.dispatch import plan_for
+from gemmtune.kernels.gptq import random_gptq
+from gemmtune.kernels.sources import kernel_hash
+from gemmtune.kernels.weights import QuantizedWeight
 
 SHAPES = [
     ("llama3-8b", "qkv", 4096, 6144),
