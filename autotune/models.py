@@ -1,0 +1,247 @@
+"""Layer shapes of real models: what `gemmtune tune llama-3-8b` actually tunes.
+
+Why: a tuning result is only useful for the shapes an engine runs, and engines fuse projections
+(q/k/v into one `qkv` GEMM, gate and up into one `gate_up`), so the tuned problems must be the
+fused ones. Shapes come from built-in presets (published Hugging Face configs) or from a model's
+own `config.json`, whose `quantization_config` also supplies bits / group size / act-order.
+
+Shapes (K = in_features, N = out_features, `W[K, N]`):
+  qkv     K = hidden,             N = (heads + 2 * kv_heads) * head_dim
+  o       K = heads * head_dim,   N = hidden
+  gate_up K = hidden,             N = 2 * intermediate
+  down    K = intermediate,       N = hidden
+Each runs once per decoder layer, so `Layer.count = num_hidden_layers`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gemmtune.kernels.errors import InvalidProblemError
+from gemmtune.kernels.problem import Problem
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The config fields that decide a decoder's GEMM shapes (plus GPTQ settings if known)."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_hidden_layers: int
+    bits: int | None = None
+    group_size: int | None = None
+    act_order: bool | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("hidden_size", "intermediate_size", "num_attention_heads",
+                      "num_key_value_heads", "head_dim", "num_hidden_layers"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InvalidProblemError(f"{self.name}: {field} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One GEMM kind of a model: `count` of them run per forward pass."""
+
+    name: str
+    problem: Problem
+    count: int
+
+
+def _spec(name: str, hidden: int, inter: int, heads: int, kv: int, layers: int) -> ModelSpec:
+    return ModelSpec(name, hidden, inter, heads, kv, hidden // heads, layers)
+
+
+# Published Hugging Face config.json values (hidden, intermediate, heads, kv heads, layers).
+MODEL_PRESETS: dict[str, ModelSpec] = {
+    s.name: s
+    for s in (
+        _spec("llama-2-7b", 4096, 11008, 32, 32, 32),
+        _spec("llama-2-13b", 5120, 13824, 40, 40, 40),
+        _spec("llama-2-70b", 8192, 28672, 64, 8, 80),
+        _spec("llama-3-8b", 4096, 14336, 32, 8, 32),
+        _spec("llama-3-70b", 8192, 28672, 64, 8, 80),
+        _spec("mistral-7b", 4096, 14336, 32, 8, 32),
+        _spec("qwen2.5-7b", 3584, 18944, 28, 4, 28),
+        _spec("qwen2.5-14b", 5120, 13824, 40, 8, 48),
+        _spec("qwen2.5-32b", 5120, 27648, 40, 8, 64),
+        _spec("qwen2.5-72b", 8192, 29568, 64, 8, 80),
+    )
+}
+
+GPTQ_METHODS = ("gptq", "gptq_v2")
+"""`quantization_config.quant_method` values whose bits/group_size/desc_act we adopt."""
+
+
+def _int_field(cfg: Mapping[str, Any], key: str, source: str) -> int:
+    if key not in cfg:
+        raise InvalidProblemError(f"{source}: missing field {key!r}")
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidProblemError(f"{source}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def spec_from_config(cfg: Mapping[str, Any], source: str = "config.json") -> ModelSpec:
+    """Read a Hugging Face `config.json` dict (multimodal configs: their `text_config`)."""
+    if not isinstance(cfg, Mapping):
+        raise InvalidProblemError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+    text = cfg.get("text_config")
+    body: Mapping[str, Any] = text if "hidden_size" not in cfg and isinstance(text, Mapping) else cfg
+    hidden = _int_field(body, "hidden_size", source)
+    heads = _int_field(body, "num_attention_heads", source)
+    kv = _int_field(body, "num_key_value_heads", source) if body.get("num_key_value_heads") is not None else heads
+    if body.get("head_dim") is not None:
+        head_dim = _int_field(body, "head_dim", source)
+    else:
+        if hidden % heads:
+            raise InvalidProblemError(
+                f"{source}: hidden_size={hidden} is not divisible by num_attention_heads={heads} "
+                "and no head_dim is given"
+            )
+        head_dim = hidden // heads
+    bits = group = act = None
+    q = cfg.get("quantization_config")
+    if isinstance(q, Mapping) and q.get("quant_method", "gptq") in GPTQ_METHODS:
+        if q.get("bits") is not None:
+            bits = _int_field(q, "bits", f"{source} quantization_config")
+        if q.get("group_size") is not None:
+            group = q["group_size"]
+            if isinstance(group, bool) or not isinstance(group, int):
+                raise InvalidProblemError(f"{source}: quantization_config.group_size must be an int, got {group!r}")
+        if q.get("desc_act") is not None:
+            act = bool(q["desc_act"])
+    name = str(cfg.get("_name_or_path") or cfg.get("model_type") or source)
+    return ModelSpec(
+        name=name,
+        hidden_size=hidden,
+        intermediate_size=_int_field(body, "intermediate_size", source),
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        num_hidden_layers=_int_field(body, "num_hidden_layers", source),
+        bits=bits,
+        group_size=group,
+        act_order=act,
+    )
+
+
+def load_config(path: str | Path) -> ModelSpec:
+    """Parse `path` (a config.json, or a model directory holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidProblemError(f"cannot read model config {str(p)!r}: {exc.strerror or exc}") from None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidProblemError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return spec_from_config(cfg, str(p))
+
+
+def _preset_key(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def model_spec(name_or_path: str | Path) -> ModelSpec:
+    """A preset by name (case and `_`/`-` insensitive) or a config.json / model directory."""
+    if isinstance(name_or_path, str) and _preset_key(name_or_path) in MODEL_PRESETS:
+        return MODEL_PRESETS[_preset_key(name_or_path)]
+    p = Path(name_or_path)
+    if p.is_file() or p.is_dir() or str(name_or_path).endswith(".json"):
+        return load_config(p)
+    raise InvalidProblemError(
+        f"unknown model {str(name_or_path)!r}: known presets are {', '.join(MODEL_PRESETS)}; "
+        "or give a path to a Hugging Face config.json"
+    )
+
+
+def spec_layers(
+    spec: ModelSpec,
+    bits: int | None = None,
+    group_size: int | None = None,
+    act_order: bool | None = None,
+) -> list[Layer]:
+    """The fused GEMMs of one decoder layer of `spec`, each counted once per decoder layer.
+
+    Explicit arguments win over the spec's quantization settings, which win over 4-bit,
+    group 128, no act-order.
+    """
+    b = bits if bits is not None else (spec.bits if spec.bits is not None else 4)
+    g = group_size if group_size is not None else (spec.group_size if spec.group_size is not None else 128)
+    a = act_order if act_order is not None else bool(spec.act_order)
+    attn = spec.num_attention_heads * spec.head_dim
+    shapes = {
+        "qkv": (spec.hidden_size, (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim),
+        "o": (attn, spec.hidden_size),
+        "gate_up": (spec.hidden_size, 2 * spec.intermediate_size),
+        "down": (spec.intermediate_size, spec.hidden_size),
+    }
+    layers = []
+    for name, (k, n) in shapes.items():
+        try:
+            problem = Problem(k, n, b, g, a)
+        except InvalidProblemError as exc:
+            raise InvalidProblemError(f"{spec.name} layer {name} ({k}x{n}): {exc}") from None
+        layers.append(Layer(name, problem, spec.num_hidden_layers))
+    return layers
+
+
+def model_layers(
+    name_or_path: str | Path,
+    bits: int | None = None,
+    group_size: int | None = None,
+    act_order: bool | None = None,
+) -> list[Layer]:
+    """Fused GEMM layers (qkv, o, gate_up, down) of a preset or a config.json.
+
+    `None` means: from the config's GPTQ `quantization_config` if present, else 4 bits,
+    group 128, no act-order.
+    """
+    return spec_layers(model_spec(name_or_path), bits, group_size, act_order)
+
+
+_SHAPE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """`"4096x4096"` -> `(k, n)` (K = in_features first)."""
+    m = _SHAPE.match(text) if isinstance(text, str) else None
+    if not m:
+        raise InvalidProblemError(f"not a shape: {text!r} (expected KxN, e.g. 4096x4096)")
+    k, n = int(m.group(1)), int(m.group(2))
+    if k <= 0 or n <= 0:
+        raise InvalidProblemError(f"shape {text!r}: K and N must be positive")
+    return k, n
+
+
+def shape_layers(
+    shapes: Iterable[str], bits: int = 4, group_size: int = 128, act_order: bool = False
+) -> list[Layer]:
+    """Layers for explicit `KxN` shapes (count 1 each), e.g. from `gemmtune tune 4096x4096`."""
+    layers = []
+    for text in shapes:
+        k, n = parse_shape(text)
+        layers.append(Layer(f"{k}x{n}", Problem(k, n, bits, group_size, act_order), 1))
+    return layers
+
+
+def unique_problems(layers: Iterable[Layer]) -> dict[Problem, int]:
+    """Distinct problems with their summed counts (tune each shape once, weight by use)."""
+    out: dict[Problem, int] = {}
+    for layer in layers:
+        out[layer.problem] = out.get(layer.problem, 0) + layer.count
+    return out

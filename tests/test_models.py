@@ -1,0 +1,166 @@
+"""Model presets and config.json parsing produce the fused GEMM shapes engines run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from gemmtune.autotune.models import (
+    MODEL_PRESETS,
+    Layer,
+    model_layers,
+    parse_shape,
+    shape_layers,
+    unique_problems,
+)
+from gemmtune.kernels import InvalidProblemError, Problem
+
+# Published Hugging Face config.json values: hidden, intermediate, heads, kv heads, layers.
+PUBLISHED = {
+    "llama-2-7b": (4096, 11008, 32, 32, 32),
+    "llama-2-13b": (5120, 13824, 40, 40, 40),
+    "llama-2-70b": (8192, 28672, 64, 8, 80),
+    "llama-3-8b": (4096, 14336, 32, 8, 32),
+    "llama-3-70b": (8192, 28672, 64, 8, 80),
+    "mistral-7b": (4096, 14336, 32, 8, 32),
+    "qwen2.5-7b": (3584, 18944, 28, 4, 28),
+    "qwen2.5-14b": (5120, 13824, 40, 8, 48),
+    "qwen2.5-32b": (5120, 27648, 40, 8, 64),
+    "qwen2.5-72b": (8192, 29568, 64, 8, 80),
+}
+
+
+def shapes(layers: list[Layer]) -> dict[str, tuple[int, int]]:
+    return {layer.name: (layer.problem.k, layer.problem.n) for layer in layers}
+
+
+def test_every_published_model_is_a_preset() -> None:
+    assert set(MODEL_PRESETS) == set(PUBLISHED)
+
+
+def test_llama_3_8b_and_llama_2_70b_shapes() -> None:
+    assert shapes(model_layers("llama-3-8b")) == {
+        "qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
+    }
+    assert shapes(model_layers("llama-2-70b")) == {
+        "qkv": (8192, 10240), "o": (8192, 8192), "gate_up": (8192, 57344), "down": (28672, 8192),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preset_shapes_follow_the_fused_projection_rules(name: str) -> None:
+    hidden, inter, heads, kv, n_layers = PUBLISHED[name]
+    head_dim = hidden // heads
+    layers = model_layers(name, bits=4, group_size=128, act_order=True)
+    assert shapes(layers) == {
+        "qkv": (hidden, (heads + 2 * kv) * head_dim),
+        "o": (heads * head_dim, hidden),
+        "gate_up": (hidden, 2 * inter),
+        "down": (inter, hidden),
+    }
+    for layer in layers:
+        assert layer.count == n_layers
+        assert (layer.problem.bits, layer.problem.group_size, layer.problem.act_order) == (4, 128, True)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
+def test_every_preset_fits_the_problem_rules(name: str, bits: int, group_size: int) -> None:
+    # Includes the Qwen2.5 intermediate sizes 18944, 13824, 27648, 29568 as K of `down`.
+    assert len(model_layers(name, bits=bits, group_size=group_size)) == 4
+
+
+def test_defaults_and_lenient_preset_names() -> None:
+    layers = model_layers("Llama_3_8B")
+    assert layers == model_layers("llama-3-8b")
+    assert {(lay.problem.bits, lay.problem.group_size, lay.problem.act_order) for lay in layers} == {
+        (4, 128, False)
+    }
+
+
+def test_unknown_model_lists_the_presets() -> None:
+    with pytest.raises(InvalidProblemError, match="llama-3-8b") as info:
+        model_layers("llama-9-1b")
+    assert "qwen2.5-72b" in str(info.value) and "config.json" in str(info.value)
+
+
+def write_config(tmp_path: Path, **fields: object) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(fields))
+    return path
+
+
+def test_config_json_matches_the_preset_and_reads_quantization(tmp_path: Path) -> None:
+    hidden, inter, heads, kv, n_layers = PUBLISHED["llama-3-8b"]
+    path = write_config(
+        tmp_path, hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+        num_key_value_heads=kv, num_hidden_layers=n_layers, model_type="llama",
+        quantization_config={"quant_method": "gptq", "bits": 8, "group_size": 32, "desc_act": True},
+    )
+    layers = model_layers(path)
+    assert shapes(layers) == shapes(model_layers("llama-3-8b"))
+    assert all(lay.problem == Problem(lay.problem.k, lay.problem.n, 8, 32, True) for lay in layers)
+    assert all(lay.count == n_layers for lay in layers)
+    assert model_layers(tmp_path) == layers  # a model directory works too
+    explicit = model_layers(str(path), bits=4, group_size=128, act_order=False)
+    assert {(lay.problem.bits, lay.problem.group_size, lay.problem.act_order) for lay in explicit} == {
+        (4, 128, False)
+    }
+
+
+def test_config_defaults_kv_heads_and_honours_explicit_head_dim(tmp_path: Path) -> None:
+    path = write_config(tmp_path, hidden_size=2048, intermediate_size=5632,
+                        num_attention_heads=16, num_hidden_layers=4)
+    assert shapes(model_layers(path))["qkv"] == (2048, 3 * 2048)  # kv heads default to heads
+    # Mistral-NeMo style: head_dim given and heads * head_dim != hidden.
+    path = write_config(tmp_path, hidden_size=5120, intermediate_size=14336, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=128, num_hidden_layers=40)
+    got = shapes(model_layers(path))
+    assert got["o"] == (32 * 128, 5120) and got["qkv"] == (5120, 48 * 128)
+
+
+def test_config_ignores_non_gptq_quantization(tmp_path: Path) -> None:
+    path = write_config(tmp_path, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                        num_hidden_layers=32,
+                        quantization_config={"quant_method": "awq", "bits": 8, "group_size": 64})
+    assert {lay.problem.bits for lay in model_layers(path)} == {4}
+
+
+def test_config_errors_are_clear(tmp_path: Path) -> None:
+    path = write_config(tmp_path, hidden_size=4096, num_attention_heads=32, num_hidden_layers=32)
+    with pytest.raises(InvalidProblemError, match="intermediate_size"):
+        model_layers(path)
+    path = write_config(tmp_path, hidden_size="4096", intermediate_size=11008,
+                        num_attention_heads=32, num_hidden_layers=32)
+    with pytest.raises(InvalidProblemError, match="hidden_size"):
+        model_layers(path)
+    path.write_text("{not json")
+    with pytest.raises(InvalidProblemError, match="JSON"):
+        model_layers(path)
+    with pytest.raises(InvalidProblemError, match="cannot read"):
+        model_layers(tmp_path / "missing" / "config.json")
+    bad_group = write_config(tmp_path, hidden_size=4096, intermediate_size=11008,
+                             num_attention_heads=32, num_hidden_layers=32,
+                             quantization_config={"bits": 4, "group_size": 100})
+    with pytest.raises(InvalidProblemError, match="group_size"):
+        model_layers(bad_group)
+
+
+def test_parse_shape() -> None:
+    assert parse_shape("4096x11008") == (4096, 11008)
+    assert parse_shape(" 14336X4096 ") == (14336, 4096)
+    for bad in ("4096", "4096x", "x4096", "-1x4096", "4096x0", "4096 by 4096", "1.5x2"):
+        with pytest.raises(InvalidProblemError, match="4096x4096|positive"):
+            parse_shape(bad)
+
+
+def test_shape_layers_and_unique_problems() -> None:
+    layers = shape_layers(["4096x4096", "4096x4096", "14336x4096"], bits=8, group_size=64)
+    assert [lay.count for lay in layers] == [1, 1, 1]
+    assert unique_problems(layers) == {Problem(4096, 4096, 8, 64): 2, Problem(14336, 4096, 8, 64): 1}
+    with pytest.raises(InvalidProblemError, match="multiple of 32"):
+        shape_layers(["4100x4096"])
+    both = model_layers("llama-3-8b") + model_layers("mistral-7b")
+    assert all(count == 64 for count in unique_problems(both).values())
