@@ -7,7 +7,10 @@
 
 #include <cuda_fp16.h>
 
-#ifndef __HIPCC__
+#if defined(__CUDACC_RTC__)
+// NVRTC ships no C++ standard headers.
+typedef unsigned int uint32_t;
+#else
 #include <cstdint>
 #endif
 
