@@ -1,0 +1,730 @@
+"""Optuna studies over the kernel space: one per (device, kernel hash, problem, workload).
+
+How a problem is tuned (`tune_problem`):
+
+1. The study `gemmtune:{device fingerprint}:{kernel_hash[:16]}:{problem key}:{workload key}` is
+   created or loaded from RDB storage on the *same* URL as the gemmtune store, so an interrupted
+   run resumes and workers on several GPUs or hosts pointing at one PostgreSQL URL cooperate on it.
+2. The default and the ExLlamaV2 presets are enqueued first (once per study), so the first
+   trials say how good the starting point is and model-based samplers start from it.
+3. Each trial samples a kernel *variant* (`space.Space`) and `complete_variant` computes the best
+   fused/reconstruct threshold and reconstruct chunk for it exactly from memoised per-M
+   measurements. A variant that fails (compile, launch, wrong result) is a FAIL trial whose reason
+   is stored as the user attr `fail_reason`; the study goes on.
+4. `--trials` is a total target: finished trials (COMPLETE or FAIL) of earlier sessions and other
+   workers count toward it. A variant measured before in the study is not measured again.
+5. The best is re-measured interleaved against the default (`Evaluator.interleaved`). It is
+   accepted only if it is not slower; `store_outcome` writes only accepted outcomes.
+
+The search never touches CUDA: it sees kernels through `Evaluator` only. `make_evaluator`,
+`device_identity` and `gpu_count` are the seams to the GPU (tests replace them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from gemmtune.autotune.evaluator import Evaluator, TrialFailure
+from gemmtune.autotune.space import STANDARD, Space, get_space, warm_start_configs
+from gemmtune.kernels.config import TUNABLES, KernelConfig
+from gemmtune.kernels.device import DeviceInfo
+from gemmtune.kernels.errors import GemmtuneError, InvalidConfigError
+from gemmtune.kernels.problem import Problem
+from gemmtune.kernels.workload import Workload
+from optuna.trial import FrozenTrial, TrialState
+
+if TYPE_CHECKING:  # the store is another area's; imported lazily where used
+    from gemmtune.db.store import Store, TunedEntry
+
+SAMPLERS: tuple[str, ...] = ("tpe", "gp", "random", "grid")
+DEFAULT_TRIALS = 60
+MAX_ROWS = {t.name: t for t in TUNABLES}["max_q_gemm_rows"].hi
+"""Largest threshold a config can hold: fused measurements above it are never needed."""
+
+FUSED_CUTOFF = 4.0
+"""Once the fused kernel is this many times slower than the best reconstruct at some M, larger
+Ms are not measured fused (and the threshold stays below that M). The fused kernel's cost grows
+with M while reconstruct + cuBLAS is nearly flat, so past such a crossover fused never wins
+back; skipping saves the slowest measurements of a trial (large M with few rows per block)."""
+
+_INTERRUPTED = "interrupted"
+
+
+# ---------------------------------------------------------------------------------------------
+# seams to the GPU (replaced in tests)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_evaluator(problem: Problem, workload: Workload, device_index: int = 0) -> Evaluator:
+    """The one place the search gets an evaluator. Imported lazily so the search (and its tests)
+    import without CuPy or a GPU."""
+    from gemmtune.autotune.measure import CudaEvaluator
+
+    return CudaEvaluator(problem, workload, device_index=device_index)
+
+
+def device_identity(device_index: int = 0) -> tuple[DeviceInfo, str]:
+    """(DeviceInfo, kernel_hash) of a GPU, known before any evaluator exists: enough to decide
+    whether a problem is already tuned without allocating anything on the card."""
+    from gemmtune.kernels.device import query_device
+    from gemmtune.kernels.sources import kernel_hash
+
+    return query_device(device_index), kernel_hash()
+
+
+def gpu_count() -> int:
+    from gemmtune.kernels.device import device_count
+
+    return device_count()
+
+
+# ---------------------------------------------------------------------------------------------
+# storage, names, samplers
+# ---------------------------------------------------------------------------------------------
+
+_STORAGES: dict[str, optuna.storages.RDBStorage] = {}
+_STORAGE_LOCK = threading.Lock()
+
+
+def make_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna RDB storage on the gemmtune database URL, one per URL per process.
+
+    SQLite gets a long busy timeout so workers of `--device all` (one file, several processes)
+    wait for each other's short write transactions instead of failing with "database is locked".
+    """
+    with _STORAGE_LOCK:
+        storage = _STORAGES.get(url)
+        if storage is None:
+            kwargs: dict[str, Any] = {}
+            if url.startswith("sqlite"):
+                kwargs["connect_args"] = {"timeout": 120}
+            else:
+                kwargs["pool_pre_ping"] = True
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            _STORAGES[url] = storage
+        return storage
+
+
+def study_name(device_fingerprint: str, kernel_hash: str, problem: Problem, workload: Workload) -> str:
+    return f"gemmtune:{device_fingerprint}:{kernel_hash[:16]}:{problem.key()}:{workload.key()}"
+
+
+def make_sampler(name: str, space: Space, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """`tpe` (default; multivariate, constant liar so cooperating workers spread out), `gp`
+    (Gaussian process; better per trial, slower per ask), `random`, `grid` (exhaustive)."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, constant_liar=True
+        )
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    raise InvalidConfigError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# the objective
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """One variant, completed: the best threshold and chunk for it and what they cost."""
+
+    config: KernelConfig
+    objective_us: float
+    fused_us: dict[int, float]
+    """Fused time per measured M (Ms past the fused cutoff are absent)."""
+    recon_us: dict[int, float]
+    """Reconstruct time per M with the chosen chunk."""
+
+
+def complete_variant(
+    evaluator: Evaluator,
+    variant: KernelConfig,
+    space: Space = STANDARD,
+    fused_cutoff: float | None = FUSED_CUTOFF,
+) -> Assessment:
+    """Pick `max_q_gemm_rows` and `recon_chunk_n` for `variant` exactly.
+
+    objective(r, c) = sum_{M <= r} w_M fused(M) + sum_{M > r} w_M recon_c(M), scanned over
+    r in {0} + workload Ms (ties: the smaller r) and every chunk c of the space (ties: the chunk
+    best over all Ms, then the first). Fused measurements depend on the variant only and
+    reconstruct ones on the chunk only, so the scan costs no extra measurements beyond one per
+    (path, M). A fused failure fails the variant; a chunk that fails is left out.
+    """
+    wl = evaluator.workload
+    weights = dict(wl.pairs)
+    ms = sorted(weights)
+
+    recon: dict[int, dict[int, float]] = {}  # chunk -> M -> µs
+    recon_errors: list[str] = []
+    for chunk in space.recon_chunk_n:
+        cfg = variant.replace(recon_chunk_n=chunk)
+        row: dict[int, float] = {}
+        try:
+            for m in ms:
+                row[m] = evaluator.recon(cfg, m).median_us
+        except TrialFailure as exc:
+            recon_errors.append(f"recon chunk {chunk}: {exc.reason}")
+            continue
+        recon[chunk] = row
+
+    best_recon = {m: min((r[m] for r in recon.values()), default=math.inf) for m in ms}
+    fused: dict[int, float] = {}
+    for m in ms:
+        if m > MAX_ROWS:
+            break
+        t = evaluator.fused(variant, m).median_us  # TrialFailure propagates: variant unusable
+        fused[m] = t
+        if fused_cutoff is not None and t > fused_cutoff * best_recon[m]:
+            break
+
+    # Thresholds: 0, then each M as long as every M up to it has a fused time.
+    candidates = [0]
+    for m in ms:
+        if m not in fused:
+            break
+        candidates.append(m)
+
+    overall = {c: sum(weights[m] * row[m] for m in ms) for c, row in recon.items()}
+    order = list(space.recon_chunk_n)
+    best: tuple[float, int, int] | None = None  # (objective, r, chunk)
+    for r in candidates:
+        fused_part = sum(weights[m] * fused[m] for m in ms if m <= r)
+        tail = [m for m in ms if m > r]
+        if not tail:
+            chunk_choices = sorted(recon, key=lambda c: (overall[c], order.index(c)))
+            chunk = chunk_choices[0] if chunk_choices else space.recon_chunk_n[0]
+            total = fused_part
+        else:
+            if not recon:
+                continue
+            chunk = min(recon, key=lambda c: (sum(weights[m] * recon[c][m] for m in tail),
+                                              overall[c], order.index(c)))
+            total = fused_part + sum(weights[m] * recon[chunk][m] for m in tail)
+        if best is None or total < best[0]:
+            best = (total, r, chunk)
+    if best is None or not math.isfinite(best[0]):
+        raise TrialFailure("no usable dispatch: " + ("; ".join(recon_errors) or "every path failed"))
+    total, r, chunk = best
+    config = variant.replace(max_q_gemm_rows=r, recon_chunk_n=chunk)
+    return Assessment(config, total, fused, dict(recon.get(chunk, {})))
+
+
+def dispatch_latencies(evaluator: Evaluator, config: KernelConfig) -> dict[int, float]:
+    """Per-M latency of `config` exactly as given (its own threshold and chunk), from the
+    memoised per-path measurements: how the runtime would dispatch with it."""
+    return {
+        m: (evaluator.fused(config, m) if m <= config.max_q_gemm_rows else evaluator.recon(config, m)).median_us
+        for m in evaluator.workload.ms
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# outcome and progress
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """How to search. `trials=None` means DEFAULT_TRIALS, or the whole grid for `grid`."""
+
+    sampler: str = "tpe"
+    space: str | Space = "standard"
+    """A named space (`standard`, `full`) or a `Space` object."""
+    trials: int | None = None
+    timeout_s: float | None = None
+    seed: int | None = None
+    fused_cutoff: float | None = FUSED_CUTOFF
+    interleave_rounds: int = 5
+
+
+@dataclass(frozen=True)
+class TrialEvent:
+    """Progress after each finished trial (for the CLI's progress bar)."""
+
+    problem: Problem
+    number: int
+    state: str  # "complete" | "fail"
+    value_us: float | None
+    finished: int
+    target: int
+    best_us: float | None
+    default_us: float | None
+    fail_reason: str = ""
+
+
+@dataclass(frozen=True)
+class TuneOutcome:
+    """What tuning one (problem, workload) produced.
+
+    status: `accepted` (best not slower than the default in the interleaved re-measurement),
+    `rejected` (it was slower: nothing is stored), `no-result` (every trial failed),
+    `interrupted` (stopped by the user: trials are kept, nothing is stored, rerun to resume).
+    """
+
+    problem: Problem
+    workload: Workload
+    study_name: str
+    status: str
+    best_config: KernelConfig | None
+    default_config: KernelConfig
+    objective_us: float | None
+    default_objective_us: float | None
+    latencies_us: dict[int, float] = field(default_factory=dict)
+    default_latencies_us: dict[int, float] = field(default_factory=dict)
+    search_objective_us: float | None = None
+    search_default_us: float | None = None
+    trials_run: int = 0
+    trials_total: int = 0
+    trials_target: int = 0
+    failures: int = 0
+    fail_reasons: dict[str, int] = field(default_factory=dict)
+    message: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == "accepted"
+
+    @property
+    def speedup(self) -> float | None:
+        if self.objective_us and self.default_objective_us:
+            return self.default_objective_us / self.objective_us
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# stop flag / Ctrl-C
+# ---------------------------------------------------------------------------------------------
+
+
+class StopFlag:
+    """Set when the user asked to stop; the study stops after the trial in flight."""
+
+    def __init__(self, *others: Callable[[], bool]) -> None:
+        self._event = threading.Event()
+        self._others = others
+
+    def set(self) -> None:
+        self._event.set()
+
+    def __call__(self) -> bool:
+        return self._event.is_set() or any(o() for o in self._others)
+
+
+@contextlib.contextmanager
+def graceful_sigint(flag: StopFlag, on_first: Callable[[], None] | None = None) -> Iterator[StopFlag]:
+    """First Ctrl-C sets `flag` (finish the trial in flight, keep everything); a second one
+    raises KeyboardInterrupt at once. Outside the main thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag():
+            raise KeyboardInterrupt
+        flag.set()
+        if on_first is not None:
+            on_first()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Optuna logs every trial (and a traceback per failed one) at INFO/WARNING; the CLI shows
+    its own progress, and failures are stored with their reasons."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# the search
+# ---------------------------------------------------------------------------------------------
+
+
+def _params_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...] | None:
+    return tuple(sorted(params.items())) if params else None
+
+
+def _counts(trial: FrozenTrial) -> bool:
+    """Whether a trial counts toward the target: finished, and not cut short by the user."""
+    if trial.state == TrialState.COMPLETE:
+        return True
+    return trial.state == TrialState.FAIL and not trial.user_attrs.get(_INTERRUPTED)
+
+
+def _finished(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if _counts(t)]
+
+
+def _target(settings: TuneSettings, space: Space, n_warm: int) -> int:
+    if settings.trials is not None:
+        if settings.trials < 1:
+            raise InvalidConfigError(f"--trials must be at least 1, got {settings.trials}")
+        return settings.trials
+    if settings.sampler == "grid":
+        return space.size + n_warm
+    return DEFAULT_TRIALS
+
+
+def _best(study: optuna.Study) -> FrozenTrial | None:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and "config" in t.user_attrs]
+    return min(done, key=lambda t: (t.value, t.number)) if done else None
+
+
+def _search_done(study: optuna.Study, sampler: optuna.samplers.BaseSampler, target: int) -> bool:
+    if len(_finished(study)) >= target:
+        return True
+    if isinstance(sampler, optuna.samplers.GridSampler):
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        return sampler.is_exhausted(study) and not waiting
+    return False
+
+
+def _requeue_interrupted(study: optuna.Study) -> None:
+    """Trials cut short by a forced Ctrl-C are FAIL with `interrupted`; enqueue their variants
+    again (once) so a grid stays exhaustive and nothing the user started is silently lost."""
+    trials = study.get_trials(deepcopy=False)
+    covered = {_params_key(t.params) for t in trials if _counts(t)}
+    covered |= {_params_key(t.params) for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)}
+    for t in trials:
+        key = _params_key(t.params)
+        if t.state == TrialState.FAIL and t.user_attrs.get(_INTERRUPTED) and key and key not in covered:
+            study.enqueue_trial(dict(t.params), skip_if_exists=False)
+            covered.add(key)
+
+
+def tune_problem(
+    evaluator: Evaluator,
+    storage: optuna.storages.BaseStorage | str,
+    settings: TuneSettings | None = None,
+    *,
+    stop: Callable[[], bool] | None = None,
+    on_trial: Callable[[TrialEvent], None] | None = None,
+    fresh: bool = False,
+) -> TuneOutcome:
+    """Search the space for `evaluator`'s problem and workload, then check the best against
+    the default. Resumes the study if it exists. `fresh` discards a study that already reached
+    its target (`--retune`); an unfinished one is resumed either way. Stores nothing: see
+    `store_outcome`."""
+    settings = settings or TuneSettings()
+    space = settings.space if isinstance(settings.space, Space) else get_space(settings.space)
+    if settings.sampler not in SAMPLERS:
+        raise InvalidConfigError(f"unknown sampler {settings.sampler!r} (known: {', '.join(SAMPLERS)})")
+    if isinstance(storage, str):
+        storage = make_storage(storage)
+    stop = stop or (lambda: False)
+    problem, workload = evaluator.problem, evaluator.workload
+    name = study_name(evaluator.device.fingerprint, evaluator.kernel_hash, problem, workload)
+    warm = warm_start_configs(space)
+    target = _target(settings, space, len(warm))
+    sampler = make_sampler(settings.sampler, space, settings.seed)
+    default = KernelConfig()
+
+    with _quiet_optuna():
+        if fresh:
+            with contextlib.suppress(KeyError):
+                old = optuna.load_study(study_name=name, storage=storage)
+                if _search_done(old, make_sampler(settings.sampler, space, settings.seed), target):
+                    optuna.delete_study(study_name=name, storage=storage)
+        study = optuna.create_study(
+            study_name=name, storage=storage, sampler=sampler, direction="minimize",
+            load_if_exists=True,
+        )
+        if not study.user_attrs:
+            study.set_user_attr("problem", problem.key())
+            study.set_user_attr("workload", workload.key())
+            study.set_user_attr("space", space.name)
+        for preset_name, cfg in warm:
+            study.enqueue_trial(space.params(cfg), user_attrs={"preset": preset_name},
+                                skip_if_exists=True)
+        _requeue_interrupted(study)
+
+        # Variants already measured in this study (any session, any worker) are answered from
+        # the study instead of the GPU.
+        seen: dict[tuple[tuple[str, Any], ...], FrozenTrial] = {}
+        for t in study.get_trials(deepcopy=False):
+            key = _params_key(t.params)
+            if key is not None and _counts(t):
+                seen.setdefault(key, t)
+
+        # The default as the runtime would dispatch it (its own threshold and chunk): the
+        # baseline of the progress display. Kept in the study so a resumed run measures nothing
+        # it measured before.
+        default_us: float | None = study.user_attrs.get("default_objective_us")
+        if default_us is None:
+            try:
+                default_us = workload.objective(dispatch_latencies(evaluator, default))
+                study.set_user_attr("default_objective_us", default_us)
+            except (TrialFailure, GemmtuneError):
+                default_us = None
+
+        state: dict[str, Any] = {"run": 0}
+
+        def objective(trial: optuna.Trial) -> float:
+            variant = space.suggest(trial)
+            key = _params_key(trial.params)
+            prior = seen.get(key) if key is not None else None
+            if prior is not None:
+                trial.set_user_attr("duplicate_of", prior.number)
+                for k, v in prior.user_attrs.items():
+                    if k not in ("preset", "duplicate_of"):
+                        trial.set_user_attr(k, v)
+                if prior.state == TrialState.FAIL:
+                    raise TrialFailure(str(prior.user_attrs.get("fail_reason", "failed before")))
+                assert prior.value is not None
+                return prior.value
+            try:
+                a = complete_variant(evaluator, variant, space, settings.fused_cutoff)
+            except (TrialFailure, GemmtuneError) as exc:
+                reason = exc.reason if isinstance(exc, TrialFailure) else f"{type(exc).__name__}: {exc}"
+                trial.set_user_attr("fail_reason", reason)
+                raise TrialFailure(reason) from exc
+            except KeyboardInterrupt:
+                trial.set_user_attr(_INTERRUPTED, True)
+                raise
+            trial.set_user_attr("config", a.config.to_dict())
+            trial.set_user_attr("config_key", a.config.key())
+            trial.set_user_attr("fused_us", {str(m): v for m, v in a.fused_us.items()})
+            trial.set_user_attr("recon_us", {str(m): v for m, v in a.recon_us.items()})
+            trial.set_user_attr("worker", socket.gethostname())
+            return a.objective_us
+
+        def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+            state["run"] += 1
+            key = _params_key(trial.params)
+            if key is not None and _counts(trial):
+                seen.setdefault(key, trial)
+            finished = len(_finished(study))
+            if on_trial is not None:
+                best = _best(study)
+                on_trial(TrialEvent(
+                    problem=problem, number=trial.number,
+                    state="complete" if trial.state == TrialState.COMPLETE else "fail",
+                    value_us=trial.value if trial.state == TrialState.COMPLETE else None,
+                    finished=finished, target=target,
+                    best_us=best.value if best else None, default_us=default_us,
+                    fail_reason=str(trial.user_attrs.get("fail_reason", "")),
+                ))
+            if stop() or finished >= target:
+                study.stop()
+
+        if not stop() and not _search_done(study, sampler, target):
+            study.optimize(
+                objective, n_trials=None, timeout=settings.timeout_s,
+                catch=(TrialFailure,), callbacks=[callback], gc_after_trial=False,
+            )
+
+        finished = _finished(study)
+        failures = [t for t in finished if t.state == TrialState.FAIL]
+        reasons = Counter(str(t.user_attrs.get("fail_reason", "unknown")) for t in failures)
+        best_trial = _best(study)
+        common: dict[str, Any] = dict(
+            problem=problem, workload=workload, study_name=name, default_config=default,
+            search_default_us=default_us, trials_run=state["run"],
+            trials_total=len(finished), trials_target=target, failures=len(failures),
+            fail_reasons=dict(reasons.most_common(5)),
+        )
+
+        if stop():
+            return TuneOutcome(
+                status="interrupted",
+                best_config=_config_of(best_trial), objective_us=None, default_objective_us=None,
+                search_objective_us=best_trial.value if best_trial else None,
+                message="stopped by the user; finished trials are kept, run again to resume",
+                **common,
+            )
+        if best_trial is None:
+            first = reasons.most_common(1)[0][0] if reasons else "no trial finished"
+            return TuneOutcome(
+                status="no-result", best_config=None, objective_us=None,
+                default_objective_us=default_us, message=f"every trial failed ({first})", **common,
+            )
+
+        best_config = _config_of(best_trial)
+        assert best_config is not None
+        try:
+            a_meas, b_meas = evaluator.interleaved(best_config, default, settings.interleave_rounds)
+        except (TrialFailure, GemmtuneError) as exc:
+            reason = exc.reason if isinstance(exc, TrialFailure) else str(exc)
+            return TuneOutcome(
+                status="no-result", best_config=best_config, objective_us=None,
+                default_objective_us=None, search_objective_us=best_trial.value,
+                message=f"final interleaved check failed: {reason}", **common,
+            )
+        lat = {m: a_meas[m].median_us for m in workload.ms}
+        dlat = {m: b_meas[m].median_us for m in workload.ms}
+        obj, dobj = workload.objective(lat), workload.objective(dlat)
+        accepted = obj <= dobj
+        return TuneOutcome(
+            status="accepted" if accepted else "rejected",
+            best_config=best_config, objective_us=obj, default_objective_us=dobj,
+            latencies_us=lat, default_latencies_us=dlat,
+            search_objective_us=best_trial.value,
+            message="" if accepted else (
+                f"best ({obj:.1f} µs) was slower than the default ({dobj:.1f} µs) when re-measured "
+                "interleaved; nothing stored"),
+            **common,
+        )
+
+
+def _config_of(trial: FrozenTrial | None) -> KernelConfig | None:
+    if trial is None or "config" not in trial.user_attrs:
+        return None
+    return KernelConfig.from_dict(dict(trial.user_attrs["config"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# storing
+# ---------------------------------------------------------------------------------------------
+
+
+def store_outcome(
+    store: Store,
+    outcome: TuneOutcome,
+    device: DeviceInfo,
+    kernel_hash: str,
+    provenance: str = "",
+    run_id: int | None = None,
+) -> bool:
+    """Write an accepted outcome as the tuned entry for (device, kernel hash, problem, workload).
+    Anything else is not written (returns False): a winner slower than the default, an
+    interrupted search or one without result must never be served."""
+    if not outcome.accepted or outcome.best_config is None:
+        return False
+    assert outcome.objective_us is not None and outcome.default_objective_us is not None
+    from gemmtune.db.store import TunedEntry
+
+    p, w = outcome.problem, outcome.workload
+    store.put_result(TunedEntry(
+        device=device.to_dict(),
+        kernel_hash=kernel_hash,
+        problem={"k": p.k, "n": p.n, "bits": p.bits, "group_size": p.group_size,
+                 "act_order": p.act_order},
+        problem_key=p.key(),
+        workload={"name": w.name, "ms": list(w.ms), "weights": list(w.weights)},
+        workload_key=w.key(),
+        config=outcome.best_config.to_dict(),
+        objective_us=outcome.objective_us,
+        default_objective_us=outcome.default_objective_us,
+        latencies_us=dict(outcome.latencies_us),
+        default_latencies_us=dict(outcome.default_latencies_us),
+        source="tuned",
+        provenance=provenance,
+        run_id=run_id,
+        config_key=outcome.best_config.key(),
+    ))
+    return True
+
+
+def provenance_line(settings: TuneSettings, outcome: TuneOutcome) -> str:
+    from gemmtune import __version__
+
+    return (f"gemmtune {__version__} tune on {socket.gethostname()}: sampler={settings.sampler} "
+            f"space={getattr(settings.space, 'name', settings.space)} trials={outcome.trials_total}/{outcome.trials_target} "
+            f"failures={outcome.failures} study={outcome.study_name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# one problem against the database (shared by the CLI and the --device all workers)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProblemResult:
+    """One row of the final table: picklable, so workers can send it to the parent."""
+
+    problem: Problem
+    status: str  # accepted | rejected | no-result | interrupted | skipped | error
+    default_us: float | None = None
+    tuned_us: float | None = None
+    config: KernelConfig | None = None
+    trials: str = ""
+    failures: int = 0
+    message: str = ""
+    device_index: int = 0
+
+    @property
+    def speedup(self) -> float | None:
+        if self.default_us and self.tuned_us:
+            return self.default_us / self.tuned_us
+        return None
+
+
+def tune_into_store(
+    store: Store,
+    storage: optuna.storages.BaseStorage | str,
+    problem: Problem,
+    workload: Workload,
+    settings: TuneSettings,
+    *,
+    device_index: int = 0,
+    retune: bool = False,
+    stop: Callable[[], bool] | None = None,
+    on_trial: Callable[[TrialEvent], None] | None = None,
+) -> ProblemResult:
+    """Skip if already tuned (unless `retune`), else tune, store if accepted, and record the run
+    (`finished`, `interrupted`, or `failed` when an exception escaped)."""
+    device, khash = device_identity(device_index)
+    if not retune:
+        entry: TunedEntry | None = store.get_result(device.fingerprint, khash, problem.key(),
+                                                    workload.key())
+        if entry is not None and not entry.stale:
+            return ProblemResult(
+                problem=problem, status="skipped", default_us=entry.default_objective_us,
+                tuned_us=entry.objective_us, config=KernelConfig.from_dict(dict(entry.config)),
+                message="already tuned (use --retune to tune again)", device_index=device_index,
+            )
+    run_id = store.start_run(device.to_dict(), khash, settings.sampler, problem.key(), workload.key())
+    status, trials = "failed", 0
+    try:
+        evaluator = make_evaluator(problem, workload, device_index)
+        try:
+            outcome = tune_problem(evaluator, storage, settings, stop=stop, on_trial=on_trial,
+                                   fresh=retune)
+        finally:
+            close = getattr(evaluator, "close", None)
+            if callable(close):
+                close()
+        trials = outcome.trials_run
+        status = "interrupted" if outcome.status == "interrupted" else "finished"
+        if outcome.accepted:
+            store_outcome(store, outcome, evaluator.device, evaluator.kernel_hash,
+                          provenance_line(settings, outcome), run_id=run_id)
+        return ProblemResult(
+            problem=problem, status=outcome.status, default_us=outcome.default_objective_us
+            if outcome.default_objective_us is not None else outcome.search_default_us,
+            tuned_us=outcome.objective_us if outcome.objective_us is not None
+            else outcome.search_objective_us,
+            config=outcome.best_config, trials=f"{outcome.trials_total}/{outcome.trials_target}",
+            failures=outcome.failures, message=outcome.message, device_index=device_index,
+        )
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        store.finish_run(run_id, status, trials)

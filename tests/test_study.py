@@ -1,0 +1,316 @@
+"""The search logic on CPU, against a synthetic landscape with a known optimum."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from gemmtune.autotune import study as st
+from gemmtune.autotune.evaluator import Measurement, TrialFailure
+from gemmtune.autotune.space import GROUPS, STANDARD, Space
+from gemmtune.kernels.config import PRESETS, KernelConfig
+from gemmtune.kernels.problem import Problem
+from gemmtune.kernels.workload import WORKLOADS, Workload
+from optuna.trial import TrialState
+
+try:
+    from synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH, Landscape, SyntheticEvaluator
+except ImportError:  # tests collected as a package
+    from tests.synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH, Landscape, SyntheticEvaluator
+
+PROBLEM = Problem(4096, 4096)
+MIXED = WORKLOADS["mixed"]
+DECODE = WORKLOADS["decode"]
+OPTIMUM = Landscape().optimum
+
+# 6 rows x unroll, 2 tiles, 2 split_k = 24 variants; holds the presets and the optimum.
+SMALL = Space.build("small", {
+    "max_q_gemm_rows_kernel": (4, 8, 16), "k_unroll": (2, 4),
+    "tile": ((64, 128), (128, 256)), "split_k": (0, 2), "recon_chunk_n": (0, 4096),
+}, GROUPS)
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'tuning.db'}"
+
+
+def variant(cfg: KernelConfig) -> str:
+    return cfg.variant_key()
+
+
+def settings(**kw: Any) -> st.TuneSettings:
+    return st.TuneSettings(**{"space": SMALL, "seed": 0, **kw})
+
+
+def brute_force(ev: SyntheticEvaluator, v: KernelConfig, space: Space) -> tuple[float, int, int]:
+    """(objective, r, chunk) by trying every threshold and chunk: the oracle for complete_variant."""
+    wl = ev.workload
+    best = None
+    for r in [0, *sorted(wl.ms)]:
+        for chunk in space.recon_chunk_n:
+            cfg = v.replace(max_q_gemm_rows=r, recon_chunk_n=chunk)
+            obj = wl.objective({m: ev.landscape.dispatch(cfg, m) for m in wl.ms})
+            if best is None or obj < best[0] - 1e-9:
+                best = (obj, r, chunk)
+    assert best is not None
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-trial completion: threshold and chunk chosen exactly
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wl", [MIXED, DECODE, WORKLOADS["prefill"], Workload.parse("1:4,24:2,40:1")],
+                         ids=lambda w: w.key())
+def test_threshold_and_chunk_are_exact(wl: Workload) -> None:
+    ev = SyntheticEvaluator(PROBLEM, wl)
+    for v in itertools.islice(STANDARD.variants(), 0, None, 37):
+        a = st.complete_variant(ev, v, STANDARD, fused_cutoff=None)
+        obj, r, chunk = brute_force(ev, v, STANDARD)
+        assert a.objective_us == pytest.approx(obj)
+        assert a.config.max_q_gemm_rows == r
+        if r < max(wl.ms):
+            assert a.config.recon_chunk_n == chunk
+        else:  # no M left for reconstruct: keep the chunk that is best for it overall
+            assert a.config.recon_chunk_n == 4096
+        assert a.config.variant_key() == v.variant_key()
+        # The cutoff only skips measurements; on a landscape with one crossover it changes nothing.
+        assert st.complete_variant(ev, v, STANDARD).config == a.config
+
+
+class Flat:
+    """Fused and reconstruct equally fast everywhere: every threshold ties."""
+
+    problem, device, kernel_hash = PROBLEM, FAKE_DEVICE, FAKE_KERNEL_HASH
+
+    def __init__(self, wl: Workload) -> None:
+        self.workload = wl
+
+    def fused(self, config: KernelConfig, m: int) -> Measurement:
+        return Measurement(10.0, 0.0, 1)
+
+    recon = fused
+
+
+def test_ties_choose_the_smaller_threshold() -> None:
+    a = st.complete_variant(Flat(MIXED), KernelConfig(), STANDARD)  # type: ignore[arg-type]
+    assert a.config.max_q_gemm_rows == 0
+    assert a.config.recon_chunk_n == 0
+
+
+def test_failing_chunk_is_left_out_and_failing_fused_fails_the_variant() -> None:
+    ev = SyntheticEvaluator(PROBLEM, MIXED, fail_chunks=frozenset({4096}))
+    a = st.complete_variant(ev, OPTIMUM, STANDARD)
+    assert a.config.recon_chunk_n == 0
+    ev = SyntheticEvaluator(PROBLEM, MIXED, fail=lambda c: "ptxas: too many resources")
+    with pytest.raises(TrialFailure, match="too many resources"):
+        st.complete_variant(ev, OPTIMUM, STANDARD)
+
+
+def test_fused_is_not_measured_far_past_the_crossover() -> None:
+    ev = SyntheticEvaluator(PROBLEM, WORKLOADS["prefill"])
+    a = st.complete_variant(ev, KernelConfig(), STANDARD)
+    assert a.config.max_q_gemm_rows == 0
+    assert [m for _, m in ev.fused_measured] == [128]  # 512+ would cost the most, never win
+
+
+# ---------------------------------------------------------------------------------------------
+# the study
+# ---------------------------------------------------------------------------------------------
+
+
+def test_search_finds_the_optimum(url: str) -> None:
+    ev = SyntheticEvaluator(PROBLEM, MIXED, noise=0.01)
+    out = st.tune_problem(ev, url, settings(trials=30))
+    assert out.status == "accepted"
+    assert variant(out.best_config) == variant(OPTIMUM)
+    assert out.objective_us < out.default_objective_us
+    assert out.trials_total == out.trials_run == 30 == out.trials_target
+
+
+def test_tpe_finds_the_optimum_of_the_standard_space(url: str) -> None:
+    ev = SyntheticEvaluator(PROBLEM, MIXED)
+    out = st.tune_problem(ev, url, settings(space="standard", trials=60))
+    assert variant(out.best_config) == variant(OPTIMUM)
+
+
+def test_grid_equals_exhaustive(url: str) -> None:
+    ev = SyntheticEvaluator(PROBLEM, MIXED, noise=0.05, seed=7)  # noise: the optimum is not obvious
+    exhaustive = min((st.complete_variant(SyntheticEvaluator(PROBLEM, MIXED, noise=0.05, seed=7), v, SMALL)
+                      for v in SMALL.variants()), key=lambda a: a.objective_us)
+    out = st.tune_problem(ev, url, settings(sampler="grid"))
+    assert out.best_config == exhaustive.config
+    assert out.search_objective_us == pytest.approx(exhaustive.objective_us)
+    # every variant measured, each exactly once (the presets' grid points are not re-measured)
+    assert len({k for k, _ in ev.fused_measured}) == SMALL.size
+    assert len(ev.fused_measured) == len(set(ev.fused_measured))
+    assert out.trials_total == SMALL.size + len(PRESETS)
+
+
+def test_presets_are_enqueued_first(url: str) -> None:
+    ev = SyntheticEvaluator(PROBLEM, MIXED)
+    out = st.tune_problem(ev, url, settings(trials=5))
+    study = optuna.load_study(study_name=out.study_name, storage=url)
+    first = sorted(study.trials, key=lambda t: t.number)[:3]
+    assert [t.user_attrs["preset"] for t in first] == list(PRESETS)
+    for t, cfg in zip(first, PRESETS.values(), strict=True):
+        assert t.params == SMALL.params(cfg)
+        stored = KernelConfig.from_dict(t.user_attrs["config"])  # completed with r and chunk
+        assert stored.variant_key() == cfg.variant_key()
+
+
+def test_failed_trials_do_not_stop_the_study(url: str) -> None:
+    def fail(c: KernelConfig) -> str | None:
+        return "ptxas: uses too many registers" if c.k_unroll == 4 and c.split_k == 2 else None
+
+    ev = SyntheticEvaluator(PROBLEM, MIXED, fail=fail)
+    out = st.tune_problem(ev, url, settings(sampler="random", trials=20))
+    assert out.trials_total == 20
+    assert out.failures > 0
+    assert out.fail_reasons == {"ptxas: uses too many registers": out.failures}
+    assert out.status == "accepted" and fail(out.best_config) is None
+    study = optuna.load_study(study_name=out.study_name, storage=url)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == out.failures
+    assert all(t.user_attrs["fail_reason"] == "ptxas: uses too many registers" for t in failed)
+
+
+def test_every_trial_failing_gives_no_result(url: str) -> None:
+    ev = SyntheticEvaluator(PROBLEM, DECODE, fail=lambda c: "nvrtc: error")
+    out = st.tune_problem(ev, url, settings(trials=6))
+    assert out.status == "no-result" and out.best_config is None
+    assert "nvrtc: error" in out.message
+    assert not st.store_outcome(RecordingStore(), out, FAKE_DEVICE, FAKE_KERNEL_HASH)
+
+
+def test_interrupted_study_resumes_without_repeating_finished_trials(url: str) -> None:
+    flag = st.StopFlag()
+
+    def stop_after_7(event: st.TrialEvent) -> None:
+        if event.finished >= 7:
+            flag.set()
+
+    first = SyntheticEvaluator(PROBLEM, MIXED)
+    out = st.tune_problem(first, url, settings(sampler="random", trials=16),
+                          stop=flag, on_trial=stop_after_7)
+    assert out.status == "interrupted"
+    assert out.trials_total == 7 and out.objective_us is None
+    assert first.calls["interleaved"] == 0  # nothing checked, nothing to store
+
+    second = SyntheticEvaluator(PROBLEM, MIXED)
+    out2 = st.tune_problem(second, url, settings(sampler="random", trials=16))
+    assert out2.status == "accepted"
+    assert out2.trials_total == 16 and out2.trials_run == 9  # the target is a total
+    assert not {k for k, _ in first.fused_measured} & {k for k, _ in second.fused_measured}
+
+    third = SyntheticEvaluator(PROBLEM, MIXED)  # target reached: no trial, only the final check
+    out3 = st.tune_problem(third, url, settings(sampler="random", trials=16))
+    assert out3.trials_run == 0 and third.calls["fused"] == 0
+    assert out3.best_config == out2.best_config
+
+
+def test_forced_interrupt_mid_trial_is_redone_on_resume(url: str) -> None:
+    seen: list[str] = []
+
+    def second_ctrl_c(cfg: KernelConfig, m: int) -> None:
+        if cfg.variant_key() not in seen:
+            seen.append(cfg.variant_key())
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+
+    first = SyntheticEvaluator(PROBLEM, MIXED, on_fused=second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        st.tune_problem(first, url, settings(sampler="grid"))
+    cut = seen[3]
+
+    second = SyntheticEvaluator(PROBLEM, MIXED)
+    out = st.tune_problem(second, url, settings(sampler="grid"))
+    assert cut in {k for k, _ in second.fused_measured}  # the cut-short variant is measured
+    assert out.failures == 0  # and the cut is not counted as a failed variant
+    assert len({k for k, _ in first.fused_measured} | {k for k, _ in second.fused_measured}) == SMALL.size
+    assert out.best_config.variant_key() == OPTIMUM.variant_key()
+
+
+def test_duplicates_are_answered_from_the_study(url: str) -> None:
+    tiny = Space.build("tiny", {"max_q_gemm_rows_kernel": (8, 16), "k_unroll": (4,),
+                                "tile": ((64, 128),), "split_k": (0, 2), "recon_chunk_n": (0,)}, GROUPS)
+    ev = SyntheticEvaluator(PROBLEM, DECODE)
+    out = st.tune_problem(ev, url, settings(space=tiny, sampler="random", trials=15))
+    assert out.trials_total == 15
+    assert len({k for k, _ in ev.fused_measured}) == len(ev.fused_measured) / len(DECODE.ms) <= 4
+
+
+@pytest.mark.parametrize("sampler", st.SAMPLERS)
+def test_every_sampler_runs(url: str, sampler: str) -> None:
+    ev = SyntheticEvaluator(PROBLEM, DECODE)
+    out = st.tune_problem(ev, url, settings(sampler=sampler, trials=12))
+    assert out.trials_total == 12 and out.status == "accepted"
+    assert out.objective_us <= out.default_objective_us
+
+
+def test_timeout_bounds_the_search(url: str) -> None:
+    ev = SyntheticEvaluator(PROBLEM, DECODE)
+    out = st.tune_problem(ev, url, settings(trials=10_000, timeout_s=0.5))
+    assert 0 < out.trials_total < 10_000
+    assert out.status == "accepted"  # a timeout is a budget, not an interruption
+
+
+def test_unknown_sampler_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="unknown sampler"):
+        st.tune_problem(SyntheticEvaluator(PROBLEM, DECODE), url, settings(sampler="cmaes"))
+
+
+def test_study_name_and_storage(url: str) -> None:
+    name = st.study_name(FAKE_DEVICE.fingerprint, FAKE_KERNEL_HASH, PROBLEM, MIXED)
+    assert name == f"gemmtune:{FAKE_DEVICE.fingerprint}:{FAKE_KERNEL_HASH[:16]}:4096x4096-b4-g128:mixed"
+    other = st.tune_problem(SyntheticEvaluator(PROBLEM, DECODE), url, settings(trials=3)).study_name
+    assert other.endswith(":decode") and other != name
+    assert st.make_storage(url) is st.make_storage(url)
+
+
+# ---------------------------------------------------------------------------------------------
+# storing
+# ---------------------------------------------------------------------------------------------
+
+
+class RecordingStore:
+    def __init__(self) -> None:
+        self.puts: list[Any] = []
+
+    def put_result(self, entry: Any) -> None:
+        self.puts.append(entry)
+
+
+def test_winner_slower_than_default_is_not_stored(url: str) -> None:
+    ev = SyntheticEvaluator(PROBLEM, MIXED, interleave_penalty=3.0)  # re-measured 3x slower
+    out = st.tune_problem(ev, url, settings(trials=10))
+    assert out.status == "rejected" and not out.accepted
+    assert out.objective_us > out.default_objective_us
+    store = RecordingStore()
+    assert st.store_outcome(store, out, FAKE_DEVICE, FAKE_KERNEL_HASH) is False
+    assert store.puts == []
+
+
+def test_accepted_outcome_is_stored_with_both_latency_sets(url: str) -> None:
+    from gemmtune.db.store import Store
+
+    ev = SyntheticEvaluator(PROBLEM, MIXED)
+    out = st.tune_problem(ev, url, settings(trials=10))
+    store = Store.open(url)  # the same database file as the studies
+    try:
+        assert st.store_outcome(store, out, FAKE_DEVICE, FAKE_KERNEL_HASH, "test")
+        entry = store.get_result(FAKE_DEVICE.fingerprint, FAKE_KERNEL_HASH, PROBLEM.key(), MIXED.key())
+        assert entry is not None
+        assert KernelConfig.from_dict(entry.config) == out.best_config
+        assert entry.objective_us == pytest.approx(out.objective_us)
+        assert entry.default_objective_us == pytest.approx(out.default_objective_us)
+        assert {int(m) for m in entry.latencies_us} == set(MIXED.ms)
+        assert {int(m) for m in entry.default_latencies_us} == set(MIXED.ms)
+    finally:
+        store.close()
+    assert out.study_name in optuna.get_all_study_names(url)
