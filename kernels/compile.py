@@ -139,6 +139,22 @@ def launch(fn: Any, grid: tuple[int, int, int], block: int, args: tuple[Any, ...
     fn(grid, (block, 1, 1), args, stream=stream_ref(stream))
 
 
+def blocks_per_sm(fn: Any, threads: int) -> int:
+    """Resident blocks per SM for `fn` at `threads` threads (driver occupancy query, or an
+    estimate from the register and shared-memory use when the driver API is not exposed)."""
+    try:
+        from cupy.cuda import driver
+
+        return max(1, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, 0)))
+    except Exception:
+        regs = max(1, int(getattr(fn, "num_regs", 64)))
+        smem = int(getattr(fn, "shared_size_bytes", 0))
+        warps = -(-threads // 32)
+        by_regs = 65536 // (((regs * 32 + 255) // 256) * 256 * warps)
+        by_smem = (228 * 1024) // smem if smem else 32
+        return max(1, min(by_regs, by_smem, 2048 // threads, 32))
+
+
 def ptr(value: int) -> np.uint64:
     return np.uint64(value)
 

@@ -37,7 +37,7 @@ TUNABLES: tuple[Tunable, ...] = (
     Tunable("block_n", "output columns one block covers (32 per warp column)", (32, 64, 128, 256),
             32, 256),
     Tunable("threads", "threads per block; threads / block_n warps split the block's K range",
-            (64, 128, 256, 512), 32, 1024),
+            (64, 128, 256, 512), 32, 512),
     Tunable("split_k", "K slices across blocks (0 = choose from the SM count); slices are "
             "reduced in fp32 by the last block to finish", (0, 1, 2, 3, 4, 6, 8, 12, 16), 0, 64),
     Tunable("k_unroll", "K steps each thread loads before it computes (loads in flight)",

@@ -7,6 +7,8 @@ current stream. Nothing but the output is allocated per call, so calls record in
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import compile as ck
@@ -43,52 +45,102 @@ class Plan:
         self.total_steps = p.k // kstep
         props = torch.cuda.get_device_properties(self.device_index)
         self.sm_count = props.multi_processor_count
-        self.fused_variants = {
-            split: ck.FusedVariant(p.bits, config.max_q_gemm_rows_kernel, config.warps_n,
-                                   config.warps_k, config.k_unroll, p.act_order, split)
-            for split in (False, True)
-        }
+        self.bits, self.act_order = p.bits, p.act_order
+        self._variants: dict[tuple[int, bool], ck.FusedVariant] = {}
         self.recon_variant = ck.ReconVariant(p.bits, p.act_order)
         self.chunk = config.recon_chunk_n if 0 < config.recon_chunk_n < p.n else p.n
         self.ws: Workspace = workspace(weight.device)
         max_fused = min(self.max_rows, 1 << 16)
         tiles = self.grid_x * _cdiv(max(max_fused, 1), self.m_count)
         self.ws.ensure(max_fused * p.n, tiles, p.k * self.chunk)
-        self._fns: dict[bool, object] = {}
+        self._fns: dict[tuple[int, bool], object] = {}
+        self._slots: dict[int, int] = {}
         self._recon_fn: object | None = None
+        self._launch_cache: dict[int, tuple[tuple[int, int, int], object]] = {}
 
-    # -- grid ----------------------------------------------------------------------------------
+    # -- variants and grid ----------------------------------------------------------------------
+    def rows_for(self, m: int) -> int:
+        """Rows per block at M: the config's `max_q_gemm_rows_kernel`, or fewer when M itself is
+        smaller (8, 16 or 32, the next that holds M). A block holds all M rows either way; the
+        smaller instance just skips MMA tiles that would be all padding."""
+        mk = self.m_count
+        if m >= mk:
+            return mk
+        rows = 8
+        while rows < m:
+            rows *= 2
+        return min(mk, rows)
+
+    def variant_for(self, rows: int, split: bool) -> ck.FusedVariant:
+        key = (rows, split)
+        v = self._variants.get(key)
+        if v is None:
+            c = self.config
+            tiles_cfg = -(-self.m_count // 8)
+            tiles = -(-rows // 8)
+            # The register budget (k_unroll * tiles <= 8) freed by fewer tiles goes to more
+            # loads in flight.
+            unroll = min(8 // tiles, c.k_unroll * max(1, tiles_cfg // tiles))
+            v = self._variants[key] = ck.FusedVariant(self.bits, rows, c.warps_n, c.warps_k,
+                                                      unroll, self.act_order, split)
+        return v
+
+    def fused_fn(self, rows: int, split: bool) -> object:
+        key = (rows, split)
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = ck.get_kernel(self.variant_for(rows, split), self.device_index)
+        return fn
+
+    def slots(self, rows: int) -> int:
+        """Blocks of this variant resident on the whole GPU at once."""
+        got = self._slots.get(rows)
+        if got is None:
+            got = self._slots[rows] = self.sm_count * ck.blocks_per_sm(self.fused_fn(rows, True), self.threads)
+        return got
+
     def split_for(self, m: int) -> int:
-        """K slices for M rows (config.split_k, or auto from the SM count), at most one step each."""
-        gz = _cdiv(m, self.m_count)
+        """K slices at M: config.split_k, or (auto, 0) the count whose grid fills the GPU's block
+        slots in the most nearly whole waves, so the last wave does not run a few SMs alone."""
+        rows = self.rows_for(m)
+        base = self.grid_x * _cdiv(m, rows)
+        max_split = max(1, self.total_steps // self.config.warps_k)
         split = self.config.split_k
         if split == 0:
-            split = _cdiv(_AUTO_WAVES * self.sm_count, self.grid_x * gz)
-        steps_per_warp = max(1, self.total_steps // self.config.warps_k)
-        return max(1, min(split, steps_per_warp))
-
-    def fused_fn(self, split: bool) -> object:
-        fn = self._fns.get(split)
-        if fn is None:
-            fn = self._fns[split] = ck.get_kernel(self.fused_variants[split], self.device_index)
-        return fn
+            slots = self.slots(rows)
+            best, split = -1.0, 1
+            for s in range(1, 17):
+                waves = base * s / slots
+                score = waves / math.ceil(waves) - 0.01 * s
+                if score > best:
+                    best, split = score, s
+        return max(1, min(split, max_split))
 
     def recon_fn(self) -> object:
         if self._recon_fn is None:
             self._recon_fn = ck.get_kernel(self.recon_variant, self.device_index)
         return self._recon_fn
 
-    def prepare(self) -> None:
-        """Compile every kernel this plan can launch (so a timed or captured call compiles nothing)."""
-        self.fused_fn(False)
-        self.fused_fn(True)
+    def prepare(self, ms: tuple[int, ...] = ()) -> None:
+        """Compile every kernel this plan launches at the given Ms (default: every fused row
+        count), so a timed or captured call compiles nothing."""
+        rows = {self.rows_for(m) for m in ms if m <= self.max_rows} if ms else \
+            {self.rows_for(m) for m in range(1, min(self.max_rows, self.m_count) + 1)}
+        for r in rows:
+            self.fused_fn(r, False)
+            self.fused_fn(r, True)
         self.recon_fn()
 
     # -- paths ---------------------------------------------------------------------------------
     def run_fused(self, a: torch.Tensor, c: torch.Tensor, m: int, stream: int) -> None:
         w = self.weight
-        gy = self.split_for(m)
-        split = gy > 1
+        cached = self._launch_cache.get(m)
+        if cached is None:
+            rows = self.rows_for(m)
+            gy = self.split_for(m)
+            cached = ((self.grid_x, gy, _cdiv(m, rows)), self.fused_fn(rows, gy > 1))
+            self._launch_cache[m] = cached
+        grid, fn = cached
         ws = self.ws
         args = (
             ck.ptr(a.data_ptr()), ck.ptr(w.qweight.data_ptr()), ck.ptr(w.sz.data_ptr()),
@@ -96,8 +148,7 @@ class Plan:
             ck.ptr(ws.counters.data_ptr()), ck.i32(m), ck.i32(self.k), ck.i32(self.n),
             ck.i32(self.group),
         )
-        grid = (self.grid_x, gy, _cdiv(m, self.m_count))
-        ck.launch(self.fused_fn(split), grid, self.threads, args, stream)
+        ck.launch(fn, grid, self.threads, args, stream)
 
     def reconstruct(self, out: torch.Tensor, n0: int, count: int, ldo: int, stream: int) -> None:
         w = self.weight

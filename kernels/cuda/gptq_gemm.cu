@@ -25,7 +25,7 @@
 namespace gemmtune {
 
 template <int BITS, int M_COUNT, int WARPS_N, int WARPS_K, int UNROLL, bool ACT_ORDER, bool SPLIT>
-__global__ void __launch_bounds__(WARPS_N * WARPS_K * 32)
+__global__ void __launch_bounds__(WARPS_N * WARPS_K * 32, 1)
 gptq_gemm(const half* __restrict__ a,           // [M, K]
           const uint32_t* __restrict__ qweight,  // [K / V, N]
           const half2* __restrict__ sz,          // [G, N]: (scale, 1024 + zero)

@@ -1,0 +1,181 @@
+"""Static build of every kernel variant with `nvcc` (no GPU needed): `gemmtune kernels check`.
+
+Each template instance the dispatch can launch is instantiated explicitly and compiled for the
+requested architectures; ptxas' resource report gives registers, spill bytes and shared memory
+per instance. Any build failure or spill fails the check: a spilling variant would be slow on
+every card, and one that does not build would only fail at run time on a user's machine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .compile import FusedVariant, ReconVariant, Variant
+from .config import TUNABLES
+from .errors import KernelBuildError
+from .problem import KERNEL_BITS
+from .sources import COMMON_FLAGS, CUDA_DIR
+
+_CHOICES = {t.name: t.choices for t in TUNABLES}
+
+
+def fused_variants(bits: Iterable[int] = KERNEL_BITS, quick: bool = False) -> list[FusedVariant]:
+    """Every fused-kernel instance reachable from the configuration space."""
+    rows = _CHOICES["max_q_gemm_rows_kernel"]
+    warps = (1, 2, 4, 8)
+    unrolls = (1, 2, 4, 8)
+    out = []
+    for b, r, wn, wk, u, act, split in itertools.product(bits, rows, warps, warps, unrolls,
+                                                         (False, True), (False, True)):
+        if wn * wk > 16 or u * -(-r // 8) > 8:
+            continue
+        out.append(FusedVariant(b, r, wn, wk, u, act, split))
+    if quick:
+        keep = {(4, 8, 2, 1, 4), (4, 16, 2, 1, 4), (4, 64, 2, 4, 1), (4, 4, 2, 1, 4), (8, 8, 2, 1, 4),
+                (4, 1, 1, 1, 1), (8, 64, 8, 2, 1), (4, 32, 4, 4, 2), (8, 3, 1, 8, 8)}
+        out = [v for v in out if (v.bits, v.m_count, v.warps_n, v.warps_k, v.unroll) in keep]
+    return out
+
+
+def recon_variants(bits: Iterable[int] = KERNEL_BITS) -> list[ReconVariant]:
+    return [ReconVariant(b, act) for b in bits for act in (False, True)]
+
+
+@dataclass
+class BuildResult:
+    variant: Variant
+    arch: str
+    ok: bool
+    registers: int = 0
+    spill_bytes: int = 0
+    shared_bytes: int = 0
+    message: str = ""
+
+
+_RE_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\w+)'")
+_RE_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_RE_REGS = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def _instantiation(v: Variant) -> str:
+    name = v.expression().replace("gemmtune::", "gemmtune::", 1)
+    return f"template __global__ void {name}({v.signature()});\n"
+
+
+def nvcc_path() -> str:
+    nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+                                    if os.environ.get("CUDA_HOME") else None)
+    if not nvcc or not os.path.exists(nvcc):
+        raise KernelBuildError("nvcc not found on PATH (set CUDA_HOME or install the CUDA toolkit)")
+    return nvcc
+
+
+def build_batch(variants: list[Variant], arch: str, workdir: Path) -> list[BuildResult]:
+    """Compile one translation unit holding `variants` for `arch`; parse ptxas' report."""
+    sources = sorted({v.source for v in variants})
+    tu = "".join(f'#include "{s}"\n' for s in sources) + "".join(_instantiation(v) for v in variants)
+    src = workdir / f"check_{arch}_{abs(hash(tuple(variants)))}.cu"
+    src.write_text(tu)
+    cmd = [nvcc_path(), *COMMON_FLAGS, f"-arch={arch}", f"-I{CUDA_DIR}", "-c", str(src),
+           "-o", str(src.with_suffix(".o")), "-Xptxas", "-v", "-w"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        first = next((ln for ln in log.splitlines() if "error" in ln), log.strip()[-300:])
+        return [BuildResult(v, arch, False, message=first) for v in variants]
+    by_mangled: dict[str, BuildResult] = {}
+    current: BuildResult | None = None
+    for line in log.splitlines():
+        m = _RE_ENTRY.search(line)
+        if m:
+            current = BuildResult(None, arch, True)  # type: ignore[arg-type]
+            by_mangled[m.group(1)] = current
+            continue
+        if current is None:
+            continue
+        m = _RE_SPILL.search(line)
+        if m:
+            current.spill_bytes = int(m.group(1)) + int(m.group(2))
+        m = _RE_REGS.search(line)
+        if m:
+            current.registers = int(m.group(1))
+            current.shared_bytes = int(m.group(2) or 0)
+    # Mangled names list template arguments in order; match each variant to its entry.
+    results = []
+    for v in variants:
+        args = _mangled_args(v)
+        match = next((r for name, r in by_mangled.items() if args in name), None)
+        if match is None:
+            results.append(BuildResult(v, arch, False, message="no ptxas report for this instance"))
+        else:
+            match.variant = v
+            results.append(match)
+    return results
+
+
+def _mangled_args(v: Variant) -> str:
+    def i(x: int) -> str:
+        return f"Li{x}E"
+
+    def b(x: bool) -> str:
+        return f"Lb{int(x)}E"
+
+    if isinstance(v, FusedVariant):
+        name = "gptq_gemm"
+        args = [i(v.bits), i(v.m_count), i(v.warps_n), i(v.warps_k), i(v.unroll), b(v.act_order), b(v.split)]
+    else:
+        name = "gptq_reconstruct"
+        args = [i(v.bits), b(v.act_order)]
+    return f"{len(name)}{name}I" + "".join(args) + "E"
+
+
+def run_check(archs: list[str], bits: list[int], jobs: int, quick: bool, console) -> bool:  # noqa: ANN001
+    from rich.progress import Progress
+    from rich.table import Table
+
+    for b in bits:
+        if b not in KERNEL_BITS:
+            raise KernelBuildError(f"no CUDA kernel for {b}-bit weights (kernels: {KERNEL_BITS})")
+    for a in archs:
+        if not re.fullmatch(r"sm_\d{2,3}a?", a):
+            raise KernelBuildError(f"--arch {a!r} is not of the form sm_90")
+    variants: list[Variant] = [*fused_variants(bits, quick), *recon_variants(bits)]
+    batch = 24
+    batches = [(variants[i:i + batch], a) for a in archs for i in range(0, len(variants), batch)]
+    results: list[BuildResult] = []
+    with tempfile.TemporaryDirectory(prefix="gemmtune-check-") as tmp, Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"nvcc {len(variants)} variants x {len(archs)} arch", total=len(batches))
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for res in pool.map(lambda job: build_batch(job[0], job[1], Path(tmp)), batches):
+                results.extend(res)
+                progress.advance(task)
+    bad = [r for r in results if not r.ok or r.spill_bytes]
+    table = Table(title=f"kernel variants built with nvcc ({len(results)} builds)")
+    for col in ("arch", "kernel", "variants", "regs max", "spill bytes", "smem max", "failed"):
+        table.add_column(col)
+    groups: dict[tuple[str, str], list[BuildResult]] = {}
+    for r in results:
+        kind = "fused" if isinstance(r.variant, FusedVariant) else "reconstruct"
+        groups.setdefault((r.arch, f"{kind} {r.variant.bits}-bit"), []).append(r)
+    for (arch, kind), rs in sorted(groups.items()):
+        table.add_row(arch, kind, str(len(rs)), str(max(r.registers for r in rs)),
+                      str(sum(r.spill_bytes for r in rs)), str(max(r.shared_bytes for r in rs)),
+                      str(sum(not r.ok for r in rs)))
+    console.print(table)
+    for r in bad[:20]:
+        what = r.message if not r.ok else f"{r.spill_bytes} bytes spilled ({r.registers} registers)"
+        console.print(f"[red]FAIL[/] {r.arch} {r.variant.expression()}: {what}", highlight=False)
+    if bad:
+        console.print(f"[red]{len(bad)} of {len(results)} builds failed or spilled[/]")
+        return False
+    console.print(f"[green]all {len(results)} builds clean[/] (no failures, no spills)")
+    return True
