@@ -106,13 +106,26 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
         storage = _STORAGES.get(url)
         if storage is None:
             kwargs: dict[str, Any] = {}
+            engine_url = url
             if url.startswith("sqlite"):
                 kwargs["connect_args"] = {"timeout": 120}
             else:
                 kwargs["pool_pre_ping"] = True
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+                engine_url = _postgres_driver(url)
+            storage = optuna.storages.RDBStorage(engine_url, engine_kwargs=kwargs)
             _STORAGES[url] = storage
         return storage
+
+
+def _postgres_driver(url: str) -> str:
+    """`postgresql://` means psycopg2 to SQLAlchemy; use psycopg 3 (the `postgres` extra) when
+    psycopg2 is absent, as the store does, so one URL works for both."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError:
+            return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
 
 
 def study_name(device_fingerprint: str, kernel_hash: str, problem: Problem, workload: Workload) -> str:

@@ -1,0 +1,187 @@
+"""`gemmtune tune` end to end on CPU: the GPU seams of `autotune.study` are replaced by the
+synthetic landscape, everything else (problems, database, studies, table, exit codes) is real."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from gemmtune.autotune import study as st
+from gemmtune.autotune import workers as wk
+from gemmtune.kernels.config import KernelConfig
+from gemmtune.kernels.problem import Problem
+from gemmtune.kernels.workload import WORKLOADS, Workload
+
+from gemmtune.cli import main
+
+try:
+    from synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH, SyntheticEvaluator
+except ImportError:  # tests collected as a package
+    from tests.synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH, SyntheticEvaluator
+
+
+class FakeGPU:
+    """Replaces the GPU seams; counts evaluators so tests can tell a skipped shape."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, count: int = 1, **evaluator_kw: Any) -> None:
+        self.evaluators: list[SyntheticEvaluator] = []
+        self.evaluator_kw = evaluator_kw
+        monkeypatch.setattr(st, "gpu_count", lambda: count)
+        monkeypatch.setattr(st, "device_identity", lambda i=0: (FAKE_DEVICE, FAKE_KERNEL_HASH))
+        monkeypatch.setattr(st, "make_evaluator", self.make)
+
+    def make(self, problem: Problem, workload: Workload, device_index: int = 0) -> SyntheticEvaluator:
+        ev = SyntheticEvaluator(problem, workload, **self.evaluator_kw)
+        self.evaluators.append(ev)
+        return ev
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'tuning.db'}"
+
+
+def run(*args: str) -> Any:
+    return CliRunner().invoke(main, ["tune", *args], catch_exceptions=False)
+
+
+def stored(db: str) -> list[Any]:
+    from gemmtune.db.store import Store
+
+    store = Store.open(db)
+    try:
+        return store.list_results()
+    finally:
+        store.close()
+
+
+def test_no_gpu_is_one_line_and_touches_no_database(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(st, "gpu_count", lambda: 0)
+    path = tmp_path / "tuning.db"
+    result = run("--shape", "4096x4096", "--db", f"sqlite:///{path}")
+    assert result.exit_code != 0
+    assert "no CUDA GPU" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+    assert not path.exists()
+
+
+def test_tunes_every_shape_of_a_model_and_stores_it(monkeypatch: pytest.MonkeyPatch, db: str) -> None:
+    gpu = FakeGPU(monkeypatch)
+    result = run("--model", "llama-3-8b", "--workload", "decode", "--trials", "6", "--db", db)
+    assert result.exit_code == 0, result.output
+    assert "4096x6144-b4-g128" in result.output and "14336x4096-b4-g128" in result.output
+    assert "tuned" in result.output and "speedup" in result.output
+    assert len(gpu.evaluators) == 4  # qkv, o, gate_up, down: each shape once
+    assert all(ev.closed for ev in gpu.evaluators)
+    entries = stored(db)
+    assert {e.problem_key for e in entries} == {ev.problem.key() for ev in gpu.evaluators}
+    assert all(e.workload_key == "decode" and e.speedup >= 1.0 for e in entries)
+    names = optuna.get_all_study_names(db)  # the studies live in the same database
+    assert len(names) == 4 and all(n.startswith(f"gemmtune:{FAKE_DEVICE.fingerprint}:") for n in names)
+
+
+def test_already_tuned_shapes_are_skipped_unless_retune(monkeypatch: pytest.MonkeyPatch, db: str) -> None:
+    gpu = FakeGPU(monkeypatch)
+    args = ("--shape", "4096x4096", "--workload", "1,2,4", "--trials", "5", "--db", db)
+    assert run(*args).exit_code == 0
+    assert len(gpu.evaluators) == 1
+
+    again = run(*args)
+    assert again.exit_code == 0 and "stored" in again.output and "--retune" in again.output
+    assert len(gpu.evaluators) == 1  # nothing measured
+
+    retune = run(*args, "--retune")
+    assert retune.exit_code == 0 and "tuned" in retune.output
+    assert len(gpu.evaluators) == 2 and gpu.evaluators[1].calls["fused"] > 0  # a fresh search
+    study = optuna.load_study(study_name=optuna.get_all_study_names(db)[0], storage=db)
+    assert len(study.trials) == 5
+
+
+def test_slower_winner_keeps_the_default(monkeypatch: pytest.MonkeyPatch, db: str) -> None:
+    FakeGPU(monkeypatch, interleave_penalty=3.0)
+    result = run("--shape", "4096x4096", "--trials", "5", "--db", db)
+    assert result.exit_code == 0, result.output
+    assert "default kept" in result.output and "slower than the default" in result.output
+    assert stored(db) == []
+
+
+def test_ctrl_c_stops_after_the_trial_and_resumes(monkeypatch: pytest.MonkeyPatch, db: str) -> None:
+    measured: set[str] = set()
+
+    def ctrl_c_on_fourth_variant(cfg: KernelConfig, m: int) -> None:
+        measured.add(cfg.variant_key())
+        if len(measured) == 4 and m == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as a terminal would; handled, not raised
+
+    gpu = FakeGPU(monkeypatch, on_fused=ctrl_c_on_fourth_variant)
+    args = ("--shape", "4096x4096", "--shape", "8192x8192", "--workload", "decode",
+            "--sampler", "random", "--seed", "1", "--trials", "10", "--db", db)
+    result = run(*args)
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "resume" in result.output
+    assert len(gpu.evaluators) == 1  # the second shape was never started
+    study = optuna.load_study(study_name=optuna.get_all_study_names(db)[0], storage=db)
+    done = [t for t in study.trials if t.state.is_finished()]
+    assert len(done) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in done)
+    assert stored(db) == []
+
+    gpu.evaluator_kw = {}
+    resumed = run(*args)
+    assert resumed.exit_code == 0, resumed.output
+    assert len(stored(db)) == 2
+    study = optuna.load_study(study_name=study.study_name, storage=db)
+    assert len(study.trials) == 10  # the target is a total: 4 kept + 6 new
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--shape", "4096"), "not a shape"),
+    (("--shape", "4096x4096", "--workload", "often"), "workload"),
+    (("--shape", "4096x4096", "--device", "3"), "GPU 3 does not exist"),
+    (("--shape", "4096x4096", "--device", "first"), "GPU index or `all`"),
+    (("--model", "no-such-model"), "no-such-model"),
+    ((), "nothing to tune"),
+])
+def test_bad_input_is_one_line(monkeypatch: pytest.MonkeyPatch, db: str, args: tuple[str, ...],
+                               message: str) -> None:
+    FakeGPU(monkeypatch)
+    result = run(*args, "--db", db)
+    assert result.exit_code != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_help_teaches() -> None:
+    out = CliRunner().invoke(main, ["tune", "--help"]).output
+    for needle in ("gemmtune tune --model llama-3-8b", "--sampler grid", "--device all",
+                   "postgresql", "decode", "prefill", "mixed", "resume"):
+        assert needle in out
+
+
+def test_worker_loop_tunes_each_queued_problem_once(monkeypatch: pytest.MonkeyPatch, db: str) -> None:
+    gpu = FakeGPU(monkeypatch)
+    problems = (Problem(4096, 4096), Problem(4096, 14336), Problem(14336, 4096))
+    job = wk.WorkerJob(db, problems, WORKLOADS["decode"], st.TuneSettings(trials=4, seed=0))
+    jobs: queue.Queue[int] = queue.Queue()
+    for i in range(len(problems)):
+        jobs.put(i)
+    events: list[wk.WorkerEvent] = []
+    wk.worker_loop(job, 5, jobs, events.append, lambda: False)
+    results = [e for e in events if e.kind == "result"]
+    assert sorted(e.index for e in results) == [0, 1, 2]
+    assert all(e.payload.status == "accepted" and e.payload.device_index == 5 for e in results)
+    assert any(e.kind == "trial" for e in events)
+    assert len(gpu.evaluators) == 3 and len(stored(db)) == 3
+
+
+def test_worker_pins_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert wk.physical_gpu(1) == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert wk.physical_gpu(1) == "3"
