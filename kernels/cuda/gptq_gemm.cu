@@ -65,81 +65,106 @@ gptq_gemm(const half* __restrict__ a,           // [M, K]
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[x][j][e] = 0.f;
 
-  for (int base = s_begin + wk; base < s_end; base += WARPS_K * UNROLL) {
+  // Software pipeline: the next batch's loads are issued before the current batch is
+  // computed, so every warp keeps loads in flight while it does arithmetic. Skipped when the
+  // two register buffers would not fit (large UNROLL * NT).
+  constexpr bool PREFETCH = UNROLL * NT <= 4;
+  constexpr int STRIDE = WARPS_K * UNROLL;
+  struct Batch {
     uint4 wq[UNROLL];
     uint4 szv[UNROLL];
     uint32_t av[UNROLL][NT][AWORDS];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int step = base + u * WARPS_K;
-      const int row = step * 4 + t;  // packed word row of this lane
-      const bool ok = step < s_end;
-      if (ok && col_ok) {
-        wq[u] = load_stream(reinterpret_cast<const uint4*>(qweight + (size_t)row * N + col0));
-        const int grp = (row * V) / group_size;
-        szv[u] = load_ro(reinterpret_cast<const uint4*>(sz + (size_t)grp * N + col0));
-      } else {
-        wq[u] = make_uint4(0u, 0u, 0u, 0u);
-        szv[u] = make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int mr = 8 * j + g;
-        const int m = m0 + mr;
-        if (ok && mr < M_COUNT && m < M) {
-          const half* arow = a + (size_t)m * K;
-          if constexpr (ACT_ORDER) {
-#pragma unroll
-            for (int w = 0; w < AWORDS; ++w) {
-              const half lo = load_ro(arow + load_ro(perm + row * V + 2 * w));
-              const half hi = load_ro(arow + load_ro(perm + row * V + 2 * w + 1));
-              av[u][j][w] = h2_as_u32(__halves2half2(lo, hi));
-            }
-          } else if constexpr (AWORDS == 4) {
-            const uint4 v = load_ro(reinterpret_cast<const uint4*>(arow + row * V));
-            av[u][j][0] = v.x; av[u][j][1] = v.y; av[u][j][2] = v.z; av[u][j][3] = v.w;
-          } else {
-            const uint2 v = load_ro(reinterpret_cast<const uint2*>(arow + row * V));
-            av[u][j][0] = v.x; av[u][j][1] = v.y;
-          }
+  };
+  auto load = [&](Batch& b, const int base) {
+  #pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int step = base + u * WARPS_K;
+        const int row = step * 4 + t;  // packed word row of this lane
+        const bool ok = step < s_end;
+        if (ok && col_ok) {
+          b.wq[u] = load_stream(reinterpret_cast<const uint4*>(qweight + (size_t)row * N + col0));
+          const int grp = (row * V) / group_size;
+          b.szv[u] = load_ro(reinterpret_cast<const uint4*>(sz + (size_t)grp * N + col0));
         } else {
-#pragma unroll
-          for (int w = 0; w < AWORDS; ++w) av[u][j][w] = 0u;
+          b.wq[u] = make_uint4(0u, 0u, 0u, 0u);
+          b.szv[u] = make_uint4(0u, 0u, 0u, 0u);
         }
-      }
-    }
-
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      if (base + u * WARPS_K >= s_end) break;  // warp-uniform
-      const uint32_t wcol[4] = {wq[u].x, wq[u].y, wq[u].z, wq[u].w};
-      const uint32_t szc[4] = {szv[u].x, szv[u].y, szv[u].z, szv[u].w};
-      half2 s2[4], z2[4];
-#pragma unroll
-      for (int cc = 0; cc < 4; ++cc) {
-        s2[cc] = __low2half2(u32_as_h2(szc[cc]));
-        z2[cc] = __high2half2(u32_as_h2(szc[cc]));
-      }
-#pragma unroll
-      for (int ks = 0; ks < KS_PER_WORD; ++ks) {
-        uint32_t p0[4], p1[4];
-#pragma unroll
-        for (int cc = 0; cc < 4; ++cc) {
-          p0[cc] = h2_as_u32(__hmul2(__hsub2(unpack_pair<BITS>(wcol[cc], 2 * ks), z2[cc]), s2[cc]));
-          p1[cc] = h2_as_u32(__hmul2(__hsub2(unpack_pair<BITS>(wcol[cc], 2 * ks + 1), z2[cc]), s2[cc]));
-        }
-        // MMA row g <-> column col0+2x, row g+8 <-> column col0+2x+1.
-        const uint32_t fa0[4] = {p0[0], p0[1], p1[0], p1[1]};
-        const uint32_t fa1[4] = {p0[2], p0[3], p1[2], p1[3]};
-#pragma unroll
+  #pragma unroll
         for (int j = 0; j < NT; ++j) {
-          const uint32_t lo = av[u][j][ks];
-          const uint32_t hi = av[u][j][ks + V / 4];
-          const uint32_t fb[2] = {__byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632)};
-          mma_16816(acc[0][j], fa0, fb);
-          mma_16816(acc[1][j], fa1, fb);
+          const int mr = 8 * j + g;
+          const int m = m0 + mr;
+          if (ok && mr < M_COUNT && m < M) {
+            const half* arow = a + (size_t)m * K;
+            if constexpr (ACT_ORDER) {
+  #pragma unroll
+              for (int w = 0; w < AWORDS; ++w) {
+                const half lo = load_ro(arow + load_ro(perm + row * V + 2 * w));
+                const half hi = load_ro(arow + load_ro(perm + row * V + 2 * w + 1));
+                b.av[u][j][w] = h2_as_u32(__halves2half2(lo, hi));
+              }
+            } else if constexpr (AWORDS == 4) {
+              const uint4 v = load_ro(reinterpret_cast<const uint4*>(arow + row * V));
+              b.av[u][j][0] = v.x; b.av[u][j][1] = v.y; b.av[u][j][2] = v.z; b.av[u][j][3] = v.w;
+            } else {
+              const uint2 v = load_ro(reinterpret_cast<const uint2*>(arow + row * V));
+              b.av[u][j][0] = v.x; b.av[u][j][1] = v.y;
+            }
+          } else {
+  #pragma unroll
+            for (int w = 0; w < AWORDS; ++w) b.av[u][j][w] = 0u;
+          }
         }
       }
+  };
+  auto compute = [&](const Batch& b, const int base) {
+  #pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        if (base + u * WARPS_K >= s_end) break;  // warp-uniform
+        const uint32_t wcol[4] = {b.wq[u].x, b.wq[u].y, b.wq[u].z, b.wq[u].w};
+        const uint32_t szc[4] = {b.szv[u].x, b.szv[u].y, b.szv[u].z, b.szv[u].w};
+        half2 s2[4], z2[4];
+  #pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+          s2[cc] = __low2half2(u32_as_h2(szc[cc]));
+          z2[cc] = __high2half2(u32_as_h2(szc[cc]));
+        }
+  #pragma unroll
+        for (int ks = 0; ks < KS_PER_WORD; ++ks) {
+          uint32_t p0[4], p1[4];
+  #pragma unroll
+          for (int cc = 0; cc < 4; ++cc) {
+            p0[cc] = h2_as_u32(__hmul2(__hsub2(unpack_pair<BITS>(wcol[cc], 2 * ks), z2[cc]), s2[cc]));
+            p1[cc] = h2_as_u32(__hmul2(__hsub2(unpack_pair<BITS>(wcol[cc], 2 * ks + 1), z2[cc]), s2[cc]));
+          }
+          // MMA row g <-> column col0+2x, row g+8 <-> column col0+2x+1.
+          const uint32_t fa0[4] = {p0[0], p0[1], p1[0], p1[1]};
+          const uint32_t fa1[4] = {p0[2], p0[3], p1[2], p1[3]};
+  #pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            const uint32_t lo = b.av[u][j][ks];
+            const uint32_t hi = b.av[u][j][ks + V / 4];
+            const uint32_t fb[2] = {__byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632)};
+            mma_16816(acc[0][j], fa0, fb);
+            mma_16816(acc[1][j], fa1, fb);
+          }
+        }
+      }
+  };
+
+  if constexpr (PREFETCH) {
+    Batch cur, nxt;
+    int base = s_begin + wk;
+    if (base < s_end) load(cur, base);
+    for (; base < s_end; base += STRIDE) {
+      if (base + STRIDE < s_end) load(nxt, base + STRIDE);  // warp-uniform
+      compute(cur, base);
+      cur = nxt;
+    }
+  } else {
+    Batch cur;
+    for (int base = s_begin + wk; base < s_end; base += STRIDE) {
+      load(cur, base);
+      compute(cur, base);
     }
   }
 
