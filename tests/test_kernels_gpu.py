@@ -68,8 +68,8 @@ def _variant_sample() -> list[KernelConfig]:
         mk = mks[i % len(mks)]
         bn = bns[i % len(bns)]
         wk = wks[(i // 2) % len(wks)]
-        if bn * wk > 1024:
-            wk = 1024 // bn
+        if bn * wk > 512:
+            wk = 512 // bn
         u = us[i % len(us)]
         while u * -(-mk // 8) > 8:
             u //= 2
