@@ -18,6 +18,7 @@ from .errors import (
     DatabaseUnavailableError,
     ProfileError,
     SchemaTooNewError,
+    SchemaUpgradeRequiredError,
 )
 from .paths import ENV_VAR, default_db_path, default_url, resolve_url
 
@@ -45,6 +46,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "ProfileError",
     "SchemaTooNewError",
+    "SchemaUpgradeRequiredError",
     "default_db_path",
     "default_url",
     "resolve_url",

@@ -25,6 +25,10 @@ class DatabaseReadOnlyError(DatabaseError):
     """A write was needed but the file, its folder or the server refuses writes."""
 
 
+class SchemaUpgradeRequiredError(DatabaseReadOnlyError):
+    """Opened read-only, but the schema is older than this code and would need an upgrade."""
+
+
 class DatabaseLockedError(DatabaseError):
     """Another process kept the database locked for longer than we are willing to wait."""
 

@@ -19,7 +19,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 
-from .errors import DatabaseReadOnlyError, SchemaTooNewError
+from .errors import SchemaTooNewError, SchemaUpgradeRequiredError
 from .models import VERSION_TABLE
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -83,9 +83,9 @@ def ensure_schema(
     if readonly and rev is None:
         return None
     if readonly:
-        raise DatabaseReadOnlyError(
-            f"database {where} is at schema revision {rev or 'none'} and needs an upgrade to "
-            f"{head}, but it is opened read-only; open it once writable (e.g. `gemmtune doctor`)"
+        raise SchemaUpgradeRequiredError(
+            f"database {where} is at schema revision {rev} and needs an upgrade to {head}, but "
+            "it is opened read-only; any write (e.g. `gemmtune import`) upgrades it"
         )
     write_conn = conn.execution_options(gemmtune_write=True)
     with write_conn.begin():

@@ -24,7 +24,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,6 +54,9 @@ BUSY_TIMEOUT_S = 15.0
 
 LOCK_TIMEOUT_S = 120.0
 """Total time a write keeps retrying a locked database before `DatabaseLockedError`."""
+
+LAST_SEEN_RESOLUTION = timedelta(minutes=10)
+"""`Device.last_seen` is refreshed at most this often (it is informational)."""
 
 RUN_STATUSES = ("running", "finished", "failed", "interrupted")
 SOURCES = ("tuned", "imported")
@@ -296,11 +299,11 @@ class Store:
                 return cls(resolved, None, readonly=True, path=path, lock_timeout_s=lock_timeout_s)
         translate = _Translator(where, path)
         try:
-            engine = _make_engine(u, path, readonly)
+            engine = _make_engine(u, path, readonly, min(BUSY_TIMEOUT_S, lock_timeout_s))
         except (ImportError, sa_exc.NoSuchModuleError) as exc:
             raise DatabaseUnavailableError(
-                f"cannot use database {where}: driver missing ({exc}); for PostgreSQL install "
-                "`gemmtune[postgres]`"
+                f"cannot use database {where}: its driver is not installed ({exc}); for "
+                "PostgreSQL: pip install 'gemmtune[postgres]'"
             ) from None
         except sa_exc.ArgumentError as exc:
             raise DatabasePathError(f"not a usable database URL {where}: {exc}") from None
@@ -438,7 +441,10 @@ class Store:
         for name, value in fields.items():
             if value and getattr(row, name) != value:
                 setattr(row, name, value)
-        row.last_seen = now
+        # Touch the shared device row only when it says something new: every worker of a
+        # fleet writes results for the same device, and a row update is a row lock.
+        if now - row.last_seen > LAST_SEEN_RESOLUTION:
+            row.last_seen = now
         return row
 
     def _kernel_build(self, session: Session, kernel_hash: str) -> KernelBuild:
@@ -652,6 +658,14 @@ class Store:
     def is_writable(self) -> tuple[bool, str]:
         """Whether writes would succeed, with the reason when not (checked without writing)."""
         if self.path is not None:
+            if not self.path.exists() and self.path == default_db_path():
+                # The default folder is created on first write: its nearest ancestor decides.
+                ancestor = self.path.parent
+                while not ancestor.exists():
+                    ancestor = ancestor.parent
+                if ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK):
+                    return True, ""
+                return False, f"cannot create {self.path.parent}: {ancestor} is not writable"
             try:
                 _check_sqlite_file(self.path, readonly=False, create_parent=False)
             except DatabaseError as exc:
@@ -692,13 +706,13 @@ def display_url(url: str) -> str:
     return u.render_as_string(hide_password=True)
 
 
-def _make_engine(u: URL, path: Path | None, readonly: bool) -> Engine:
+def _make_engine(u: URL, path: Path | None, readonly: bool, busy_timeout_s: float) -> Engine:
     if u.get_backend_name() != "sqlite":
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if u.get_backend_name() == "postgresql":
             kwargs["connect_args"] = {"connect_timeout": 10}
         return create_engine(u, **kwargs)
-    connect_args: dict[str, Any] = {"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}
+    connect_args: dict[str, Any] = {"timeout": busy_timeout_s, "check_same_thread": False}
     if path is not None and readonly:
         u = make_url(f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true")
     engine = create_engine(u, connect_args=connect_args)
@@ -711,7 +725,7 @@ def _make_engine(u: URL, path: Path | None, readonly: bool) -> Engine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         try:
-            cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             if wal:
                 cur.execute("PRAGMA journal_mode = WAL")
                 cur.execute("PRAGMA synchronous = NORMAL")
