@@ -1,0 +1,375 @@
+"""Profiles: export -> import round trips; every malformed profile is rejected with the field named
+and the database untouched; kernel-hash mismatches import as stale; the C header compiles."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from gemmtune.db.errors import ProfileError
+from gemmtune.db.profiles import (
+    MAX_PROFILE_BYTES,
+    build_profile,
+    import_profile,
+    parse_profile,
+    read_profile,
+)
+from gemmtune.db.store import Store
+from gemmtune.kernels import KernelConfig, Workload
+from gemmtune.kernels.sources import kernel_hash
+
+from gemmtune.cli import _profile_validator, main
+
+CURRENT = kernel_hash()
+
+
+def _fill(store: Store, make_entry, **kw: Any) -> None:
+    store.put_result(make_entry(4096, 4096, **kw))
+    store.put_result(make_entry(4096, 4096, workload="prefill",
+                                config=KernelConfig(max_q_gemm_rows=128, block_n=128,
+                                                    threads=256), **kw))
+    store.put_result(make_entry(8192, 28672, act_order=True, group_size=64, **kw))
+    store.put_result(make_entry(4096, 14336, bits=8, group_size=-1,
+                                workload=Workload("custom", (1, 3, 640), (4.0, 2.0, 0.25)),
+                                **kw))
+
+
+def _export(store: Store) -> dict[str, Any]:
+    (dev,) = store.devices()
+    return build_profile(store, dev, current_kernel_hash=CURRENT).to_json()
+
+
+def _entries_only(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k != "created_at"}
+
+
+def test_export_import_export_gives_the_same_entries(db_url, tmp_path, make_entry):
+    with Store.open(f"sqlite:///{tmp_path / 'src.db'}") as src:
+        _fill(src, make_entry)
+        first = _export(src)
+    text = json.dumps(first)
+    profile = parse_profile(text, _profile_validator(), name="h100.json")
+    with Store.open(db_url) as dst:
+        report = import_profile(dst, profile, current_kernel_hash=CURRENT, source_name="h100.json")
+        assert (report.result.added, report.stale) == (4, False)
+        second = _export(dst)
+        imported = dst.list_results(current_kernel_hash=CURRENT)
+    assert _entries_only(second) == _entries_only(first)
+    assert len(first["entries"]) == 4
+    assert {e.source for e in imported} == {"imported"}
+    assert {e.provenance for e in imported} == {"imported from h100.json"}
+    assert not any(e.stale for e in imported)
+
+
+def test_imported_entries_are_served_like_tuned_ones(tmp_path, make_entry):
+    with Store.open(f"sqlite:///{tmp_path / 'src.db'}") as src:
+        _fill(src, make_entry)
+        doc = _export(src)
+        want = src.list_results()
+    profile = parse_profile(json.dumps(doc), _profile_validator())
+    with Store.open(f"sqlite:///{tmp_path / 'dst.db'}") as dst:
+        import_profile(dst, profile, current_kernel_hash=CURRENT)
+        for e in want:
+            got = dst.get_result(e.device_fingerprint, CURRENT, e.problem_key, e.workload_key)
+            assert got is not None
+            assert (got.config, got.latencies_us, got.objective_us) == (
+                e.config, e.latencies_us, e.objective_us)
+
+
+def test_kernel_hash_mismatch_imports_as_stale_unless_forced(db_url, tmp_path, make_entry):
+    other = "0" * 64
+    with Store.open(f"sqlite:///{tmp_path / 'src.db'}") as src:
+        _fill(src, make_entry, kh=other)
+        doc = _export(src)
+    assert doc["kernel_hash"] == other
+    profile = parse_profile(json.dumps(doc), _profile_validator())
+    first = doc["entries"][0]
+    fp = doc["device"]["fingerprint"]
+    pk = _profile_validator().problem(first["problem"])
+    wk = _profile_validator().workload(first["workload"])
+    with Store.open(db_url) as dst:
+        report = import_profile(dst, profile, current_kernel_hash=CURRENT)
+        assert report.stale and report.stored_kernel_hash == other
+        assert dst.get_result(fp, CURRENT, pk, wk) is None  # never served
+        assert all(e.stale for e in dst.list_results(current_kernel_hash=CURRENT))
+        report = import_profile(dst, profile, current_kernel_hash=CURRENT, force=True)
+        assert report.forced and report.result.added == 4
+        got = dst.get_result(fp, CURRENT, pk, wk)
+        assert got is not None and "forced" in got.provenance
+
+
+def test_existing_local_entries_win_unless_replace(db_url, tmp_path, make_entry):
+    with Store.open(f"sqlite:///{tmp_path / 'src.db'}") as src:
+        _fill(src, make_entry, base_us=50.0)
+        profile = parse_profile(json.dumps(_export(src)), _profile_validator())
+    local = make_entry(4096, 4096, base_us=5.0)
+    with Store.open(db_url) as dst:
+        dst.put_result(local)
+        r = import_profile(dst, profile, current_kernel_hash=CURRENT).result
+        assert (r.added, r.replaced, r.kept) == (3, 0, 1)
+        got = dst.get_result(local.device_fingerprint, CURRENT, local.problem_key, "decode")
+        assert got is not None and got.source == "tuned" and got.objective_us == local.objective_us
+        r = import_profile(dst, profile, current_kernel_hash=CURRENT, replace=True).result
+        assert (r.added, r.replaced, r.kept) == (0, 4, 0)
+        got = dst.get_result(local.device_fingerprint, CURRENT, local.problem_key, "decode")
+        assert got is not None and got.source == "imported" and got.objective_us > local.objective_us
+
+
+def test_import_is_one_transaction(tmp_path, make_entry, monkeypatch):
+    with Store.open(f"sqlite:///{tmp_path / 'src.db'}") as src:
+        _fill(src, make_entry)
+        profile = parse_profile(json.dumps(_export(src)), _profile_validator())
+    with Store.open(f"sqlite:///{tmp_path / 'dst.db'}") as dst:
+        dst.put_result(make_entry(1024, 1024))
+        before = dst.list_results()
+        real = Store._upsert
+        calls = {"n": 0}
+
+        def flaky(self, session, entry, *, replace):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError("disk vanished")
+            return real(self, session, entry, replace=replace)
+
+        monkeypatch.setattr(Store, "_upsert", flaky)
+        with pytest.raises(Exception, match="disk vanished"):
+            import_profile(dst, profile, current_kernel_hash=CURRENT)
+        monkeypatch.setattr(Store, "_upsert", real)
+        assert dst.list_results() == before
+
+
+# -- validation: every field, type and range ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def valid_doc(tmp_path_factory, request) -> dict[str, Any]:
+    from datetime import UTC, datetime
+
+    from gemmtune.db.store import TunedEntry
+    from gemmtune.kernels import WORKLOADS, DeviceInfo, Problem
+
+    dev = DeviceInfo("nvidia", "NVIDIA H100 80GB HBM3", "9.0", 132, 80 * 2**30, "13.0", "13.0")
+    path = tmp_path_factory.mktemp("valid") / "v.db"
+    with Store.open(str(path)) as store:
+        for k, wl in ((4096, "decode"), (8192, "mixed")):
+            p, w = Problem(k, 4096), WORKLOADS[wl]
+            lat = {m: 3.0 + m / 10 for m in w.ms}
+            store.put_result(TunedEntry(
+                device=dev.to_dict(), kernel_hash=CURRENT,
+                problem={"k": p.k, "n": p.n, "bits": p.bits, "group_size": p.group_size,
+                         "act_order": p.act_order}, problem_key=p.key(),
+                workload={"name": w.name, "ms": list(w.ms), "weights": list(w.weights)},
+                workload_key=w.key(), config=KernelConfig(max_q_gemm_rows=24).to_dict(),
+                objective_us=w.objective(lat), default_objective_us=w.objective(lat) * 1.1,
+                latencies_us=lat, default_latencies_us={m: v * 1.1 for m, v in lat.items()},
+                provenance="tuned", created_at=datetime.now(UTC)))
+        return _export(store)
+
+
+def _set(doc: dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    cur: Any = doc
+    for p in parts[:-1]:
+        cur = cur[int(p)] if isinstance(cur, list) else cur[p]
+    last = parts[-1]
+    if value is _DELETE:
+        del cur[last]
+    elif isinstance(cur, list):
+        cur[int(last)] = value
+    else:
+        cur[last] = value
+
+
+_DELETE = object()
+
+# (mutation path, value, field named in the error, words the message must contain)
+BAD_FIELDS: list[tuple[str, Any, str, str]] = [
+    ("format", "something-else", "format", "not a gemmtune profile"),
+    ("schema_version", 2, "schema_version", "not supported"),
+    ("schema_version", "1", "schema_version", "integer"),
+    ("schema_version", True, "schema_version", "integer"),
+    ("tool_version", _DELETE, "tool_version", "missing"),
+    ("device", _DELETE, "device", "missing"),
+    ("evil", "rm -rf /", "evil", "unknown"),
+    ("created_at", "yesterday", "created_at", "ISO 8601"),
+    ("created_at", "2024-05-01T12:00:00", "created_at", "time zone"),
+    ("kernel_hash", "abc", "kernel_hash", "length"),
+    ("kernel_hash", "Z" * 64, "kernel_hash", "expected form"),
+    ("kernel_hash", 12, "kernel_hash", "string"),
+    ("device.sm_count", "132", "device.sm_count", "integer"),
+    ("device.sm_count", 0, "device.sm_count", "outside"),
+    ("device.sm_count", True, "device.sm_count", "integer"),
+    ("device.memory_bytes", -1, "device.memory_bytes", "outside"),
+    ("device.compute_capability", "nine", "device.compute_capability", "expected form"),
+    ("device.extra", 1, "device.extra", "unknown"),
+    ("device.fingerprint", "0123456789abcdef", "device.fingerprint", "does not match"),
+    ("device.name", "NVIDIA A100", "device.fingerprint", "does not match"),
+    ("entries", {}, "entries", "array"),
+    ("entries.0", [], "entries[0]", "object"),
+    ("entries.0.config", _DELETE, "entries[0].config", "missing"),
+    ("entries.0.surprise", 1, "entries[0].surprise", "unknown"),
+    ("entries.0.config.max_q_gemm_rows_kernel", 10**9, "entries[0].config", "max_q_gemm_rows_kernel"),
+    ("entries.0.config.max_q_gemm_rows", -5, "entries[0].config", "max_q_gemm_rows"),
+    ("entries.0.config.threads", "128", "entries[0].config", "threads"),
+    ("entries.0.config.evil", 1, "entries[0].config", "evil"),
+    ("entries.0.config", "r32-mk4", "entries[0].config", "object"),
+    ("entries.0.problem.k", 4097, "entries[0].problem", "multiple"),
+    ("entries.0.problem.k", 4096.0, "entries[0].problem", "int"),
+    ("entries.0.problem.bits", 5, "entries[0].problem", "bits"),
+    ("entries.0.problem.act_order", "yes", "entries[0].problem", "act_order"),
+    ("entries.0.problem.m", 1, "entries[0].problem.m", "unknown"),
+    ("entries.0.workload.ms", [-1, 2, 3, 4, 5, 6, 7, 8], "entries[0].workload", "M=-1"),
+    ("entries.0.workload.ms", "1,2", "entries[0].workload.ms", "array"),
+    ("entries.0.workload.weights", [1, 1, 1, 1, 1, 1, 1, -1], "entries[0].workload", "weight"),
+    ("entries.0.workload.name", "", "entries[0].workload.name", "length"),
+    ("entries.0.objective_us", -1.0, "entries[0].objective_us", "outside"),
+    ("entries.0.objective_us", "fast", "entries[0].objective_us", "number"),
+    ("entries.0.objective_us", 1e300, "entries[0].objective_us", "outside"),
+    ("entries.0.default_objective_us", None, "entries[0].default_objective_us", "number"),
+    ("entries.0.latencies_us.-1", 3.0, "entries[0].latencies_us['-1']", "not an M"),
+    ("entries.0.latencies_us.99999999", 3.0, "entries[0].latencies_us['99999999']", "not an M"),
+    ("entries.0.latencies_us.1", 0, "entries[0].latencies_us['1']", "outside"),
+    ("entries.0.latencies_us.1", _DELETE, "entries[0].latencies_us", "M=1"),
+    ("entries.0.default_latencies_us", [], "entries[0].default_latencies_us", "object"),
+    ("entries.0.provenance", "x" * 5000, "entries[0].provenance", "length"),
+    ("entries.0.created_at", 1714564800, "entries[0].created_at", "string"),
+]
+
+
+def _bad_cases() -> list[Any]:
+    return [pytest.param(p, v, f, w, id=f"{p}={str(v)[:20]}") for p, v, f, w in BAD_FIELDS]
+
+
+@pytest.mark.parametrize(("path", "value", "field", "words"), _bad_cases())
+def test_bad_field_is_rejected_naming_it(valid_doc, path, value, field, words):
+    doc = copy.deepcopy(valid_doc)
+    _set(doc, path, value)
+    with pytest.raises(ProfileError) as info:
+        parse_profile(json.dumps(doc), _profile_validator(), name="p.json")
+    assert info.value.field == field
+    msg = str(info.value)
+    assert field in msg and words in msg and "\n" not in msg
+
+
+def test_duplicated_entries_are_rejected(valid_doc):
+    doc = copy.deepcopy(valid_doc)
+    doc["entries"].append(copy.deepcopy(doc["entries"][0]))
+    doc["entries"][-1]["config"]["max_q_gemm_rows"] = 8  # same key, other answer
+    with pytest.raises(ProfileError, match=r"duplicates entries\[0\]") as info:
+        parse_profile(json.dumps(doc), _profile_validator())
+    assert info.value.field == "entries[2]"
+
+
+@pytest.mark.parametrize("text, words", [
+    (b"{", "not valid JSON"),
+    (b"", "not valid JSON"),
+    (b"\xff\xfe{}", "not UTF-8"),
+    (b"[1, 2]", "must be an object"),
+    (b'{"format": "gemmtune-profile", "format": "x"}', "duplicated key"),
+    (b'{"format": "gemmtune-profile", "schema_version": 1, "x": NaN}', "NaN"),
+    (b"[" * 100000 + b"]" * 100000, "not valid JSON"),
+], ids=["truncated", "empty", "binary", "array", "dup-key", "nan", "deep"])
+def test_not_a_profile_at_all(text, words):
+    with pytest.raises(ProfileError, match=words):
+        parse_profile(text, _profile_validator())
+
+
+def test_size_limit_is_checked_before_reading(tmp_path, valid_doc):
+    path = tmp_path / "big.json"
+    body = json.dumps(valid_doc)
+    path.write_text(body + " " * (MAX_PROFILE_BYTES - len(body) + 1))
+    with pytest.raises(ProfileError, match="over the") as info:
+        read_profile(path, _profile_validator())
+    assert str(MAX_PROFILE_BYTES) in str(info.value)
+    small = tmp_path / "ok.json"
+    small.write_text(body)
+    assert len(read_profile(small, _profile_validator()).entries) == 2
+
+
+# -- the same through the CLI: one line, exit 1, database unchanged ----------------------------
+
+
+def _db_snapshot(url: str) -> list[Any]:
+    with Store.open(url, readonly=True) as s:
+        return [(e.problem_key, e.workload_key, e.config, e.objective_us, e.source)
+                for e in s.list_results()]
+
+
+@pytest.mark.parametrize("case", [0, 4, 6, 13, 19, 24, 34, 41, 42])
+def test_cli_import_of_a_bad_profile_changes_nothing(tmp_path, valid_doc, make_entry, case):
+    path, value, field, _words = BAD_FIELDS[case]
+    db = f"sqlite:///{tmp_path / 'local.db'}"
+    with Store.open(db) as s:
+        s.put_result(make_entry(2048, 2048))
+    before = _db_snapshot(db)
+    raw = (tmp_path / "local.db").read_bytes()
+    doc = copy.deepcopy(valid_doc)
+    _set(doc, path, value)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    result = CliRunner().invoke(main, ["import", str(bad), "--db", db, "--replace", "--force"])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and field in lines[0] and "Traceback" not in result.output
+    assert _db_snapshot(db) == before
+    assert (tmp_path / "local.db").read_bytes() == raw
+
+
+# -- C header ---------------------------------------------------------------------------------
+
+
+def test_header_blocks_compile_and_carry_the_config(tmp_path, make_entry, make_device):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to check the header with")
+    from gemmtune.db.header import render_header, selector
+
+    weird = make_device(name='Evil */ #define MAX_Q_GEMM_ROWS 1 /* "card"')
+    with Store.open(f"sqlite:///{tmp_path / 't.db'}") as store:
+        store.put_result(make_entry(4096, 4096, config=KernelConfig(max_q_gemm_rows=96,
+                                                                    max_q_gemm_rows_kernel=12)))
+        store.put_result(make_entry(4096, 4096, workload=Workload("custom", (1, 7), (2.0, 0.5)),
+                                    config=KernelConfig(max_q_gemm_rows=8, split_k=3)))
+        store.put_result(make_entry(4096, 4096, device=weird,
+                                    config=KernelConfig(max_q_gemm_rows=2)))
+        profiles = [build_profile(store, d, current_kernel_hash=CURRENT) for d in store.devices()]
+        entries = store.list_results()
+    header = tmp_path / "tuned.h"
+    header.write_text(render_header(profiles, tool_version="test"))
+    main_c = tmp_path / "main.c"
+    main_c.write_text('#include <stdio.h>\n#include "tuned.h"\nint main(void) {\n'
+                      '  printf("%d %d %d\\n", MAX_Q_GEMM_ROWS, MAX_Q_GEMM_ROWS_KERNEL, '
+                      'GEMMTUNE_SPLIT_K);\n  return 0;\n}\n')
+    for e in entries:
+        sel = selector(e.device_fingerprint, e.problem_key, e.workload_key)
+        exe = tmp_path / "a.out"
+        subprocess.run([cc, f"-D{sel}", "-I", str(tmp_path), str(main_c), "-o", str(exe)],
+                       check=True, capture_output=True)
+        out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+        c = e.config
+        assert out.split() == [str(c["max_q_gemm_rows"]), str(c["max_q_gemm_rows_kernel"]),
+                               str(c["split_k"])]
+    sels = [f"-D{selector(e.device_fingerprint, e.problem_key, e.workload_key)}"
+            for e in entries[:2]]
+    both = subprocess.run([cc, *sels, "-I", str(tmp_path), str(main_c), "-o",
+                           str(tmp_path / "b.out")], capture_output=True, text=True)
+    assert both.returncode != 0 and "more than one" in both.stderr
+    assert len({selector(e.device_fingerprint, e.problem_key, e.workload_key)
+                for e in entries}) == len(entries)
+
+
+def test_profile_file_from_disk_round_trips(tmp_path, make_entry):
+    with Store.open(f"sqlite:///{tmp_path / 'src.db'}") as src:
+        _fill(src, make_entry)
+        (dev,) = src.devices()
+        prof = build_profile(src, dev, current_kernel_hash=CURRENT)
+    path = Path(tmp_path / "p.json")
+    path.write_text(prof.dumps())
+    again = read_profile(path, _profile_validator())
+    assert again.to_json() == prof.to_json()
