@@ -105,7 +105,7 @@ def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float
             if m not in fused[c.variant_key()]:
                 fused[c.variant_key()][m] = run_cfg(c, acts[m]).median_us
     recon: dict[int, dict[int, float]] = {}
-    for chunk in (0, 4096):
+    for chunk in (0, 1024, 4096):
         if chunk >= n:
             continue
         cfg = KernelConfig(max_q_gemm_rows=0, recon_chunk_n=chunk)

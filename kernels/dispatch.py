@@ -35,7 +35,9 @@ class Plan:
         self.config = config
         self.device_index = weight.device.index
         self.k, self.n = p.k, p.n
-        self.group = p.effective_group
+        g = p.effective_group
+        # Kernels find a row's group with a shift: groups are powers of two, or one per column.
+        self.group_shift = g.bit_length() - 1 if g & (g - 1) == 0 and p.group_size != -1 else 31
         self.max_rows = config.max_q_gemm_rows
         self.m_count = config.max_q_gemm_rows_kernel
         self.block_n = config.block_n
@@ -146,17 +148,18 @@ class Plan:
             ck.ptr(a.data_ptr()), ck.ptr(w.qweight.data_ptr()), ck.ptr(w.sz.data_ptr()),
             ck.ptr(w.perm.data_ptr()), ck.ptr(c.data_ptr()), ck.ptr(ws.partials.data_ptr()),
             ck.ptr(ws.counters.data_ptr()), ck.i32(m), ck.i32(self.k), ck.i32(self.n),
-            ck.i32(self.group),
+            ck.i32(self.group_shift),
         )
         ck.launch(fn, grid, self.threads, args, stream)
 
     def reconstruct(self, out: torch.Tensor, n0: int, count: int, ldo: int, stream: int) -> None:
         w = self.weight
-        rows = self.k * w.problem.bits // 32
-        grid = (_cdiv(count // 4, ck.ReconVariant.threads), rows, 1)
+        steps = self.k * w.problem.bits // 32 // 4
+        threads = _cdiv(count, 32) * steps * 32
+        grid = (_cdiv(threads, ck.ReconVariant.threads), 1, 1)
         args = (
             ck.ptr(w.qweight.data_ptr()), ck.ptr(w.sz.data_ptr()), ck.ptr(w.perm.data_ptr()),
-            ck.ptr(out.data_ptr()), ck.i32(self.k), ck.i32(self.n), ck.i32(self.group),
+            ck.ptr(out.data_ptr()), ck.i32(self.k), ck.i32(self.n), ck.i32(self.group_shift),
             ck.i32(n0), ck.i32(count), ck.i32(ldo),
         )
         ck.launch(self.recon_fn(), grid, ck.ReconVariant.threads, args, stream)

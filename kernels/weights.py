@@ -5,7 +5,11 @@ Preparation happens at load, never per call:
   sorting they are contiguous); `perm` maps each stored row back to its column of A;
 - scales and zeros are fused into one `(scale, 1024 + zero)` half2 per group and column, which
   is exactly what the kernels subtract and multiply with (one 16-byte load per 4 columns);
-- the v1/v2 zero convention is resolved here.
+- the v1/v2 zero convention is resolved here;
+- qweight is re-laid out in tiles: for each 32-column block, for each step of 4 packed word
+  rows, the 4 x 32 words a warp reads at once are 512 contiguous bytes, lane-major (lane 4g+t
+  holds row t, columns 4g..4g+3). A warp walking K then reads one contiguous stream instead of
+  128-byte pieces of rows N*4 bytes apart, which keeps DRAM pages open.
 """
 
 from __future__ import annotations
@@ -17,6 +21,28 @@ import torch
 from .errors import InvalidProblemError, InvalidTensorError
 from .gptq import GPTQTensors, pack_rows, unpack_rows, zeros
 from .problem import KERNEL_BITS, Problem
+
+
+def tile_qweight(qweight: torch.Tensor) -> torch.Tensor:
+    """[R, N] packed rows -> flat tiled layout [ceil(N/32), R/4, 8 (g), 4 (t), 4 (c)].
+
+    Columns past N (when N is not a multiple of 32) are zero padding the kernels never store."""
+    rows, n = qweight.shape
+    if rows % 4:
+        raise InvalidProblemError(f"packed rows {rows} must be a multiple of 4")
+    n_pad = -(-n // 32) * 32
+    q = qweight
+    if n_pad != n:
+        q = torch.nn.functional.pad(q, (0, n_pad - n))
+    tiled = q.view(rows // 4, 4, n_pad // 32, 8, 4).permute(2, 0, 3, 1, 4)
+    return tiled.contiguous().view(-1)
+
+
+def untile_qweight(tiled: torch.Tensor, rows: int, n: int) -> torch.Tensor:
+    """Inverse of `tile_qweight` (tests and debugging)."""
+    n_pad = -(-n // 32) * 32
+    q = tiled.view(n_pad // 32, rows // 4, 8, 4, 4).permute(1, 3, 0, 2, 4).reshape(rows, n_pad)
+    return q[:, :n].contiguous()
 
 
 class QuantizedWeight:
@@ -57,6 +83,7 @@ class QuantizedWeight:
         else:
             self.qweight = t.qweight.contiguous()
             self.perm = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.qweight = tile_qweight(self.qweight)
         self.plans: dict[Any, Any] = {}  # KernelConfig -> dispatch plan (see dispatch.py)
 
     @property

@@ -6,7 +6,9 @@
 //
 // Each lane reads 16 bytes of qweight per K step: one packed word row (V = 32/BITS values of K)
 // for 4 adjacent columns. The 4 lanes of an MMA group read 4 consecutive word rows, the 8
-// groups of a warp 32 consecutive columns, so a warp's loads are 4 fully used 128-byte lines.
+// groups of a warp 32 consecutive columns. The weight is stored tiled (QuantizedWeight): those
+// 512 bytes are contiguous, and a warp walking K reads one contiguous stream.
+// group_shift: log2 of the group size (31 for one group per column).
 // The K order inside an MMA is permuted to match what a lane holds (MMA k index 2t,2t+1 <->
 // word t, values {2s, 2s+V/2}); the activations are loaded with the same permutation, so the
 // sum is unchanged. Dequantisation is exact up to one fp16 rounding: (1024+q) - (1024+z) is an
@@ -27,13 +29,13 @@ namespace gemmtune {
 template <int BITS, int M_COUNT, int WARPS_N, int WARPS_K, int UNROLL, bool ACT_ORDER, bool SPLIT>
 __global__ void __launch_bounds__(WARPS_N * WARPS_K * 32, 1)
 gptq_gemm(const half* __restrict__ a,           // [M, K]
-          const uint32_t* __restrict__ qweight,  // [K / V, N]
+          const uint32_t* __restrict__ qweight,  // tiled, see weights.py
           const half2* __restrict__ sz,          // [G, N]: (scale, 1024 + zero)
           const int* __restrict__ perm,          // [K]: column of A for stored row k (ACT_ORDER)
           half* __restrict__ c,                  // [M, N]
           float* __restrict__ ws,                // [M, N] fp32, all zero between calls (SPLIT)
           int* __restrict__ counters,            // [gridDim.x * gridDim.z], zero between calls
-          int M, int K, int N, int group_size) {
+          int M, int K, int N, int group_shift) {
   static_assert(BITS == 4 || BITS == 8, "fused kernel handles 4- and 8-bit weights");
   constexpr int V = 32 / BITS;           // values of K per packed word
   constexpr int KSTEP = 4 * V;           // K per step (4 word rows)
@@ -49,7 +51,8 @@ gptq_gemm(const half* __restrict__ a,           // [M, K]
   const int g = lane >> 2;
   const int t = lane & 3;
 
-  const int col0 = blockIdx.x * BLOCK_N + wn * 32 + 4 * g;
+  const int col_block = blockIdx.x * WARPS_N + wn;  // 32-column tile of this warp
+  const int col0 = col_block * 32 + 4 * g;
   const bool col_ok = col0 < N;
   const int m0 = blockIdx.z * M_COUNT;
 
@@ -82,8 +85,10 @@ gptq_gemm(const half* __restrict__ a,           // [M, K]
         const int row = step * 4 + t;  // packed word row of this lane
         const bool ok = step < s_end;
         if (ok && col_ok) {
-          b.wq[u] = load_stream(reinterpret_cast<const uint4*>(qweight + (size_t)row * N + col0));
-          const int grp = (row * V) / group_size;
+          // Tiled layout: this warp's 4 word rows x 32 columns are 512 contiguous bytes.
+          b.wq[u] = load_stream(reinterpret_cast<const uint4*>(
+              qweight + ((size_t)col_block * total_steps + step) * 128 + lane * 4));
+          const int grp = (row * V) >> group_shift;
           b.szv[u] = load_ro(reinterpret_cast<const uint4*>(sz + (size_t)grp * N + col0));
         } else {
           b.wq[u] = make_uint4(0u, 0u, 0u, 0u);

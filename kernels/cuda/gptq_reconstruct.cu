@@ -1,7 +1,7 @@
 // gemmtune: dequantize ("reconstruct") GPTQ weights to fp16 for the cuBLAS path.
 //
-// One lane turns one packed word row of 4 adjacent columns (16 bytes of qweight) into V rows
-// of 4 fp16 values. Columns [n0, n0 + n_count) are written to `out` with leading dimension
+// One lane turns one packed word row of 4 adjacent columns (16 bytes of the tiled qweight) into
+// V rows of 4 fp16 values. Columns [n0, n0 + n_count) are written to `out` with leading dimension
 // `ldo`, so the dispatch can reconstruct a slice of columns small enough to stay in L2 and have
 // cuBLAS read it from there. With ACT_ORDER the stored rows are sorted by group and are written
 // back to their original row `perm[k]`, so the result multiplies the caller's A unchanged.
@@ -11,20 +11,28 @@ namespace gemmtune {
 
 template <int BITS, bool ACT_ORDER>
 __global__ void __launch_bounds__(256)
-gptq_reconstruct(const uint32_t* __restrict__ qweight,  // [K / V, N]
+gptq_reconstruct(const uint32_t* __restrict__ qweight,  // tiled, see weights.py
                  const half2* __restrict__ sz,          // [G, N]: (scale, 1024 + zero)
                  const int* __restrict__ perm,          // [K] (ACT_ORDER)
                  half* __restrict__ out,                // [K, ldo]
-                 int K, int N, int group_size, int n0, int n_count, int ldo) {
+                 int K, int N, int group_shift, int n0, int n_count, int ldo) {
   static_assert(BITS == 4 || BITS == 8, "reconstruct handles 4- and 8-bit weights");
   constexpr int V = 32 / BITS;
-  const int quad = blockIdx.x * blockDim.x + threadIdx.x;
-  const int cl = 4 * quad;  // column inside the slice
-  const int row = blockIdx.y;
-  if (cl >= n_count) return;
-  const int col = n0 + cl;
-  const int grp = (row * V) / group_size;
-  const uint4 wq = load_stream(reinterpret_cast<const uint4*>(qweight + (size_t)row * N + col));
+  const int steps = K / (4 * V);  // 4-word-row steps per 32-column tile
+  // Thread i reads the i-th 16 bytes of the slice's tiles: fully contiguous loads.
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const int lane = (int)(i & 31);
+  const long long tile = i >> 5;
+  const int step = (int)(tile % steps);
+  const int col_block = n0 / 32 + (int)(tile / steps);
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int col = col_block * 32 + 4 * g;
+  if (col >= min(N, n0 + n_count)) return;
+  const int row = step * 4 + t;
+  const int grp = (row * V) >> group_shift;
+  const uint4 wq = load_stream(reinterpret_cast<const uint4*>(
+      qweight + ((size_t)col_block * steps + step) * 128 + lane * 4));
   const uint4 s = load_ro(reinterpret_cast<const uint4*>(sz + (size_t)grp * N + col));
   const uint32_t w[4] = {wq.x, wq.y, wq.z, wq.w};
   const uint32_t szc[4] = {s.x, s.y, s.z, s.w};
@@ -40,12 +48,13 @@ gptq_reconstruct(const uint32_t* __restrict__ qweight,  // [K / V, N]
       vals[cc][p + V / 2] = __high2half(d);
     }
   }
+  const int cl = col - n0;
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const int k = row * V + i;
+  for (int j = 0; j < V; ++j) {
+    const int k = row * V + j;
     const int dst = ACT_ORDER ? load_ro(perm + k) : k;
-    const half2 h01 = __halves2half2(vals[0][i], vals[1][i]);
-    const half2 h23 = __halves2half2(vals[2][i], vals[3][i]);
+    const half2 h01 = __halves2half2(vals[0][j], vals[1][j]);
+    const half2 h23 = __halves2half2(vals[2][j], vals[3][j]);
     *reinterpret_cast<uint2*>(out + (size_t)dst * ldo + cl) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
   }
 }
