@@ -28,6 +28,7 @@ import math
 import signal
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -501,6 +502,11 @@ def tune_problem(
         def objective(trial: optuna.Trial) -> float:
             variant = space.suggest(trial)
             key = _params_key(trial.params)
+            if key is not None and key not in seen:
+                # Other workers on the same study may have measured it meanwhile.
+                for t in trial.study.get_trials(deepcopy=False):
+                    if t.number != trial.number and _counts(t):
+                        seen.setdefault(_params_key(t.params), t)  # type: ignore[arg-type]
             prior = seen.get(key) if key is not None else None
             if prior is not None:
                 trial.set_user_attr("duplicate_of", prior.number)
@@ -520,11 +526,14 @@ def tune_problem(
             except KeyboardInterrupt:
                 trial.set_user_attr(_INTERRUPTED, True)
                 raise
+            # Two attributes, not five: each is a commit (an fsync on SQLite).
             trial.set_user_attr("config", a.config.to_dict())
-            trial.set_user_attr("config_key", a.config.key())
-            trial.set_user_attr("fused_us", {str(m): v for m, v in a.fused_us.items()})
-            trial.set_user_attr("recon_us", {str(m): v for m, v in a.recon_us.items()})
-            trial.set_user_attr("worker", socket.gethostname())
+            trial.set_user_attr("measured", {
+                "config_key": a.config.key(),
+                "fused_us": {str(m): v for m, v in a.fused_us.items()},
+                "recon_us": {str(m): v for m, v in a.recon_us.items()},
+                "worker": socket.gethostname(),
+            })
             return a.objective_us
 
         def callback(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -546,11 +555,25 @@ def tune_problem(
             if stop() or finished >= target:
                 study.stop()
 
-        if not stop() and not _search_done(study, sampler, target):
-            study.optimize(
-                objective, n_trials=None, timeout=settings.timeout_s,
-                catch=(TrialFailure,), callbacks=[callback], gc_after_trial=False,
-            )
+        deadline = None if settings.timeout_s is None else time.monotonic() + settings.timeout_s
+        for _attempt in range(10):
+            if stop() or _search_done(study, sampler, target):
+                break
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            try:
+                study.optimize(
+                    objective, n_trials=None, timeout=remaining,
+                    catch=(TrialFailure,), callbacks=[callback], gc_after_trial=False,
+                )
+            except ValueError as exc:
+                # Two workers popped the same enqueued trial (SQLite has no SELECT ... FOR
+                # UPDATE) and the other told it first: that trial is done, carry on.
+                if "Cannot tell" not in str(exc):
+                    raise
+                continue
+            break
 
         finished = _finished(study)
         failures = [t for t in finished if t.state == TrialState.FAIL]

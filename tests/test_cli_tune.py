@@ -72,7 +72,8 @@ def test_no_gpu_is_one_line_and_touches_no_database(monkeypatch: pytest.MonkeyPa
     assert not path.exists()
 
 
-def test_tunes_every_shape_of_a_model_and_stores_it(monkeypatch: pytest.MonkeyPatch, db: str) -> None:
+def test_tunes_every_shape_of_a_model_and_stores_it(monkeypatch: pytest.MonkeyPatch, db_url: str) -> None:
+    db = db_url  # SQLite file and (when the suite has a server) PostgreSQL
     gpu = FakeGPU(monkeypatch)
     result = run("--model", "llama-3-8b", "--workload", "decode", "--trials", "6", "--db", db)
     assert result.exit_code == 0, result.output
