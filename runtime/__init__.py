@@ -1,1 +1,42 @@
-"""gemmtune.runtime"""
+"""gemmtune.runtime: use tuned kernel configs in a torch model.
+
+    from gemmtune.runtime import patch
+    patch(model)            # GPTQ layers -> QuantLinear, configs looked up per device + shape
+    model.cuda()            # prepares every layer: config lookup, kernels compiled, once
+
+Config resolution (`lookup`): explicit argument > GEMMTUNE_PROFILE > database (GEMMTUNE_DB or
+the default path) > the built-in default; GEMMTUNE_DISABLE=1 forces defaults. Imports only
+gemmtune.kernels and gemmtune.db; CuPy is touched only when a layer is prepared on CUDA.
+"""
+
+from __future__ import annotations
+
+from .lookup import (
+    DB_ENV,
+    DISABLE_ENV,
+    PROFILE_ENV,
+    GemmtuneWarning,
+    LookupResult,
+    clear_cache,
+    lookup,
+)
+from .patch import PatchedLayer, PatchReport, describe, load_quantized, patch, quantize_model
+from .quant_linear import GPTQSpec, QuantLinear
+
+__all__ = [
+    "DB_ENV",
+    "DISABLE_ENV",
+    "PROFILE_ENV",
+    "GPTQSpec",
+    "GemmtuneWarning",
+    "LookupResult",
+    "PatchReport",
+    "PatchedLayer",
+    "QuantLinear",
+    "clear_cache",
+    "describe",
+    "load_quantized",
+    "lookup",
+    "patch",
+    "quantize_model",
+]

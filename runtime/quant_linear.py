@@ -1,0 +1,342 @@
+"""`QuantLinear`: a GPTQ linear layer that runs with its tuned kernel configuration.
+
+Why it is shaped like this:
+
+- The checkpoint tensors (`qweight`, `qzeros`, `scales`, `g_idx`, `bias`) are registered buffers
+  under the names AutoGPTQ / GPTQModel use, so `state_dict()` round-trips with GPTQ checkpoints.
+- Everything expensive happens once, at preparation (on `.to(cuda)` / `.cuda()`, an explicit
+  `prepare()`, or the first CUDA forward): the kernel-ready `QuantizedWeight`, the config
+  lookup, and the dispatch plan with every kernel it may launch compiled. `forward` then does a
+  few attribute checks and launches: no lookups, no compilation, no per-call allocation beyond
+  the output, so a whole decode step can be captured in a CUDA graph.
+- CPU tensors take the reference path (dequantize once, cache the dense weight, `F.linear`), so
+  the same module works in CI and gives the oracle's numbers.
+- Output shape and dtype are those of `nn.Linear` for the same input: the CUDA kernels compute in
+  fp16, so bf16/fp32 CUDA inputs are cast to fp16 for the kernel and the output cast back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from gemmtune.kernels.config import KernelConfig
+from gemmtune.kernels.errors import InvalidProblemError, InvalidTensorError
+from gemmtune.kernels.gptq import SUPPORTED_BITS, GPTQTensors, ZeroFormat, zeros
+from gemmtune.kernels.problem import KERNEL_BITS, SUPPORTED_GROUPS, Problem
+from gemmtune.kernels.workload import Workload
+from torch import nn
+
+from .lookup import LookupResult, device_info, lookup
+
+CHECKPOINT_FORMATS: dict[str, ZeroFormat] = {"gptq": "v1", "gptq_v2": "v2"}
+
+
+@dataclass(frozen=True)
+class GPTQSpec:
+    """The parts of a Hugging Face `quantization_config` (GPTQ) that the tensors do not carry.
+
+    `sym` is only used to validate the zeros (symmetric GPTQ stores zero = 2**(bits-1)); the
+    math is the same either way. `desc_act` requires a `g_idx` tensor; whether rows are really
+    act-ordered is read from `g_idx` itself.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    sym: bool = True
+    zero_format: ZeroFormat = "v1"
+
+    @classmethod
+    def from_config(cls, qc: Mapping[str, Any] | Any) -> GPTQSpec:
+        """From a dict (`config.json`'s `quantization_config`) or an object with `to_dict()`
+        (transformers' `GPTQConfig`)."""
+        if not isinstance(qc, Mapping):
+            qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
+        method = str(qc.get("quant_method", "gptq")).lower()
+        if method != "gptq":
+            raise InvalidProblemError(f"quantization_config.quant_method={method!r}: only 'gptq' is supported")
+        fmt = str(qc.get("checkpoint_format", qc.get("format", "gptq")) or "gptq").lower()
+        if fmt not in CHECKPOINT_FORMATS:
+            raise InvalidProblemError(
+                f"quantization_config.checkpoint_format={fmt!r}: supported are "
+                f"{', '.join(CHECKPOINT_FORMATS)}")
+        bits = qc.get("bits", 4)
+        group = qc.get("group_size", 128)
+        if bits not in SUPPORTED_BITS:
+            raise InvalidProblemError(f"quantization_config.bits={bits!r} is not supported {SUPPORTED_BITS}")
+        if group not in SUPPORTED_GROUPS:
+            raise InvalidProblemError(
+                f"quantization_config.group_size={group!r} is not supported {SUPPORTED_GROUPS}")
+        return cls(int(bits), int(group), bool(qc.get("desc_act", False)),
+                   bool(qc.get("sym", True)), CHECKPOINT_FORMATS[fmt])
+
+
+def _validate_sym(t: GPTQTensors) -> None:
+    z = zeros(t)
+    mid = 1 << (t.bits - 1)
+    if not bool((z == mid).all()):
+        raise InvalidTensorError(
+            f"quantization_config says sym=True but the zeros are not all {mid} (found "
+            f"{int(z.min())}..{int(z.max())}): wrong checkpoint_format (gptq vs gptq_v2)?")
+
+
+class QuantLinear(nn.Module):
+    """`y = x @ dequant(W) + bias` with GPTQ weights; a drop-in for `nn.Linear(K, N)`.
+
+    Build with :meth:`from_gptq_tensors` or :meth:`from_safetensors`, or construct empty and
+    `load_state_dict` a GPTQ layer's tensors. `config` (a KernelConfig or preset name) pins the
+    config; otherwise it is looked up (see `gemmtune.runtime.lookup`) for `workload`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4,
+                 group_size: int = 128, bias: bool = True, zero_format: ZeroFormat = "v1",
+                 config: KernelConfig | str | None = None,
+                 workload: Workload | str | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        Problem(in_features, out_features, bits, group_size)  # validates shape rules
+        if zero_format not in ("v1", "v2"):
+            raise InvalidProblemError(f"zero_format={zero_format!r} must be 'v1' or 'v2'")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.zero_format: ZeroFormat = zero_format
+        self.requested_config = config
+        self.workload = workload
+        g = 1 if group_size == -1 else in_features // group_size
+        # Placeholders until load_state_dict / from_* fill them (like AutoGPTQ's QuantLinear);
+        # device="meta" allocates nothing for modules about to receive real tensors.
+        kw: dict[str, Any] = {"device": device}
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features,
+                                                    dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.zeros(g, out_features * bits // 32, dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(g, out_features, dtype=torch.float16, **kw))
+        rows = torch.arange(in_features, dtype=torch.int32, **kw)
+        self.register_buffer("g_idx", torch.zeros_like(rows) if group_size == -1 else rows // group_size)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, **kw) if bias else None)
+        self._invalidate()
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_gptq_tensors(cls, t: GPTQTensors, bias: torch.Tensor | None = None,
+                          config: KernelConfig | str | None = None,
+                          workload: Workload | str | None = None) -> QuantLinear:
+        """Wrap one layer's tensors (they are copied in; `bias` keeps its dtype)."""
+        t.validate()
+        if bias is not None and tuple(bias.shape) != (t.n,):
+            raise InvalidTensorError(f"bias must have shape ({t.n},), got {tuple(bias.shape)}")
+        m = cls(t.k, t.n, t.bits, t.group_size, bias=bias is not None, zero_format=t.zero_format,
+                config=config, workload=workload, device="meta")
+        dev = t.qweight.device
+        m.qweight = t.qweight.detach().clone()
+        m.qzeros = t.qzeros.detach().clone()
+        m.scales = t.scales.detach().clone()
+        m.g_idx = (t.g_idx if t.g_idx is not None else t.trivial_g_idx()).detach().clone()
+        m.bias = None if bias is None else bias.detach().to(dev).clone()
+        m._invalidate()
+        return m
+
+    @classmethod
+    def from_safetensors(cls, path: str | Path, prefix: str, quantization_config: Mapping[str, Any] | Any,
+                         config: KernelConfig | str | None = None,
+                         workload: Workload | str | None = None,
+                         device: str | torch.device = "cpu") -> QuantLinear:
+        """Load layer `prefix` (e.g. `model.layers.0.mlp.down_proj`) from a safetensors file,
+        reading only its tensors. `quantization_config` is the checkpoint's HF GPTQ config."""
+        from safetensors import safe_open
+
+        spec = GPTQSpec.from_config(quantization_config)
+        names = {n: f"{prefix}.{n}" for n in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+        got: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            keys = set(f.keys())
+            for short, full in names.items():
+                if full in keys:
+                    got[short] = f.get_tensor(full)
+        missing = [n for n in ("qweight", "qzeros", "scales") if n not in got]
+        if missing:
+            raise InvalidTensorError(f"{path}: no tensor {prefix}.{missing[0]} (is {prefix!r} a GPTQ layer?)")
+        return cls.from_checkpoint_tensors(got, spec, config=config, workload=workload)
+
+    @classmethod
+    def from_checkpoint_tensors(cls, tensors: Mapping[str, torch.Tensor], spec: GPTQSpec,
+                                config: KernelConfig | str | None = None,
+                                workload: Workload | str | None = None) -> QuantLinear:
+        """From a layer's checkpoint tensors by name (`qweight`, `qzeros`, `scales`, optional
+        `g_idx`, `bias`) and the checkpoint's GPTQ settings."""
+        g_idx = tensors.get("g_idx")
+        if spec.desc_act and g_idx is None:
+            raise InvalidTensorError("quantization_config says desc_act=True but the layer has no g_idx")
+        t = GPTQTensors(tensors["qweight"].contiguous(), tensors["qzeros"].contiguous(),
+                        tensors["scales"].to(torch.float16).contiguous(),
+                        None if g_idx is None else g_idx.to(torch.int32).contiguous(),
+                        spec.bits, spec.group_size, spec.zero_format).validate()
+        if spec.sym:
+            _validate_sym(t)
+        return cls.from_gptq_tensors(t, tensors.get("bias"), config=config, workload=workload)
+
+    # -- the GPTQ view -------------------------------------------------------------------------
+    def gptq_tensors(self) -> GPTQTensors:
+        """The layer's tensors as GPTQTensors (views of the buffers, on their device)."""
+        return GPTQTensors(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                           self.group_size, self.zero_format)
+
+    @property
+    def problem(self) -> Problem:
+        return Problem(self.in_features, self.out_features, self.bits, self.group_size,
+                       self._act_order())
+
+    def _act_order(self) -> bool:
+        if self._act is None:
+            self._act = self.gptq_tensors().act_order
+        return self._act
+
+    # -- state that follows the buffers --------------------------------------------------------
+    def _invalidate(self) -> None:
+        """Drop everything derived from the buffers (called when they move or are reloaded)."""
+        self._qw: Any = None  # QuantizedWeight
+        self._plan: Any = None  # bound dispatch Plan
+        self._bias16: torch.Tensor | None = None
+        self._dense: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._dense_version: tuple[int, ...] = ()
+        self._act: bool | None = None
+        self.lookup_result: LookupResult | None = None
+
+    def _buffer_ids(self) -> tuple[int, ...]:
+        return tuple(id(b) for b in (self.qweight, self.qzeros, self.scales, self.g_idx, self.bias))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        """`.to()` / `.cuda()` / `.half()` move the buffers; keep scales fp16 (format data, not
+        compute dtype), drop what was derived from the old buffers and prepare on CUDA."""
+        before = self._buffer_ids()
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float16:
+            self.scales = self.scales.to(torch.float16)
+        if self._buffer_ids() != before:
+            self._invalidate()
+            if self.qweight.is_cuda:
+                self.prepare()
+        return self
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        was_prepared = self._qw is not None
+        self._invalidate()
+        if was_prepared:
+            self.prepare()
+
+    # -- preparation ---------------------------------------------------------------------------
+    def prepare(self, device: torch.device | str | int | None = None) -> LookupResult | None:
+        """Build the kernel-ready weight, resolve the config and compile its kernels (CUDA), so
+        `forward` does none of it. Returns the lookup result (None for CPU / non-kernel bits)."""
+        if device is not None:
+            dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+            if dev != self.qweight.device:
+                self.to(dev)  # _apply prepares
+                return self.lookup_result
+        dev = self.qweight.device
+        if dev.type != "cuda":
+            return None
+        if self.bits not in KERNEL_BITS:
+            self._bias16 = None if self.bias is None else self.bias.to(torch.float16)
+            return None  # no CUDA kernel: forward uses the dense reference on the GPU
+        from gemmtune.kernels.dispatch import plan_for
+        from gemmtune.kernels.weights import QuantizedWeight
+
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        problem = self.problem
+        res = lookup(device_info(idx), problem, self.workload, config=self.requested_config)
+        qw = QuantizedWeight(self.gptq_tensors(), torch.device("cuda", idx))
+        plan = plan_for(qw, res.config)
+        plan.prepare()
+        self._qw, self._plan, self.lookup_result = qw, plan, res
+        self._bias16 = None if self.bias is None else self.bias.to(torch.float16).contiguous()
+        return res
+
+    @property
+    def config(self) -> KernelConfig | None:
+        """The config in use (None until prepared on CUDA)."""
+        return None if self.lookup_result is None else self.lookup_result.config
+
+    @property
+    def config_source(self) -> str | None:
+        return None if self.lookup_result is None else self.lookup_result.source
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise InvalidTensorError(
+                f"input last dimension must be in_features={self.in_features}, got shape {tuple(x.shape)}")
+        plan = self._plan
+        if plan is not None and x.device == self._qw.device:
+            if x.dtype is torch.float16:
+                if not x.is_contiguous():
+                    x = x.contiguous()
+                if x.data_ptr() % 16:  # a view into the middle of a tensor: kernels need 16 B
+                    x = x.clone()
+                out = plan(x)
+                if self._bias16 is not None:
+                    out.add_(self._bias16)
+                return out
+            out = self.forward(x.to(torch.float16))
+            return out.to(x.dtype)
+        if x.is_cuda and self.qweight.is_cuda and self.bits in KERNEL_BITS:
+            if x.device != self.qweight.device:
+                raise InvalidTensorError(f"input is on {x.device}, layer on {self.qweight.device}")
+            self.prepare()
+            return self.forward(x)
+        return self._forward_dense(x)
+
+    def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference path: dequantize once (cached per device and dtype), `F.linear`. Half
+        precision on CPU computes in fp32 and rounds back, like the oracle."""
+        if x.device != self.qweight.device:
+            raise InvalidTensorError(f"input is on {x.device}, layer on {self.qweight.device}")
+        if not x.dtype.is_floating_point:
+            raise InvalidTensorError(f"input must be a floating tensor, got {x.dtype}")
+        work = x.dtype
+        if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+            work = torch.float32
+        w = self._dense_weight(x.device, work)
+        b = None if self.bias is None else self.bias.to(work)
+        out = F.linear(x.to(work), w, b)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def _dense_weight(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        version = tuple(b._version for b in (self.qweight, self.qzeros, self.scales, self.g_idx))
+        if version != self._dense_version:
+            self._dense = {}
+            self._dense_version = version
+            self._act = None
+        key = (device, dtype)
+        w = self._dense.get(key)
+        if w is None:
+            from gemmtune.kernels.reference import dequantize
+
+            t = self.gptq_tensors()
+            if t.device.type != "cpu":
+                t = t.to("cpu")
+            work = torch.float64 if dtype == torch.float64 else torch.float32
+            w = dequantize(t, work).t().contiguous().to(device=device, dtype=dtype)
+            self._dense[key] = w
+        return w
+
+    def extra_repr(self) -> str:
+        act = ", act_order=True" if self._act_order() else ""
+        if self.lookup_result is not None:
+            cfg = f"config={self.lookup_result.config.key()} (source: {self.lookup_result.source})"
+        elif self.qweight.is_cuda and self.bits not in KERNEL_BITS:
+            cfg = "config=none (no CUDA kernel for this bit width: dense reference path)"
+        elif self.qweight.is_cuda:
+            cfg = "config=unresolved (resolved at prepare / first forward)"
+        else:
+            cfg = "config=none (CPU: reference path)"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size}{act}, "
+                f"bias={self.bias is not None}, zero_format={self.zero_format}, {cfg}")
