@@ -19,17 +19,20 @@ gptq_reconstruct(const uint32_t* __restrict__ qweight,  // tiled, see weights.py
   static_assert(BITS == 4 || BITS == 8, "reconstruct handles 4- and 8-bit weights");
   constexpr int V = 32 / BITS;
   const int steps = K / (4 * V);  // 4-word-row steps per 32-column tile
-  // Thread i reads the i-th 16 bytes of the slice's tiles: fully contiguous loads.
+  // Consecutive threads take consecutive column quads of one packed row, so a warp writes
+  // 32 x 8 contiguous bytes of each output row (the fp16 writes are 4x the bytes read).
+  const int quads = (n_count + 3) / 4;
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  const int lane = (int)(i & 31);
-  const long long tile = i >> 5;
-  const int step = (int)(tile % steps);
-  const int col_block = n0 / 32 + (int)(tile / steps);
-  const int g = lane >> 2;
-  const int t = lane & 3;
-  const int col = col_block * 32 + 4 * g;
-  if (col >= min(N, n0 + n_count)) return;
-  const int row = step * 4 + t;
+  const int q = (int)(i % quads);
+  const int row = (int)(i / quads);
+  if (row >= steps * 4) return;
+  const int col = n0 + 4 * q;
+  if (col >= N) return;
+  const int col_block = col >> 5;
+  const int g = (col & 31) >> 2;
+  const int t = row & 3;
+  const int step = row >> 2;
+  const int lane = 4 * g + t;
   const int grp = (row * V) >> group_shift;
   const uint4 wq = load_stream(reinterpret_cast<const uint4*>(
       qweight + ((size_t)col_block * steps + step) * 128 + lane * 4));

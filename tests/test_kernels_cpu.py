@@ -1,0 +1,132 @@
+"""Kernel-layer logic that needs no GPU: configs, presets, problems, workloads, the tiled weight
+layout, kernel_hash, and the static nvcc build of kernel variants."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from gemmtune.kernels import sources
+from gemmtune.kernels.config import PRESETS, TUNABLES, KernelConfig, preset
+from gemmtune.kernels.errors import InvalidConfigError, InvalidProblemError
+from gemmtune.kernels.problem import Problem
+from gemmtune.kernels.weights import tile_qweight, untile_qweight
+from gemmtune.kernels.workload import WORKLOADS, Workload
+
+
+def test_presets_are_the_exllamav2_constants() -> None:
+    assert (PRESETS["exllamav2-0.0.11"].max_q_gemm_rows, PRESETS["exllamav2-0.0.11"].max_q_gemm_rows_kernel) == (50, 8)
+    assert (PRESETS["exllamav2-0.0.12"].max_q_gemm_rows, PRESETS["exllamav2-0.0.12"].max_q_gemm_rows_kernel) == (32, 4)
+    with pytest.raises(InvalidConfigError, match="unknown preset"):
+        preset("exllamav2-9")
+
+
+def test_config_key_is_stable_and_round_trips() -> None:
+    cfg = KernelConfig(max_q_gemm_rows=48, max_q_gemm_rows_kernel=8, block_n=128, threads=256,
+                       split_k=4, k_unroll=2, recon_chunk_n=4096)
+    assert cfg.key() == "r48-mk8-bn128-t256-sk4-u2-rc4096"
+    assert KernelConfig.from_dict(cfg.to_dict()) == cfg
+    assert hash(cfg) == hash(KernelConfig(**cfg.to_dict()))
+    # Thresholds do not change the fused launch: the memo key ignores them.
+    assert cfg.variant_key() == cfg.replace(max_q_gemm_rows=0, recon_chunk_n=0).variant_key()
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"max_q_gemm_rows_kernel": 10**9}, "max_q_gemm_rows_kernel"),
+    ({"max_q_gemm_rows": -1}, "max_q_gemm_rows"),
+    ({"block_n": 48}, "block_n"),
+    ({"threads": 96}, "threads"),
+    ({"block_n": 64, "threads": 192}, "power of two"),
+    ({"max_q_gemm_rows_kernel": 64, "k_unroll": 4}, "k_unroll"),
+    ({"recon_chunk_n": 1000}, "recon_chunk_n"),
+    ({"split_k": True}, "split_k"),
+])
+def test_config_rejects_out_of_space(changes: dict, field: str) -> None:
+    with pytest.raises(InvalidConfigError, match=field):
+        KernelConfig(**changes)
+
+
+def test_from_dict_is_strict() -> None:
+    d = KernelConfig().to_dict()
+    with pytest.raises(InvalidConfigError, match="unknown"):
+        KernelConfig.from_dict({**d, "warp_size": 32})
+    d.pop("block_n")
+    with pytest.raises(InvalidConfigError, match="missing"):
+        KernelConfig.from_dict(d)
+
+
+def test_every_tunable_choice_is_inside_its_range() -> None:
+    for t in TUNABLES:
+        assert all(t.lo <= c <= t.hi for c in t.choices), t.name
+
+
+def test_problem_key_round_trip_and_rules() -> None:
+    p = Problem(14336, 4096, 4, 128, True)
+    assert Problem.from_key(p.key()) == p
+    assert Problem(4096, 11008, 8, -1).groups == 1
+    with pytest.raises(InvalidProblemError, match="multiple of group_size"):
+        Problem(4096 + 32, 4096, 4, 128)
+    with pytest.raises(InvalidProblemError, match="bits"):
+        Problem(4096, 4096, 5)
+    with pytest.raises(InvalidProblemError, match="problem key"):
+        Problem.from_key("4096-4096")
+
+
+def test_workloads_parse_and_weigh() -> None:
+    assert Workload.parse("decode") is WORKLOADS["decode"]
+    w = Workload.parse("1:4,512:1")
+    assert w.ms == (1, 512) and w.objective({1: 10.0, 512: 100.0}) == 140.0
+    assert Workload.parse(w.key()) == w
+    for bad in ("1,1", "0", "1:-2", "x"):
+        with pytest.raises(InvalidProblemError):
+            Workload.parse(bad)
+
+
+@pytest.mark.parametrize("rows,n", [(16, 64), (8, 608), (32, 40), (4, 4096)])
+def test_tiled_layout_round_trips_and_puts_a_warp_step_together(rows: int, n: int) -> None:
+    q = torch.randint(-(2**31), 2**31 - 1, (rows, n), dtype=torch.int32)
+    tiled = tile_qweight(q)
+    assert torch.equal(untile_qweight(tiled, rows, n), q)
+    steps = rows // 4
+    # Lane 4g+t of the warp for column block cb at step s holds row 4s+t, columns cb*32+4g..+3.
+    gen = torch.Generator().manual_seed(rows + n)
+    for _ in range(20):
+        cb = int(torch.randint(0, n // 32 or 1, (1,), generator=gen)) if n >= 32 else 0
+        s = int(torch.randint(0, steps, (1,), generator=gen))
+        lane = int(torch.randint(0, 32, (1,), generator=gen))
+        g, t = lane // 4, lane % 4
+        base = ((cb * steps + s) * 32 + lane) * 4
+        for c in range(4):
+            col = cb * 32 + 4 * g + c
+            expect = int(q[4 * s + t, col]) if col < n else 0
+            assert int(tiled[base + c]) == expect
+
+
+def test_kernel_hash_follows_sources(tmp_path, monkeypatch) -> None:
+    h = sources.kernel_hash("nvrtc-13.0")
+    assert h == sources.kernel_hash("nvrtc-13.0")
+    assert h != sources.kernel_hash("nvrtc-12.8")
+    for p in sources.source_files():
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    monkeypatch.setattr(sources, "CUDA_DIR", tmp_path)
+    assert sources.kernel_hash("nvrtc-13.0") == h
+    f = tmp_path / "gptq_gemm.cu"
+    f.write_text(f.read_text() + "\n// changed\n")
+    assert sources.kernel_hash("nvrtc-13.0") != h
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_static_build_reports_resources_and_no_spills() -> None:
+    import tempfile
+    from pathlib import Path
+
+    from gemmtune.kernels.buildcheck import build_batch, fused_variants, recon_variants
+
+    variants = [*fused_variants((4,), quick=True)[:6], *recon_variants((4,))]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = build_batch(variants, "sm_90", Path(tmp))
+    assert len(results) == len(variants)
+    for r in results:
+        assert r.ok, r.message
+        assert r.registers > 0 and r.spill_bytes == 0
