@@ -129,8 +129,13 @@ def _postgres_driver(url: str) -> str:
     return url
 
 
-def study_name(device_fingerprint: str, kernel_hash: str, problem: Problem, workload: Workload) -> str:
-    return f"gemmtune:{device_fingerprint}:{kernel_hash[:16]}:{problem.key()}:{workload.key()}"
+def study_name(device_fingerprint: str, kernel_hash: str, problem: Problem, workload: Workload,
+               space: str = "standard") -> str:
+    """`gemmtune:{fingerprint}:{kernel_hash[:16]}:{problem}:{workload}`, plus `:{space}` for a
+    space other than `standard`: Optuna ties a parameter name to one set of choices per study,
+    so a search over another space is another study."""
+    name = f"gemmtune:{device_fingerprint}:{kernel_hash[:16]}:{problem.key()}:{workload.key()}"
+    return name if space == "standard" else f"{name}:{space}"
 
 
 def make_sampler(name: str, space: Space, seed: int | None = None) -> optuna.samplers.BaseSampler:
@@ -453,7 +458,8 @@ def tune_problem(
         storage = make_storage(storage)
     stop = stop or (lambda: False)
     problem, workload = evaluator.problem, evaluator.workload
-    name = study_name(evaluator.device.fingerprint, evaluator.kernel_hash, problem, workload)
+    name = study_name(evaluator.device.fingerprint, evaluator.kernel_hash, problem, workload,
+                      space.name)
     warm = warm_start_configs(space)
     target = _target(settings, space, len(warm))
     sampler = make_sampler(settings.sampler, space, settings.seed)

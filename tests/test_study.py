@@ -275,9 +275,20 @@ def test_unknown_sampler_is_refused(mem: optuna.storages.BaseStorage) -> None:
 def test_study_name_and_storage(url: str) -> None:
     name = st.study_name(FAKE_DEVICE.fingerprint, FAKE_KERNEL_HASH, PROBLEM, MIXED)
     assert name == f"gemmtune:{FAKE_DEVICE.fingerprint}:{FAKE_KERNEL_HASH[:16]}:4096x4096-b4-g128:mixed"
-    other = st.tune_problem(SyntheticEvaluator(PROBLEM, DECODE), url, settings(trials=3)).study_name
+    other = st.tune_problem(SyntheticEvaluator(PROBLEM, DECODE), url,
+                            settings(space="standard", trials=3)).study_name
     assert other.endswith(":decode") and other != name
     assert st.make_storage(url) is st.make_storage(url)
+
+
+def test_another_space_is_another_study(url: str) -> None:
+    # Optuna refuses a parameter whose choices change within a study: --space full after a
+    # standard search of the same shape must not collide with it.
+    ev = SyntheticEvaluator(PROBLEM, DECODE)
+    a = st.tune_problem(ev, url, settings(space="standard", trials=3))
+    b = st.tune_problem(ev, url, settings(space="full", trials=3))
+    assert b.study_name == a.study_name + ":full"
+    assert a.status == b.status == "accepted"
 
 
 # ---------------------------------------------------------------------------------------------
