@@ -139,7 +139,15 @@ def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float
         log(f"{model:11s} {layer:8s} {k:6d}x{n:<6d} M={m:4d} fp16 {fp16[m]:8.2f}  fused {fused[fbest_key][m]:8.2f} "
             f"[{fbest_key}]  recon {rows[-1]['recon_us']:8.2f}  dispatch {d:8.2f}  roof {rows[-1]['roofline_us']:7.2f}")
     torch.cuda.empty_cache()
+    all_fused.setdefault(f"{k}x{n}", {}).update(
+        {key: {str(m): round(v, 2) for m, v in d.items()} for key, d in fused.items()})
+    all_recon.setdefault(f"{k}x{n}", {}).update(
+        {str(c): {str(m): round(v, 2) for m, v in d.items()} for c, d in recon.items()})
     return rows
+
+
+all_fused: dict[str, dict[str, dict[str, float]]] = {}
+all_recon: dict[str, dict[str, dict[str, float]]] = {}
 
 
 def main() -> int:
@@ -176,6 +184,8 @@ def main() -> int:
         "ceilings": {"copy_bandwidth_TBps": round(bw, 3), "fp16_matmul_TFLOPs": round(tf, 1)},
         "seconds": round(time.time() - t0, 1),
         "rows": rows,
+        "fused_by_variant": all_fused,
+        "recon_by_chunk": all_recon,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1))

@@ -78,13 +78,8 @@ class Plan:
         v = self._variants.get(key)
         if v is None:
             c = self.config
-            tiles_cfg = -(-self.m_count // 8)
-            tiles = -(-rows // 8)
-            # The register budget (k_unroll * tiles <= 8) freed by fewer tiles goes to more
-            # loads in flight.
-            unroll = min(8 // tiles, c.k_unroll * max(1, tiles_cfg // tiles))
             v = self._variants[key] = ck.FusedVariant(self.bits, rows, c.warps_n, c.warps_k,
-                                                      unroll, self.act_order, split)
+                                                      c.k_unroll, self.act_order, split)
         return v
 
     def fused_fn(self, rows: int, split: bool) -> object:
