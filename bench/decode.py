@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Decode-step benchmark: a stack of Llama-3-8B decoder GEMMs through QuantLinear, per config.
+
+A "step" is every layer's four GEMMs (fused qkv 4096x6144, o 4096x4096, fused gate_up
+4096x28672, down 14336x4096) for one batch of M tokens, captured as ONE CUDA graph and timed
+with `gemmtune.autotune.timing.graph_time` (GPU time; layers hold distinct weight copies, so L2
+never holds the next weight). M = 1, 4, 16 are decode steps, M = 512 a prefill chunk. Configs:
+`default`, `exllamav2-0.0.11`, `exllamav2-0.0.12` and `tuned` (what `gemmtune.runtime.lookup`
+serves: `GEMMTUNE_PROFILE`/`--profile`, the database, or nothing — said so, never faked). torch
+fp16 (`F.linear` on fp16 weights of the same shapes) is the baseline; "ratio" is fp16 time over
+quantized time (> 1: faster than fp16). Also measures QuantLinear.forward's host overhead at
+M = 1: eager calls (Python + launch) against graph replay.
+
+    python bench/decode.py -o out/decode.json                 # 32 layers (~ a minute on an H100)
+    python bench/decode.py --layers 8 --profile my.json        # tuned = that profile
+    python bench/decode.py --lookup-only                       # CPU: 70B lookup cost from SQLite
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]
+PRESET_NAMES = ["default", "exllamav2-0.0.11", "exllamav2-0.0.12"]
+MS = [1, 4, 16, 512]
+
+
+def _layers(n_layers: int) -> list[list[Any]]:
+    """n_layers x 4 QuantLinears on the GPU (one random layer per shape, copied per layer)."""
+    from gemmtune.kernels.gptq import random_gptq
+    from gemmtune.runtime import QuantLinear
+
+    base = {name: random_gptq(k, n, 4, 128, False, "v1", generator=torch.Generator().manual_seed(k + n))
+            for name, k, n in SHAPES}
+    return [[QuantLinear.from_gptq_tensors(base[name].to("cuda")) for name, _, _ in SHAPES]
+            for _ in range(n_layers)]
+
+
+def _set_config(layers: list[list[Any]], config: Any) -> dict[str, str]:
+    """Re-prepare every layer under `config` (None: looked up). Returns shape -> 'key (source)'."""
+    used: dict[str, str] = {}
+    for row in layers:
+        for (name, _, _), q in zip(SHAPES, row, strict=True):
+            q.requested_config = config
+            q._invalidate()
+            res = q.prepare()
+            used[name] = res.label
+    return used
+
+
+def _step_fn(layers: list[list[Any]], m: int) -> Any:
+    xs = {k: torch.randn(m, k, device="cuda", dtype=torch.float16) for k in (4096, 14336)}
+
+    def step(_i: int) -> None:
+        for row in layers:
+            for (_, k, _), q in zip(SHAPES, row, strict=True):
+                q(xs[k])
+    return step
+
+
+def _fp16_step_fn(n_layers: int, m: int) -> Any:
+    ws = [[torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _, k, n in SHAPES]
+          for _ in range(n_layers)]
+    xs = {k: torch.randn(m, k, device="cuda", dtype=torch.float16) for k in (4096, 14336)}
+
+    def step(_i: int) -> None:
+        for row in ws:
+            for (_, k, _), w in zip(SHAPES, row, strict=True):
+                torch.nn.functional.linear(xs[k], w)
+    return step, ws
+
+
+def host_overhead(repeats: int = 2000) -> dict[str, float]:
+    """µs of host time per QuantLinear.forward at M = 1 (4096x4096): eager vs graph replay,
+    with nn.Linear fp16 eager for scale. Wall time of many back-to-back calls, so the number is
+    the host cost whenever it exceeds the tiny GPU time."""
+    from gemmtune.kernels.gptq import random_gptq
+    from gemmtune.runtime import QuantLinear
+
+    q = QuantLinear.from_gptq_tensors(random_gptq(4096, 4096, 4, 128).to("cuda"), config="default")
+    q.prepare()
+    lin = torch.nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.float16)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+
+    def wall(fn: Any) -> float:
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / repeats * 1e6
+
+    eager = wall(lambda: q(x))
+    eager_lin = wall(lambda: lin(x))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        q(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        q(x)
+    replay = wall(g.replay)
+    return {"quantlinear_eager_us": eager, "nn_linear_fp16_eager_us": eager_lin,
+            "quantlinear_graph_replay_us": replay}
+
+
+def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
+    from gemmtune.autotune.timing import graph_time
+    from gemmtune.kernels.device import query_device
+    from gemmtune.kernels.sources import kernel_hash
+    from gemmtune.runtime import clear_cache
+
+    if args.profile:
+        os.environ["GEMMTUNE_PROFILE"] = str(Path(args.profile).resolve())
+    clear_cache()
+    dev = query_device()
+    layers = _layers(args.layers)
+    results: dict[str, Any] = {"configs": {}, "fp16": {}}
+    fp16_us: dict[int, float] = {}
+    for m in args.ms:
+        step, ws = _fp16_step_fn(args.layers, m)
+        fp16_us[m] = graph_time(step, calls=1, repeats=args.repeats).median_us
+        del ws, step
+        torch.cuda.empty_cache()
+        results["fp16"][str(m)] = {"step_us": fp16_us[m], "tokens_per_s": m / fp16_us[m] * 1e6}
+    for name in [*PRESET_NAMES, "tuned"]:
+        used = _set_config(layers, None if name == "tuned" else name)
+        tuned_any = name != "tuned" or any(not u.endswith("(default)") for u in used.values())
+        row: dict[str, Any] = {"configs": used, "tuned_found": tuned_any, "ms": {}}
+        for m in args.ms:
+            us = graph_time(_step_fn(layers, m), calls=1, repeats=args.repeats).median_us
+            row["ms"][str(m)] = {"step_us": us, "tokens_per_s": m / us * 1e6,
+                                 "ratio_vs_fp16": fp16_us[m] / us}
+            print(f"{name:18s} M={m:4d} step {us:9.1f} us  {m / us * 1e6:10.0f} tok/s  "
+                  f"x{fp16_us[m] / us:.2f} vs fp16", file=sys.stderr)
+        results["configs"][name] = row
+    if not results["configs"]["tuned"]["tuned_found"]:
+        results["note"] = ("nothing tuned for this device and kernel hash: 'tuned' resolved to the "
+                           "default config everywhere (run `gemmtune tune` or pass --profile)")
+    results["host_overhead"] = host_overhead()
+    results["meta"] = {"device": dev.to_dict(), "kernel_hash": kernel_hash(), "layers": args.layers,
+                       "date": dt.datetime.now(dt.UTC).isoformat(), "torch": torch.__version__,
+                       "command": " ".join(sys.argv)}
+    return results
+
+
+def markdown(res: dict[str, Any]) -> str:
+    ms = list(res["fp16"])
+    lines = [f"Decode step, {res['meta']['layers']} Llama-3-8B layers (qkv/o/gate_up/down, 4-bit g128), "
+             f"{res['meta']['device']['name']}, {res['meta']['date'][:10]}. tok/s-equivalent = M / step "
+             "time; ratio = fp16 time / quantized time.", "",
+             "| config | " + " | ".join(f"M={m} tok/s (ratio)" for m in ms) + " |",
+             "|---|" + "---|" * len(ms)]
+    lines.append("| torch fp16 | " + " | ".join(f"{res['fp16'][m]['tokens_per_s']:.0f}" for m in ms) + " |")
+    for name, row in res["configs"].items():
+        label = name if row["tuned_found"] else f"{name} (nothing tuned = default)"
+        lines.append(f"| {label} | " + " | ".join(
+            f"{row['ms'][m]['tokens_per_s']:.0f} ({row['ms'][m]['ratio_vs_fp16']:.2f})" for m in ms) + " |")
+    h = res["host_overhead"]
+    lines += ["", f"Host overhead at M=1 (4096x4096): QuantLinear eager {h['quantlinear_eager_us']:.1f} µs/call, "
+              f"nn.Linear fp16 eager {h['nn_linear_fp16_eager_us']:.1f} µs/call, "
+              f"QuantLinear in a CUDA graph {h['quantlinear_graph_replay_us']:.1f} µs/replay."]
+    return "\n".join(lines)
+
+
+def lookup_only(layers: int = 80) -> dict[str, float]:
+    """Cost of resolving every layer of a 70B model (80 layers x 4 problems) from a warm SQLite
+    file holding tuned entries (plus 200 unrelated ones), as a model load does it."""
+    from datetime import UTC, datetime
+
+    from gemmtune.db.store import Store, TunedEntry
+    from gemmtune.kernels import WORKLOADS, DeviceInfo, KernelConfig, Problem
+    from gemmtune.runtime import clear_cache, lookup
+    from gemmtune.runtime.lookup import current_kernel_hash
+
+    dev = DeviceInfo("nvidia", "NVIDIA H100 80GB HBM3", "9.0", 132, 80 * 2**30)
+    problems = [Problem(8192, 10240), Problem(8192, 8192), Problem(8192, 57344), Problem(28672, 8192)]
+    filler = [Problem(k, n) for k in (1024, 2048, 3072, 5120, 6144) for n in range(1024, 41 * 1024, 1024)]
+    cfg = KernelConfig(max_q_gemm_rows=48, max_q_gemm_rows_kernel=8)
+    wl = WORKLOADS["decode"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tuning.db"
+        entries = [TunedEntry(device=dev.to_dict(), kernel_hash=current_kernel_hash(),
+                              problem={"k": p.k, "n": p.n, "bits": 4, "group_size": 128, "act_order": False},
+                              problem_key=p.key(), workload={"name": wl.name, "ms": list(wl.ms),
+                                                             "weights": list(wl.weights)},
+                              workload_key=wl.key(), config=cfg.to_dict(), objective_us=10.0,
+                              default_objective_us=12.0, latencies_us={m: 1.0 for m in wl.ms},
+                              default_latencies_us={m: 1.2 for m in wl.ms},
+                              created_at=datetime.now(UTC))
+                   for p in problems + filler[:200]]
+        with Store.open(str(path)) as store:
+            store.import_entries(entries)
+        os.environ["GEMMTUNE_DB"] = str(path)
+        os.environ.pop("GEMMTUNE_PROFILE", None)
+        path.read_bytes()  # warm: the file is in the page cache
+        timings = []
+        for _ in range(5):
+            clear_cache()
+            t0 = time.perf_counter()
+            got = [lookup(dev, p) for _ in range(layers) for p in problems]
+            timings.append((time.perf_counter() - t0) * 1e3)
+            assert all(r.source == "database" for r in got), got[0]
+        t0 = time.perf_counter()
+        for _ in range(layers):
+            for p in problems:
+                lookup(dev, p)
+        cached_us = (time.perf_counter() - t0) * 1e6 / (layers * len(problems))
+        clear_cache()
+    return {"load_ms_first": timings[0], "load_ms_median": sorted(timings)[2],
+            "cached_lookup_us": cached_us, "layers": layers, "distinct_problems": len(problems)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-o", "--output", help="write the results as JSON here")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--profile", help="profile JSON to serve the 'tuned' configs")
+    ap.add_argument("--lookup-only", action="store_true", help="only time the 70B lookup (CPU)")
+    args = ap.parse_args()
+    args.ms = [int(m) for m in args.ms.split(",")]
+    if args.lookup_only:
+        res: dict[str, Any] = {"lookup_70b": lookup_only()}
+        text = json.dumps(res, indent=2)
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench/decode.py needs a CUDA GPU (use --lookup-only on a CPU machine)")
+        res = run_gpu(args)
+        res["lookup_70b"] = lookup_only()
+        text = markdown(res)
+    print(text)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
