@@ -700,6 +700,8 @@ def _run_tune(order: list[Any], layer_names: dict[Any, list[str]], workload: Any
                         results[0, i] = st.ProblemResult(
                             problem, "error", message=f"{type(exc).__name__}: {exc}",
                             device_index=gpus[0])
+                    if results[0, i].status == "skipped":
+                        progress.update(trial_task, total=1, completed=1, note="already tuned")
                     progress.update(shapes_task, completed=i + 1)
             else:
                 job = wk.WorkerJob(url, tuple(order), workload, settings, retune)
@@ -740,9 +742,9 @@ def _run_tune(order: list[Any], layer_names: dict[Any, list[str]], workload: Any
                 console.print(f"  {r.problem.key()}: {r.message}", highlight=False)
     skipped = sum(r.status == "skipped" for r in results.values())
     if skipped:
-        console.print(f"{skipped} shape{'s' * (skipped != 1)} already tuned for this GPU and kernel "
-                      "build (status `stored`) were not searched again; --retune does that.",
-                      highlight=False)
+        console.print(f"{skipped} shape{'s were' if skipped != 1 else ' was'} already tuned for this "
+                      "GPU and kernel build (status `stored`) and not searched again; --retune does "
+                      "that.", highlight=False)
     if interrupted:
         console.print("[yellow]interrupted:[/] every finished trial is kept; run the same command "
                       "again to resume.", highlight=False)
