@@ -150,7 +150,7 @@ class Plan:
     def reconstruct(self, out: torch.Tensor, n0: int, count: int, ldo: int, stream: int) -> None:
         w = self.weight
         steps = self.k * w.problem.bits // 32 // 4
-        threads = _cdiv(count, 4) * steps * 4
+        threads = _cdiv(count, 4) * steps
         grid = (_cdiv(threads, ck.ReconVariant.threads), 1, 1)
         args = (
             ck.ptr(w.qweight.data_ptr()), ck.ptr(w.sz.data_ptr()), ck.ptr(w.perm.data_ptr()),

@@ -28,8 +28,8 @@ OPTIMUM = Landscape().optimum
 
 # 6 rows x unroll, 2 tiles, 2 split_k = 24 variants; holds the presets and the optimum.
 SMALL = Space.build("small", {
-    "max_q_gemm_rows_kernel": (4, 8, 16), "k_unroll": (2, 4),
-    "tile": ((64, 128), (128, 256)), "split_k": (0, 2), "recon_chunk_n": (0, 4096),
+    "max_q_gemm_rows_kernel": (4, 8, 32), "k_unroll": (2, 4),
+    "tile": ((64, 64), (128, 256)), "split_k": (0, 2), "recon_chunk_n": (0, 4096),
 }, GROUPS)
 
 
@@ -244,8 +244,8 @@ def test_forced_interrupt_mid_trial_is_redone_on_resume(url: str) -> None:
 
 
 def test_duplicates_are_answered_from_the_study(mem: optuna.storages.BaseStorage) -> None:
-    tiny = Space.build("tiny", {"max_q_gemm_rows_kernel": (8, 16), "k_unroll": (4,),
-                                "tile": ((64, 128),), "split_k": (0, 2), "recon_chunk_n": (0,)}, GROUPS)
+    tiny = Space.build("tiny", {"max_q_gemm_rows_kernel": (8, 32), "k_unroll": (2,),
+                                "tile": ((64, 64),), "split_k": (0, 2), "recon_chunk_n": (0,)}, GROUPS)
     ev = SyntheticEvaluator(PROBLEM, DECODE)
     out = st.tune_problem(ev, mem, settings(space=tiny, sampler="random", trials=15))
     assert out.trials_total == 15

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Render a `bench/kernels.py` JSON result as the BENCHMARKS.md kernel table.
+
+With `--anchor` (the peers' H100 timings, same shapes × M) the table adds ExLlamaV2 0.3.2's
+shipped dispatch and the ratios; compare only when both files come from the same card model.
+torch fp16 is always the figure re-measured in *our* run, so the ratio to it is same-run.
+
+    python bench/report.py out/kernels.json --anchor ../shared/anchors/h100-2026-11-26.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def render(result: dict, anchor: dict | None) -> str:
+    rows = result["rows"]
+    anc = {}
+    if anchor:
+        anc = {(r["K"], r["N"], r["M"]): r for r in anchor["rows"]}
+    dev = result["device"]
+    ceil = result["ceilings"]
+    out = [
+        f"Card: **{dev['name']}** ({dev['sm_count']} SMs, driver {dev['driver_version']}, "
+        f"CUDA runtime {dev['runtime_version']}), date {result['date']}, kernel hash "
+        f"`{result['kernel_hash'][:12]}`, torch {result['torch']}.",
+        f"Command: `{result['command']}` ({result['seconds']:.0f} s).",
+        f"Method: {result['method']}.",
+        f"Ceilings measured in the same run: copy bandwidth {ceil['copy_bandwidth_TBps']:.2f} TB/s "
+        f"(read + write), fp16 matmul {ceil['fp16_matmul_TFLOPs']:.0f} TFLOP/s; roofline = "
+        "max(bytes ÷ bandwidth, FLOPs ÷ peak), bytes = 4-bit weight + scales + zeros + A + C.",
+        "",
+        "µs per call (median). *fused* = best fused variant at that M; *recon* = reconstruct + "
+        "cuBLAS (best chunking); *dispatch* = one config per shape (best variant and threshold "
+        "for the geometric mean over all M), as a tuned model runs it.",
+        "",
+    ]
+    head = "| shape K×N | M | torch fp16 | fused | recon | dispatch | dispatch ÷ fp16 | roofline | eff. |"
+    sep = "|---|---|---|---|---|---|---|---|---|"
+    if anc:
+        head += " ExLlamaV2 0.3.2 | fused ÷ ExL | dispatch ÷ ExL |"
+        sep += "---|---|---|"
+    out += [head, sep]
+    effs, vs_exl_small, worse = [], [], []
+    for r in rows:
+        eff = r["roofline_us"] / r["dispatch_us"]
+        effs.append(eff)
+        line = (f"| {r['K']}×{r['N']} | {r['M']} | {r['fp16_us']:.1f} | {r['fused_best_us']:.1f} | "
+                f"{r['recon_us']:.1f} | {r['dispatch_us']:.1f} | {r['dispatch_us'] / r['fp16_us']:.2f} | "
+                f"{r['roofline_us']:.1f} | {eff:.2f} |")
+        a = anc.get((r["K"], r["N"], r["M"]))
+        if a:
+            exl = a["exl_default_us"]
+            line += f" {exl:.1f} | {r['fused_best_us'] / exl:.2f} | {r['dispatch_us'] / exl:.2f} |"
+            if r["M"] <= 16:
+                vs_exl_small.append(exl / r["fused_best_us"])
+            if r["dispatch_us"] > exl:
+                worse.append(f"{r['K']}×{r['N']} M={r['M']} ({r['dispatch_us']:.1f} vs {exl:.1f})")
+        out.append(line)
+    out.append("")
+    out.append(f"Geometric-mean roofline efficiency of the dispatch over {len(effs)} cells: "
+               f"**{geomean(effs):.2f}**.")
+    big = [r for r in rows if r["M"] >= 64]
+    if big:
+        worst = max(big, key=lambda r: r["dispatch_us"] / r["fp16_us"])
+        out.append(f"M ≥ 64: dispatch ÷ torch fp16 ranges {min(r['dispatch_us'] / r['fp16_us'] for r in big):.2f}"
+                   f"–{worst['dispatch_us'] / worst['fp16_us']:.2f} (worst {worst['K']}×{worst['N']} M={worst['M']}).")
+    m1 = [r for r in rows if r["M"] == 1]
+    for r in m1:
+        floor = (r["K"] * r["N"] // 2 + (r["K"] // 128) * r["N"] * 2.5) / (ceil["copy_bandwidth_TBps"] * 1e12) * 1e6
+        out.append(f"M = 1, {r['K']}×{r['N']}: fused {r['fused_best_us']:.1f} µs = "
+                   f"{floor / r['fused_best_us'] * 100:.0f} % of the weight-read floor at the measured copy bandwidth"
+                   + (f", {(r['K'] * r['N'] // 2 + (r['K'] // 128) * r['N'] * 2.5) / (anchor['ceilings']['copy_bandwidth_TBps'] * 1e12) * 1e6 / r['fused_best_us'] * 100:.0f} % at the anchor's {anchor['ceilings']['copy_bandwidth_TBps']} TB/s." if anchor else "."))
+    if anc:
+        out.append(f"M ≤ 16: best fused ÷ ExLlamaV2 speedup, geometric mean {geomean(vs_exl_small):.2f}×, "
+                   f"min {min(vs_exl_small):.2f}×, max {max(vs_exl_small):.2f}×.")
+        out.append("Cells where the dispatch is slower than ExLlamaV2's shipped dispatch: "
+                   + (", ".join(worse) if worse else "none") + ".")
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("result")
+    ap.add_argument("--anchor", help="peers' timings JSON (same card model only)")
+    args = ap.parse_args()
+    result = json.loads(Path(args.result).read_text())
+    anchor = json.loads(Path(args.anchor).read_text()) if args.anchor else None
+    if anchor and "H100" not in result["device"]["name"]:
+        anchor = None
+    print(render(result, anchor), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
