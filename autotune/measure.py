@@ -129,6 +129,18 @@ class CudaEvaluator:
             got = self._recon[key] = self._measure(cfg, m, f"reconstruct chunk {config.recon_chunk_n}")
         return got
 
+    def dispatch(self, config: KernelConfig, check: bool = True) -> dict[int, Measurement]:
+        """Whole-dispatch time of `config` at every workload M (fresh, not memoised), each path
+        checked against the reference first when `check`."""
+        plans = self._plans(config)
+        plans[0].prepare(self.workload.ms)
+        out: dict[int, Measurement] = {}
+        for m in self.workload.ms:
+            if check:
+                self._gate(plans[0], m, f"dispatch {config.key()}")
+            out[m] = self._time(plans, m)
+        return out
+
     def interleaved(self, a: KernelConfig, b: KernelConfig, rounds: int = 5
                     ) -> tuple[dict[int, Measurement], dict[int, Measurement]]:
         out_a: dict[int, Measurement] = {}
