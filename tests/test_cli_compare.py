@@ -1,0 +1,192 @@
+"""`gemmtune bench` and `gemmtune compare` end to end on CPU: results files (no GPU), and the GPU
+seams of `autotune.study` replaced by a fake evaluator for the measuring paths. What a CI job
+relies on: the exit status (0 / 1 on regression / 2 usage), the one-line errors, the files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from gemmtune.autotune import compare as cmp
+from gemmtune.kernels.config import PRESETS
+from gemmtune.kernels.device import DeviceInfo
+from gemmtune.kernels.problem import Problem
+
+from gemmtune.cli import main
+
+try:
+    from test_compare import P1, P2, fake_gpu, results  # noqa: F401  (fixture re-export)
+except ImportError:  # tests collected as a package
+    from tests.test_compare import P1, P2, fake_gpu, results  # noqa: F401
+
+
+def run(*args: str) -> Any:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def write(tmp: Path, name: str, r: cmp.BenchResults) -> str:
+    path = tmp / name
+    r.save(path)
+    return str(path)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[str, str, str]:
+    """Base results, a copy 10 % slower at M=1 of P1, and an identical copy."""
+    base = {P1: {1: (10.0, 0.1), 4: (12.0, 0.1)}, P2: {1: (30.0, 0.2), 4: (31.0, 0.2)}}
+    slow = {P1: {1: (11.0, 0.1), 4: (12.1, 0.1)}, P2: {1: (30.0, 0.2), 4: (30.9, 0.2)}}
+    return (write(tmp_path, "base.json", results("main", base)),
+            write(tmp_path, "slow.json", results("pr", slow)),
+            write(tmp_path, "same.json", results("main", base)))
+
+
+def test_regression_exits_1_with_table_and_geomean(pair: tuple[str, str, str]) -> None:
+    base, slow, _ = pair
+    r = run("compare", base, slow)
+    assert r.exit_code == 1, r.output
+    assert "REGRESSION" in r.output
+    assert "1.100" in r.output  # the flagged ratio
+    assert "geomean B/A overall" in r.output
+    assert "1 regression" in r.output
+
+
+def test_no_regression_exits_0(pair: tuple[str, str, str]) -> None:
+    base, _, same = pair
+    r = run("compare", base, same)
+    assert r.exit_code == 0, r.output
+    assert "no regression" in r.output
+    assert "1.000" in r.output
+
+
+def test_threshold_decides(pair: tuple[str, str, str]) -> None:
+    base, slow, _ = pair
+    assert run("compare", base, slow, "--threshold", "15%").exit_code == 0
+    assert run("compare", base, slow, "--threshold", "0.05").exit_code == 1
+    # the other direction: B faster is never a regression
+    r = run("compare", slow, base)
+    assert r.exit_code == 0 and "faster" in r.output
+
+
+def test_spread_decides(tmp_path: Path) -> None:
+    a = write(tmp_path, "a.json", results("a", {P1: {1: (10.0, 0.6)}}))
+    b = write(tmp_path, "b.json", results("b", {P1: {1: (11.0, 0.6)}}))  # 1 µs < 1.2 µs of noise
+    assert run("compare", a, b).exit_code == 0
+    c = write(tmp_path, "c.json", results("c", {P1: {1: (11.0, 0.3)}}))
+    assert run("compare", a, c).exit_code == 1
+
+
+def test_reports_are_written(pair: tuple[str, str, str], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    base, slow, _ = pair
+    md, png, js = tmp_path / "o" / "c.md", tmp_path / "o" / "c.png", tmp_path / "o" / "c.json"
+    r = run("compare", base, slow, "--report", str(md), "--plot", str(png), "--json", str(js))
+    assert r.exit_code == 1  # files are written even when the gate fails
+    assert "| shape | M |" in md.read_text() and "**REGRESSION**" in md.read_text()
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    doc = json.loads(js.read_text())
+    assert doc["regressions"] == 1 and len(doc["rows"]) == 4
+
+
+def test_mismatches_warn_and_compare_the_intersection(tmp_path: Path) -> None:
+    other = DeviceInfo("nvidia", "NVIDIA A100-SXM4-80GB", "8.0", 108, 80 * 2**30)
+    a = write(tmp_path, "a.json", results("a", {P1: {1: (10.0, 0.1), 2: (10.0, 0.1)},
+                                                P2: {1: (5.0, 0.1)}}))
+    b = write(tmp_path, "b.json", results("b", {P1: {1: (10.0, 0.1)}}, device=other,
+                                          kernel_hash="f" * 64))
+    r = CliRunner().invoke(main, ["compare", a, b], catch_exceptions=False)
+    assert r.exit_code == 0
+    assert "different cards" in r.output and "different kernel builds" in r.output
+    assert "only in A" in r.output and P2.key() in r.output
+
+
+def test_filters_apply_to_results_files(pair: tuple[str, str, str]) -> None:
+    base, slow, _ = pair
+    # the regression is at P1, M=1: leave it out either way
+    assert run("compare", base, slow, "--shape", "14336x4096").exit_code == 0
+    assert run("compare", base, slow, "--m", "4").exit_code == 0
+    assert run("compare", base, slow, "--m", "1,4").exit_code == 1
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", "not valid JSON"),
+    ('{"format": "gemmtune-bench", "schema_version": 7}', "schema_version 7"),
+    ('{"format": "gemmtune-bench", "schema_version": 1}', "missing field"),
+    ("[1, 2]", "unknown source|neither a results file"),
+])
+def test_bad_files_one_clear_line(tmp_path: Path, pair: tuple[str, str, str], content: str,
+                                  message: str) -> None:
+    import re
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    r = CliRunner().invoke(main, ["compare", pair[0], str(bad)])
+    assert r.exit_code == 1
+    assert "Traceback" not in r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    assert re.search(message, lines[0])
+
+
+def test_usage_errors_exit_2(pair: tuple[str, str, str]) -> None:
+    assert CliRunner().invoke(main, ["compare", pair[0]]).exit_code == 2
+    assert CliRunner().invoke(main, ["compare", pair[0], pair[1], "--rounds", "1"]).exit_code == 2
+    assert CliRunner().invoke(main, ["compare", pair[0], pair[1], "--workload", "x"]).exit_code == 2
+
+
+def test_bad_threshold_and_unknown_source_are_one_line(pair: tuple[str, str, str]) -> None:
+    r = CliRunner().invoke(main, ["compare", pair[0], pair[1], "--threshold", "lots"])
+    assert r.exit_code == 1 and "threshold 'lots'" in r.output
+    r = CliRunner().invoke(main, ["compare", "exllamav2-0.0.11", "fastest", "--shape", "4096x4096"])
+    assert r.exit_code == 1 and "unknown source 'fastest'" in r.output
+
+
+def test_measuring_needs_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gemmtune.autotune import study as st
+
+    monkeypatch.setattr(st, "gpu_count", lambda: 0)
+    r = CliRunner().invoke(main, ["compare", "exllamav2-0.0.11", "exllamav2-0.0.12",
+                                  "--model", "llama-2-70b"])
+    assert r.exit_code == 1 and "no CUDA GPU" in r.output
+    r = CliRunner().invoke(main, ["compare", "exllamav2-0.0.11", "exllamav2-0.0.12"])
+    assert r.exit_code == 1 and "nothing to measure" in r.output
+
+
+def test_compare_presets_measured_interleaved(fake_gpu: list[Any], tmp_path: Path) -> None:
+    js = tmp_path / "c.json"
+    r = run("compare", "exllamav2-0.0.11", "exllamav2-0.0.12", "--model", "llama-2-70b",
+            "--m", "1,4,48", "--json", str(js))
+    assert r.exit_code == 1, r.output  # the fake makes 4 rows per block slower: a regression
+    assert len(fake_gpu) == 4  # llama-2-70b has four distinct shapes, one evaluator each
+    doc = json.loads(js.read_text())
+    assert doc["a"]["mode"] == "interleaved" and doc["a"]["source"]["label"] == "exllamav2-0.0.11"
+    assert {row["m"] for row in doc["rows"]} == {1, 4, 48}
+    assert "qkv×80" in r.output
+
+
+def test_bench_writes_results_then_compare_against_a_live_source(fake_gpu: list[Any],
+                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "default.json"
+    r = run("bench", "default", "--shape", "4096x4096", "--m", "1,128", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    res = cmp.load_results(out)
+    assert res.label == "default" and res.problems[0].problem == Problem(4096, 4096)
+    assert res.problems[0].config == PRESETS["default"]
+    assert {m: p.path for m, p in res.problems[0].points.items()} == {1: "fused", 128: "recon"}
+    # a file against a source: the source is measured on the file's shapes and Ms
+    r = run("compare", str(out), "default")
+    assert r.exit_code == 0, r.output
+    assert "1.000" in r.output
+    # bench of a results file shows it without a GPU
+    r = run("bench", str(out))
+    assert r.exit_code == 0 and "4096x4096" in r.output
+
+
+def test_bench_tuned_without_entries_fails_clearly(fake_gpu: list[Any], tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'empty.db'}"
+    r = CliRunner().invoke(main, ["bench", "tuned", "--model", "llama-3-8b", "--db", db])
+    assert r.exit_code == 1
+    assert "no tuned entry" in r.output and "gemmtune tune" in r.output
