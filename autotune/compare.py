@@ -194,6 +194,9 @@ def write_text_atomically(path: str | Path, text: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; reports are meant to be shared
         os.replace(tmp, target)
     except OSError as exc:
         if tmp and os.path.exists(tmp):
@@ -602,7 +605,7 @@ def measure_interleaved(
 
 def _provenance_summary(src: ResolvedSource) -> str:
     if src.kind == "preset":
-        return f"preset {src.label}: {PRESETS[src.label].key()}"
+        return f"built-in preset {src.label}"
     kinds = {"tuned": "tuning database", "profile": f"profile {src.label}"}
     text = kinds.get(src.kind, src.label)
     return text + (f" ({src.note})" if src.note else "")
@@ -811,10 +814,14 @@ def render_markdown(c: Comparison, title: str | None = None) -> str:
 def plot(c: Comparison, path: str | Path, title: str | None = None) -> None:
     """Latency against M (log-x) per problem, both curves, dashed verticals where each config
     switches from the fused kernel to reconstruct + cuBLAS (its max_q_gemm_rows)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise CompareError("--plot needs matplotlib (pip install matplotlib)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     groups: dict[str, list[Row]] = {}
     for r in c.rows:
@@ -850,11 +857,15 @@ def plot(c: Comparison, path: str | Path, title: str | None = None) -> None:
         layers = ", ".join(rows[0].layers)
         ax.set_title(key + (f"  ({layers})" if layers else ""), fontsize=9)
         ax.set_xscale("log", base=2)
+        ax.set_xticks([2**i for i in range(20) if min(ms) <= 2**i <= max(ms)])
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
         ax.set_xlabel("M (rows of A)")
         ax.set_ylabel("µs per call")
         ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="lower right")
     for idx in range(n, rows_n * cols):
         axes[idx // cols][idx % cols].axis("off")
     dev = c.a.device.get("name", "?")
