@@ -366,3 +366,25 @@ def test_workers_on_one_database_cooperate_on_one_study(db_url: str) -> None:
     # and at most a trial that both began before either finished.
     overlap = {k for k, _ in evs[0].fused_measured} & {k for k, _ in evs[1].fused_measured}
     assert len(overlap - {c.variant_key() for c in PRESETS.values()}) <= 1
+
+
+class _OneMWorse(Landscape):
+    """The landscape's optimum wins the weighted sum but is 30 % slower than the default at M=1."""
+
+    def fused(self, c: KernelConfig, m: int) -> float:
+        t = super().fused(c, m)
+        if m == 1 and c.variant_key() == self.optimum.variant_key():
+            return 1.3 * super().fused(KernelConfig(), 1)
+        return t
+
+
+def test_winner_is_never_slower_than_the_default_at_any_m(mem: optuna.storages.BaseStorage) -> None:
+    land = _OneMWorse()
+    ev = SyntheticEvaluator(PROBLEM, DECODE, land)
+    out = st.tune_problem(ev, mem, settings(space=SMALL, sampler="grid"))
+    assert out.accepted and out.best_config is not None
+    assert out.best_config.variant_key() != land.optimum.variant_key()
+    for m in DECODE.ms:
+        assert out.latencies_us[m] <= out.default_latencies_us[m] * (1 + st.FINAL_SLACK)
+    # ... and it still beats the default overall.
+    assert out.objective_us < out.default_objective_us
