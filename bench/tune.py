@@ -111,7 +111,8 @@ def main() -> int:
     res["device"] = query_device().to_dict()
     for p in shapes:
         res["efficiency"].append(efficiency(p, wl, args.samplers.split(","), args.budget, 1, log))
-    res["run_to_run"].append(run_to_run(shapes[0], wl, args.r2r_trials, log))
+    if args.r2r_trials:
+        res["run_to_run"].append(run_to_run(shapes[0], wl, args.r2r_trials, log))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(res, indent=1))
     return 0
