@@ -398,23 +398,6 @@ def classify_source(text: str) -> str:
                        f"({', '.join(PRESETS)}), a profile or a results file")
 
 
-def _profile_validator() -> Any:
-    class V:
-        def problem(self, data: dict[str, Any]) -> str:
-            return Problem(**data).key()
-
-        def workload(self, data: dict[str, Any]) -> str:
-            return Workload(data["name"], tuple(data["ms"]), tuple(data["weights"])).key()
-
-        def config(self, data: dict[str, Any]) -> str:
-            return KernelConfig.from_dict(data).key()
-
-        def device(self, data: dict[str, Any]) -> str:
-            return DeviceInfo.from_dict(data).fingerprint
-
-    return V()
-
-
 def _pick_entry(entries: Sequence[Any], workload_key: str | None) -> Any | None:
     """The entry for `workload_key` if there is one, else the newest for the problem."""
     if not entries:
@@ -455,9 +438,10 @@ def resolve_source(
     if kind == "profile":
         from gemmtune.db.errors import ProfileError
         from gemmtune.db.profiles import read_profile
+        from gemmtune.kernels.validate import KernelValidator
 
         try:
-            prof = read_profile(text, _profile_validator())
+            prof = read_profile(text, KernelValidator())
         except ProfileError as exc:
             raise CompareError(str(exc)) from None
         by_problem: dict[str, list[Any]] = {}

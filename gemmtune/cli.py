@@ -167,22 +167,7 @@ def _open_for_reading(db_url: str | None) -> Any:
 
 
 def _profile_validator() -> Any:
-    """Profile import checks problems, workloads, configs and devices with the kernel package's
-    own constructors, so a profile can hold nothing the search space does not allow."""
-    from gemmtune.kernels import DeviceInfo, KernelConfig, Problem, Workload
-
-    class KernelValidator:
-        def problem(self, data: dict[str, Any]) -> str:
-            return Problem(**data).key()
-
-        def workload(self, data: dict[str, Any]) -> str:
-            return Workload(data["name"], tuple(data["ms"]), tuple(data["weights"])).key()
-
-        def config(self, data: dict[str, Any]) -> str:
-            return KernelConfig.from_dict(data).key()
-
-        def device(self, data: dict[str, Any]) -> str:
-            return DeviceInfo.from_dict(data).fingerprint
+    from gemmtune.kernels.validate import KernelValidator
 
     return KernelValidator()
 

@@ -137,22 +137,6 @@ def _as_config(config: KernelConfig | str | dict[str, Any]) -> KernelConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-class _Validator:
-    """Profile validation through the kernel package's own constructors (same as the CLI's)."""
-
-    def problem(self, data: dict[str, Any]) -> str:
-        return Problem(**data).key()
-
-    def workload(self, data: dict[str, Any]) -> str:
-        return Workload(data["name"], tuple(data["ms"]), tuple(data["weights"])).key()
-
-    def config(self, data: dict[str, Any]) -> str:
-        return KernelConfig.from_dict(data).key()
-
-    def device(self, data: dict[str, Any]) -> str:
-        return DeviceInfo.from_dict(data).fingerprint
-
-
 @dataclass(frozen=True)
 class _ProfileIndex:
     path: str
@@ -168,8 +152,9 @@ def _load_profile(path: str) -> _ProfileIndex | None:
     index: _ProfileIndex | None = None
     try:
         from gemmtune.db.profiles import read_profile
+        from gemmtune.kernels.validate import KernelValidator
 
-        prof = read_profile(Path(path).expanduser(), _Validator())
+        prof = read_profile(Path(path).expanduser(), KernelValidator())
         by_problem: dict[str, list[tuple[str, str, KernelConfig]]] = {}
         for e in prof.entries:
             by_problem.setdefault(e.problem_key, []).append(
