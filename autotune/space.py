@@ -6,7 +6,7 @@ with; a `Space` says what the tuner *tries*. Two named spaces exist:
 - `standard` (the default): 360 kernel variants, small enough that `--sampler grid` (exhaustive)
   finishes in minutes on a GPU (a trial costs ~0.2-1 s), and a model-based sampler sees a good
   share of it in ~60 trials.
-- `full`: every choice of `TUNABLES` that passes `KernelConfig` validation: 4212 variants.
+- `full`: every choice of `TUNABLES` that passes `KernelConfig` validation: 2916 variants.
 
 What Optuna samples, and what it does not:
 
@@ -253,7 +253,7 @@ STANDARD = Space.build(
 resolved per trial."""
 
 FULL = Space.build("full", {t.name: t.choices for t in TUNABLES}, GROUPS)
-"""Every TUNABLES choice that is a valid config: rows_unroll 36 x tile 13 x split_k 9 = 4212
+"""Every TUNABLES choice that is a valid config: rows_unroll 36 x tile 9 x split_k 9 = 2916
 variants; 6 chunks resolved per trial."""
 
 SPACES: dict[str, Space] = {"standard": STANDARD, "full": FULL}

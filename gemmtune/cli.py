@@ -574,7 +574,7 @@ def _tune_table(title: str, results: list[Any], layer_names: dict[Any, list[str]
               show_default=True, help="tpe: model-based, good in few trials; gp: Gaussian process, "
               "best per trial, slower to ask; random; grid: every variant (exhaustive).")
 @click.option("--space", "space_name", type=click.Choice(["standard", "full"]), default="standard",
-              show_default=True, help="standard: 360 kernel variants; full: every valid choice (4212).")
+              show_default=True, help="standard: 360 kernel variants; full: every valid choice (2916).")
 @click.option("--device", "device_spec", default="0", show_default=True, metavar="N|all",
               help="GPU index, or `all`: one worker process per GPU sharing the database.")
 @click.option("--db", "db_url", metavar="URL", default=None,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .compile import FusedVariant, ReconVariant, Variant
-from .config import TUNABLES
+from .config import TUNABLES, registers_fit
 from .errors import KernelBuildError
 from .problem import KERNEL_BITS
 from .sources import COMMON_FLAGS, CUDA_DIR
@@ -36,7 +36,7 @@ def fused_variants(bits: Iterable[int] = KERNEL_BITS, quick: bool = False) -> li
     out = []
     for b, r, wn, wk, u, act, split in itertools.product(bits, rows, warps, warps, unrolls,
                                                          (False, True), (False, True)):
-        if wn * wk > 16 or u * -(-r // 8) > 8:
+        if wn * wk > 16 or u * -(-r // 8) > 8 or not registers_fit(32 * wn * wk, r, u):
             continue
         out.append(FusedVariant(b, r, wn, wk, u, act, split))
     if quick:

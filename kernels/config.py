@@ -36,8 +36,10 @@ TUNABLES: tuple[Tunable, ...] = (
             "template instance)", (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), 1, 64),
     Tunable("block_n", "output columns one block covers (32 per warp column)", (32, 64, 128, 256),
             32, 256),
+    # 512 threads stay valid (within the register rule below) but out of the tuner's choices:
+    # they never won on an H100 except in instances that spilled.
     Tunable("threads", "threads per block; threads / block_n warps split the block's K range",
-            (64, 128, 256, 512), 32, 512),
+            (64, 128, 256), 32, 512),
     Tunable("split_k", "K slices across blocks (0 = choose from the SM count); slices are "
             "reduced in fp32 by the last block to finish", (0, 1, 2, 3, 4, 6, 8, 12, 16), 0, 64),
     Tunable("k_unroll", "K steps each thread loads before it computes (loads in flight)",
@@ -48,6 +50,17 @@ TUNABLES: tuple[Tunable, ...] = (
 )
 
 _BY_NAME = {t.name: t for t in TUNABLES}
+
+
+def registers_fit(threads: int, rows: int, unroll: int) -> bool:
+    """Whether a fused-kernel instance fits its register budget without spilling. 512 threads
+    leave 128 registers per thread; ptxas (sm_90, `gemmtune kernels check`) spills 4-bit
+    instances there with one 8-row tile and k_unroll >= 4 (double-buffered loads), and with
+    eight tiles (64 rows)."""
+    if threads < 512:
+        return True
+    tiles = -(-rows // 8)
+    return unroll <= 2 if tiles == 1 else tiles < 8
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,12 @@ class KernelConfig:
         if warps_k & (warps_k - 1):
             raise InvalidConfigError(f"threads/block_n={warps_k} must be a power of two")
         tiles = -(-self.max_q_gemm_rows_kernel // 8)
+        if not registers_fit(self.threads, self.max_q_gemm_rows_kernel, self.k_unroll):
+            raise InvalidConfigError(
+                f"threads={self.threads} with k_unroll={self.k_unroll} and max_q_gemm_rows_kernel="
+                f"{self.max_q_gemm_rows_kernel} needs more than the {65536 // self.threads} "
+                "registers a thread gets (512 threads: k_unroll <= 2 for <= 8 rows, < 64 rows)"
+            )
         if self.k_unroll * tiles > 8:
             raise InvalidConfigError(
                 f"k_unroll={self.k_unroll} with max_q_gemm_rows_kernel={self.max_q_gemm_rows_kernel} "

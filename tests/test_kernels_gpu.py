@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 from gemmtune.kernels import reference
-from gemmtune.kernels.config import PRESETS, KernelConfig
+from gemmtune.kernels.config import PRESETS, KernelConfig, registers_fit
 from gemmtune.kernels.errors import InvalidTensorError
 from gpu_util import activations, layer, reference_product, requires_gpu
 
@@ -71,7 +71,9 @@ def _variant_sample() -> list[KernelConfig]:
         if bn * wk > 512:
             wk = 512 // bn
         u = us[i % len(us)]
-        while u * -(-mk // 8) > 8:
+        while not registers_fit(bn * wk, mk, 1):
+            wk //= 2
+        while u * -(-mk // 8) > 8 or not registers_fit(bn * wk, mk, u):
             u //= 2
         out.append(KernelConfig(max_q_gemm_rows=4096, max_q_gemm_rows_kernel=mk, block_n=bn,
                                 threads=bn * wk, split_k=sks[i % len(sks)], k_unroll=u))

@@ -53,7 +53,7 @@ def test_full_is_every_valid_tunable_choice() -> None:
             continue
         expected.add(cfg.variant_key())
     assert {c.variant_key() for c in FULL.variants()} == expected
-    assert FULL.size == len(expected) == 4212
+    assert FULL.size == len(expected) == 2916
     assert FULL.recon_chunk_n == by["recon_chunk_n"]
 
 
