@@ -36,6 +36,20 @@ def _iqr(xs: list[float]) -> float:
     return q[2] - q[0]
 
 
+def _capture(call: Callable[[int], object], calls: int, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+    """Run `call(0..calls-1)` once eagerly on `stream` (compiles, allocates, warms cuBLAS), then
+    capture the same calls into a graph."""
+    with torch.cuda.stream(stream):
+        for i in range(calls):
+            call(i)
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for i in range(calls):
+            call(i)
+    return graph
+
+
 def graph_time(call: Callable[[int], object], calls: int = CALLS_PER_GRAPH, repeats: int = 15,
                warmup: int = 2) -> Measurement:
     """Per-call GPU time of `call(i)` for i in 0..calls-1, captured once and replayed.
@@ -45,14 +59,7 @@ def graph_time(call: Callable[[int], object], calls: int = CALLS_PER_GRAPH, repe
     """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(calls):
-            call(i)
-    stream.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for i in range(calls):
-            call(i)
+    graph = _capture(call, calls, stream)
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
     with torch.cuda.stream(stream):
@@ -75,17 +82,7 @@ def graph_time_interleaved(calls_a: Callable[[int], object], calls_b: Callable[[
     tuned winner against the default, where drift between two separate runs would bias it."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    graphs = []
-    for fn in (calls_a, calls_b):
-        with torch.cuda.stream(stream):
-            for i in range(calls):
-                fn(i)
-        stream.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=stream):
-            for i in range(calls):
-                fn(i)
-        graphs.append(g)
+    graphs = [_capture(fn, calls, stream) for fn in (calls_a, calls_b)]
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
     out: list[list[float]] = [[], []]

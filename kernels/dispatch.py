@@ -17,6 +17,11 @@ from .errors import InvalidTensorError
 from .weights import QuantizedWeight
 from .workspace import Workspace, workspace
 
+# Split-K partial sums are kept for at most this many rows of A: splitting K pays when M is small
+# (few output tiles for many SMs); above it the grid is large enough without, and the fp32
+# workspace (rows x N) stays bounded (256 x 57344 x 4 B = 59 MB) whatever max_q_gemm_rows is.
+SPLIT_MAX_ROWS = 256
+
 # Blocks to aim for when split_k = 0 (auto): two waves of the GPU keep every SM busy while the
 # last blocks of the first wave drain.
 _AUTO_WAVES = 2
@@ -52,9 +57,9 @@ class Plan:
         self.recon_variant = ck.ReconVariant(p.bits, p.act_order)
         self.chunk = config.recon_chunk_n if 0 < config.recon_chunk_n < p.n else p.n
         self.ws: Workspace = workspace(weight.device)
-        max_fused = min(self.max_rows, 1 << 16)
-        tiles = self.grid_x * _cdiv(max(max_fused, 1), self.m_count)
-        self.ws.ensure(max_fused * p.n, tiles, p.k * self.chunk)
+        split_rows = min(self.max_rows, SPLIT_MAX_ROWS)
+        tiles = self.grid_x * _cdiv(max(split_rows, 1), self.m_count)
+        self.ws.ensure(split_rows * p.n, tiles, p.k * self.chunk)
         self._fns: dict[tuple[int, bool], object] = {}
         self._slots: dict[int, int] = {}
         self._recon_fn: object | None = None
@@ -98,7 +103,10 @@ class Plan:
 
     def split_for(self, m: int) -> int:
         """K slices at M: config.split_k, or (auto, 0) the count whose grid fills the GPU's block
-        slots in the most nearly whole waves, so the last wave does not run a few SMs alone."""
+        slots in the most nearly whole waves, so the last wave does not run a few SMs alone.
+        No split above SPLIT_MAX_ROWS rows."""
+        if m > SPLIT_MAX_ROWS:
+            return 1
         rows = self.rows_for(m)
         base = self.grid_x * _cdiv(m, rows)
         max_split = max(1, self.total_steps // self.config.warps_k)
