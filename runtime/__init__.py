@@ -19,6 +19,7 @@ from .lookup import (
     LookupResult,
     clear_cache,
     lookup,
+    lookup_split,
 )
 from .patch import PatchedLayer, PatchReport, describe, load_quantized, patch, quantize_model
 from .quant_linear import GPTQSpec, QuantLinear
@@ -37,6 +38,7 @@ __all__ = [
     "describe",
     "load_quantized",
     "lookup",
+    "lookup_split",
     "patch",
     "quantize_model",
 ]

@@ -31,7 +31,7 @@ from typing import Any
 from gemmtune.kernels.config import PRESETS, KernelConfig
 from gemmtune.kernels.device import DeviceInfo
 from gemmtune.kernels.problem import Problem
-from gemmtune.kernels.workload import Workload
+from gemmtune.kernels.workload import WORKLOADS, Workload
 
 PROFILE_ENV = "GEMMTUNE_PROFILE"
 DB_ENV = "GEMMTUNE_DB"
@@ -75,7 +75,7 @@ _LOCK = threading.RLock()
 _CACHE: dict[tuple[Any, ...], LookupResult] = {}
 _STORES: dict[str, Any] = {}  # url -> Store | None (None: unusable, warned)
 _PROFILES: dict[str, _ProfileIndex | None] = {}
-_STALE: dict[tuple[str, str], frozenset[str]] = {}  # (url, fingerprint) -> stale problem keys
+_INDEX: dict[tuple[str, str], list[Any]] = {}  # (url, fingerprint) -> that device's entries
 _WARNED: set[str] = set()
 
 
@@ -90,7 +90,7 @@ def clear_cache() -> None:
         _STORES.clear()
         _CACHE.clear()
         _PROFILES.clear()
-        _STALE.clear()
+        _INDEX.clear()
         _WARNED.clear()
         current_kernel_hash.cache_clear()
 
@@ -233,14 +233,13 @@ def _open_store(url: str) -> Any:
     return store
 
 
-def _stale_problems(store: Any, url: str, fingerprint: str) -> frozenset[str]:
+def _db_index(store: Any, url: str, fingerprint: str) -> list[Any]:
+    """Every entry of this device in the database, read with one query per process: a model load
+    resolves all its layers from memory (the stale flag is set against this build's hash)."""
     key = (url, fingerprint)
-    got = _STALE.get(key)
+    got = _INDEX.get(key)
     if got is None:
-        entries = store.list_results(fingerprint, current_kernel_hash())
-        current = {e.problem_key for e in entries if not e.stale}
-        got = frozenset(e.problem_key for e in entries if e.stale and e.problem_key not in current)
-        _STALE[key] = got
+        got = _INDEX[key] = list(store.list_results(fingerprint, current_kernel_hash()))
     return got
 
 
@@ -252,14 +251,17 @@ def _from_db(fingerprint: str, problem_key: str, workload_key: str | None) -> Lo
     if store is None:
         return None
     try:
-        entry = store.get_result(fingerprint, current_kernel_hash(), problem_key, workload_key)
-        if entry is None:
-            if problem_key in _stale_problems(store, url, fingerprint):
+        entries = [e for e in _db_index(store, url, fingerprint) if e.problem_key == problem_key]
+        served = [e for e in entries if not e.stale
+                  and (workload_key is None or e.workload_key == workload_key)]
+        if not served:
+            if any(e.stale for e in entries) and not any(not e.stale for e in entries):
                 _warn_once(f"db-stale:{url}",
                            f"gemmtune: the tuning database {_where(store)} holds results for "
                            "this device measured with another kernel build (stale, never "
                            "used); using default configs — re-run `gemmtune tune`")
             return None
+        entry = max(served, key=lambda e: (e.created_at is not None, e.created_at))
         config = KernelConfig.from_dict(entry.config)
     except Exception as exc:  # DatabaseError mid-load, an entry this version cannot read, ...
         _warn_once(f"db:{url}", f"gemmtune: tuning database not usable, using default kernel "
@@ -314,6 +316,36 @@ def lookup(device: DeviceInfo | str | None, problem: Problem,
         result = _resolve(fingerprint, pkey, wkey, env[0], env[2])
         _CACHE[key] = result
         return result
+
+
+DECODE_MAX_M = max(WORKLOADS["decode"].ms)
+"""Largest M of the `decode` workload: up to it a decode-tuned config serves (see lookup_split)."""
+
+
+def lookup_split(device: DeviceInfo | str | None, problem: Problem, *,
+                 config: KernelConfig | str | dict[str, Any] | None = None
+                 ) -> tuple[LookupResult, LookupResult | None]:
+    """(main, small) for a layer whose caller gave no workload: `small` serves M <= DECODE_MAX_M.
+
+    One config per layer must serve token-by-token decode and prompt chunks alike, and the best
+    kernel variant for M = 1 is rarely the best for M = 64. When this GPU has a config tuned for
+    the `decode` workload *and* one tuned for a larger workload (`mixed`, then `prefill`, then the
+    newest other entry), decode-sized calls use the first and the rest the second. Otherwise
+    `small` is None and `main` is what `lookup(device, problem)` serves.
+    """
+    if config is not None:
+        return lookup(device, problem, config=config), None
+    small = lookup(device, problem, "decode")
+    if small.source == "default":
+        return lookup(device, problem), None
+    for name in ("mixed", "prefill"):
+        big = lookup(device, problem, name)
+        if big.source != "default":
+            return big, small
+    newest = lookup(device, problem)
+    if newest.source != "default" and newest.workload_key != small.workload_key:
+        return newest, small
+    return small, None
 
 
 def _resolve(fingerprint: str | None, pkey: str, wkey: str | None, profile: str,

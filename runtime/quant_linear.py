@@ -31,7 +31,7 @@ from gemmtune.kernels.problem import KERNEL_BITS, SUPPORTED_GROUPS, Problem
 from gemmtune.kernels.workload import Workload
 from torch import nn
 
-from .lookup import LookupResult, device_info, lookup
+from .lookup import DECODE_MAX_M, LookupResult, device_info, lookup, lookup_split
 
 CHECKPOINT_FORMATS: dict[str, ZeroFormat] = {"gptq": "v1", "gptq_v2": "v2"}
 
@@ -202,6 +202,9 @@ class QuantLinear(nn.Module):
         """Drop everything derived from the buffers (called when they move or are reloaded)."""
         self._qw: Any = None  # QuantizedWeight
         self._plan: Any = None  # bound dispatch Plan
+        self._small_plan: Any = None  # decode-tuned Plan for M <= _small_max (see lookup_split)
+        self._small_max = 0
+        self.small_lookup_result: LookupResult | None = None
         self._bias16: torch.Tensor | None = None
         self._dense: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._dense_version: tuple[int, ...] = ()
@@ -251,10 +254,18 @@ class QuantLinear(nn.Module):
 
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         problem = self.problem
-        res = lookup(device_info(idx), problem, self.workload, config=self.requested_config)
+        small = None
+        if self.workload is None:
+            res, small = lookup_split(device_info(idx), problem, config=self.requested_config)
+        else:
+            res = lookup(device_info(idx), problem, self.workload, config=self.requested_config)
         qw = QuantizedWeight(self.gptq_tensors(), torch.device("cuda", idx))
         plan = plan_for(qw, res.config)
         plan.prepare()
+        if small is not None and small.config != res.config:
+            self._small_plan = plan_for(qw, small.config)
+            self._small_plan.prepare(tuple(range(1, DECODE_MAX_M + 1)))
+            self._small_max, self.small_lookup_result = DECODE_MAX_M, small
         self._qw, self._plan, self.lookup_result = qw, plan, res
         self._bias16 = None if self.bias is None else self.bias.to(torch.float16).contiguous()
         return res
@@ -280,6 +291,8 @@ class QuantLinear(nn.Module):
                     x = x.contiguous()
                 if x.data_ptr() % 16:  # a view into the middle of a tensor: kernels need 16 B
                     x = x.clone()
+                if self._small_max and x.numel() <= self._small_max * self.in_features:
+                    plan = self._small_plan
                 out = plan(x)
                 if self._bias16 is not None:
                     out.add_(self._bias16)
@@ -331,6 +344,9 @@ class QuantLinear(nn.Module):
         act = ", act_order=True" if self._act_order() else ""
         if self.lookup_result is not None:
             cfg = f"config={self.lookup_result.config.key()} (source: {self.lookup_result.source})"
+            if self.small_lookup_result is not None:
+                cfg += (f", M<={self._small_max}: {self.small_lookup_result.config.key()} "
+                        f"(source: {self.small_lookup_result.source}, decode)")
         elif self.qweight.is_cuda and self.bits not in KERNEL_BITS:
             cfg = "config=none (no CUDA kernel for this bit width: dense reference path)"
         elif self.qweight.is_cuda:

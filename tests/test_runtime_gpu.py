@@ -138,3 +138,34 @@ def test_patch_on_cuda_resolves_configs_now() -> None:
     assert [r.source for r in report] == ["default"] and report.layers[0].config_key == PRESETS["default"].key()
     a = activations(3, 1024, seed=9)
     assert reference.relative_error(model(a), reference_product(a, t)) < reference.fp16_tolerance(1024)
+
+
+def test_decode_sized_calls_use_the_decode_tuned_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        make_entry) -> None:
+    """A database with a `decode` and a `mixed` entry: M <= 8 runs the decode config's kernel,
+    larger M the mixed one, and both give the right product (also inside one CUDA graph)."""
+    from gemmtune.db.store import Store
+    from gemmtune.kernels.device import query_device
+
+    decode_cfg = KernelConfig(max_q_gemm_rows=8, max_q_gemm_rows_kernel=8, block_n=128, threads=128,
+                              split_k=4, k_unroll=4)
+    t = layer(4096, 1024, 4, 128, False, seed=23)
+    p = t.problem
+    dev = query_device().to_dict()
+    path = tmp_path / "t.db"
+    with Store.open(f"sqlite:///{path}") as store:
+        store.put_result(make_entry(p.k, p.n, config=TUNED, workload="mixed", device=dev))
+        store.put_result(make_entry(p.k, p.n, config=decode_cfg, workload="decode", device=dev))
+    monkeypatch.setenv("GEMMTUNE_DB", str(path))
+    q = QuantLinear.from_gptq_tensors(t).cuda()
+    assert q.config == TUNED and q.small_lookup_result is not None
+    assert q.small_lookup_result.config == decode_cfg
+    assert f"M<=8: {decode_cfg.key()}" in repr(q)
+    used: list[KernelConfig] = []
+    for plan in (q._plan, q._small_plan):
+        real = plan.run_fused
+        monkeypatch.setattr(plan, "run_fused", lambda *a, _r=real, _c=plan.config: (used.append(_c), _r(*a))[1])
+    for m in (1, 8, 9, 16, 64):
+        a = activations(m, 4096, seed=200 + m)
+        assert reference.relative_error(q(a), reference_product(a, t)) < reference.fp16_tolerance(4096)
+    assert used == [decode_cfg, decode_cfg, TUNED, TUNED]  # M=64 > 24: reconstruct path

@@ -78,23 +78,19 @@ def test_database_serves_the_tuned_config_for_its_device_problem_and_workload(
     assert lookup(None, P).source == "default"  # no GPU: nothing to look up
 
 
-def test_a_model_load_queries_once_per_distinct_problem(tmp_path: Path, monkeypatch, make_entry) -> None:
+def test_a_model_load_opens_and_reads_the_database_once(tmp_path: Path, monkeypatch, make_entry) -> None:
     _db(tmp_path, monkeypatch, make_entry(config=TUNED), make_entry(4096, 14336, config=OTHER))
-    calls: list[str] = []
-    real = Store.get_result
-
-    def counting(self: Store, fp: str, kh: str, pk: str, wk: str | None = None) -> Any:
-        calls.append(pk)
-        return real(self, fp, kh, pk, wk)
-
-    monkeypatch.setattr(Store, "get_result", counting)
+    reads: list[str] = []
+    real_list, real_get = Store.list_results, Store.get_result
+    monkeypatch.setattr(Store, "list_results", lambda self, *a, **k: reads.append("list") or real_list(self, *a, **k))
+    monkeypatch.setattr(Store, "get_result", lambda self, *a, **k: reads.append("get") or real_get(self, *a, **k))
     opens: list[str] = []
     real_open = Store.open.__func__  # type: ignore[attr-defined]
     monkeypatch.setattr(Store, "open", classmethod(lambda cls, *a, **k: opens.append("o") or real_open(cls, *a, **k)))
     layers = [P, P2, Problem(14336, 4096), Problem(4096, 6144)] * 80
-    results = [lookup(DEV, p) for p in layers]
-    assert sorted(calls) == sorted({p.key() for p in layers}) and len(opens) == 1
-    assert results[0].config == TUNED and results[1].config == OTHER and results[2].source == "default"
+    results = [lookup(DEV, p, wl) for p in layers for wl in (None, "decode", "mixed")]
+    assert reads == ["list"] and len(opens) == 1
+    assert results[0].config == TUNED and results[3].config == OTHER and results[6].source == "default"
 
 
 def test_disable_forces_defaults(tmp_path: Path, monkeypatch, make_entry) -> None:
@@ -150,7 +146,7 @@ def _locked(tmp_path: Path, monkeypatch, make_entry) -> None:
     def locked(*_a: Any, **_k: Any) -> Any:
         raise DatabaseLockedError("database t.db stayed locked by another process")
 
-    monkeypatch.setattr(Store, "get_result", locked)
+    monkeypatch.setattr(Store, "list_results", locked)
 
 
 def _unreachable_server(tmp_path: Path, monkeypatch, make_entry) -> None:
@@ -240,3 +236,22 @@ def test_clear_cache_sees_new_results(tmp_path: Path, monkeypatch, make_entry) -
     clear_cache()
     assert lookup(DEV, P).config == TUNED
     assert importlib.import_module("gemmtune.runtime.lookup").current_kernel_hash() == kernel_hash()
+
+
+def test_split_serves_a_decode_config_beside_a_larger_workloads_config(
+        tmp_path: Path, monkeypatch, make_entry) -> None:
+    from gemmtune.runtime import lookup_split
+
+    _db(tmp_path, monkeypatch, make_entry(config=OTHER, workload="mixed"),
+        make_entry(config=TUNED, workload="decode"))
+    main, small = lookup_split(DEV, P)
+    assert (main.config, main.workload_key) == (OTHER, "mixed")
+    assert small is not None and (small.config, small.workload_key) == (TUNED, "decode")
+    # Only a decode entry: it serves every M (no split); nothing tuned: the default, no split.
+    assert lookup_split(DEV, P2) == (lookup(DEV, P2), None)
+    clear_cache()
+    _db(tmp_path, monkeypatch, make_entry(config=TUNED, workload="decode"), name="only-decode.db")
+    main, small = lookup_split(DEV, P)
+    assert main.config == TUNED and small is None
+    # An explicit config is never split.
+    assert lookup_split(DEV, P, config=OTHER) == (lookup(DEV, P, config=OTHER), None)
