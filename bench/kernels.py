@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from gemmtune.autotune import timing
-from gemmtune.kernels.config import KernelConfig
+from gemmtune.kernels.config import KernelConfig, registers_fit
 from gemmtune.kernels.device import query_device
 from gemmtune.kernels.dispatch import plan_for
 from gemmtune.kernels.gptq import random_gptq
@@ -52,7 +52,8 @@ def candidates() -> list[KernelConfig]:
         for bn in (64, 128):
             for wk in (1, 2, 4):
                 for u in (1, 2, 4, 8):
-                    if u * -(-mk // 8) > 8 or (u == 1 and mk < 64) or (u == 8 and mk > 8):
+                    if u * -(-mk // 8) > 8 or (u == 1 and mk < 64) or (u == 8 and mk > 8) \
+                            or not registers_fit(bn * wk, mk, u):
                         continue
                     out.append(KernelConfig(max_q_gemm_rows=FUSED_LIMIT, max_q_gemm_rows_kernel=mk,
                                             block_n=bn, threads=bn * wk, split_k=0, k_unroll=u))
