@@ -394,6 +394,9 @@ def classify_source(text: str) -> str:
                            f"({PROFILE_FORMAT}); format is {fmt!r}")
     if p.exists():
         raise CompareError(f"{text} is not a file")
+    if p.suffix.lower() == ".json" or "/" in text:
+        raise CompareError(f"{text}: no such file (a source is tuned, a preset, a profile or a "
+                           "results file)")
     raise CompareError(f"unknown source {text!r}: expected tuned, a preset "
                        f"({', '.join(PRESETS)}), a profile or a results file")
 

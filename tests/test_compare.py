@@ -243,6 +243,8 @@ def test_preset_and_unknown_sources(tmp_path: Path) -> None:
         cmp.resolve_source("fastest", [P1])
     with pytest.raises(cmp.CompareError, match="not a file"):
         cmp.resolve_source(str(tmp_path), [P1])
+    with pytest.raises(cmp.CompareError, match="missing.json: no such file"):
+        cmp.resolve_source(str(tmp_path / "missing.json"), [P1])
     other = tmp_path / "other.json"
     other.write_text('{"format": "x"}')
     with pytest.raises(cmp.CompareError, match="neither a results file"):
