@@ -45,7 +45,6 @@ class Plan:
         self.group_shift = g.bit_length() - 1 if g & (g - 1) == 0 and p.group_size != -1 else 31
         self.max_rows = config.max_q_gemm_rows
         self.m_count = config.max_q_gemm_rows_kernel
-        self.block_n = config.block_n
         self.threads = config.threads
         self.grid_x = _cdiv(p.n, config.block_n)
         kstep = 4 * (32 // p.bits)
