@@ -112,7 +112,9 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     """Optuna RDB storage on the gemmtune database URL, one per URL per process.
 
     SQLite gets a long busy timeout so workers of `--device all` (one file, several processes)
-    wait for each other's short write transactions instead of failing with "database is locked".
+    wait for each other's short write transactions instead of failing with "database is locked",
+    and transactions that take the write lock as they begin, so that two workers cannot both
+    claim one enqueued trial.
     """
     with _STORAGE_LOCK:
         storage = _STORAGES.get(url)
@@ -125,6 +127,10 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
                 kwargs["pool_pre_ping"] = True
                 engine_url = _postgres_driver(url)
             storage = optuna.storages.RDBStorage(engine_url, engine_kwargs=kwargs)
+            if url.startswith("sqlite"):
+                from gemmtune.db.store import serialize_sqlite_transactions
+
+                serialize_sqlite_transactions(storage.engine)
             _STORAGES[url] = storage
         return storage
 
@@ -584,9 +590,12 @@ def tune_problem(
                     objective, n_trials=None, timeout=remaining,
                     catch=(TrialFailure,), callbacks=[callback], gc_after_trial=False,
                 )
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # Another worker finished the trial this one was on (which make_storage's
+                # locking should prevent): that trial is done, carry on.
+                continue
             except ValueError as exc:
-                # Two workers popped the same enqueued trial (SQLite has no SELECT ... FOR
-                # UPDATE) and the other told it first: that trial is done, carry on.
+                # The same race seen from `tell`: "Cannot tell a COMPLETE trial".
                 if "Cannot tell" not in str(exc):
                     raise
                 continue
