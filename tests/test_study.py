@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -337,10 +339,6 @@ def test_accepted_outcome_is_stored_with_both_latency_sets(url: str) -> None:
 def test_workers_on_one_database_cooperate_on_one_study(db_url: str) -> None:
     """Two workers (threads here; processes or hosts in production) on one database URL share
     the study: together they run the target, and neither measures what the other finished."""
-    import threading
-
-    import time
-
     # A measurement takes time on a GPU; without it one thread finishes the study before the
     # other has started and nothing is shared.
     evs = [SyntheticEvaluator(PROBLEM, MIXED, on_fused=lambda c, m: time.sleep(0.003))
