@@ -336,13 +336,48 @@ def test_accepted_outcome_is_stored_with_both_latency_sets(url: str) -> None:
     assert out.study_name in optuna.get_all_study_names(url)
 
 
+def test_a_queued_trial_is_claimed_by_one_worker_only(db_url: str) -> None:
+    """Workers asking at the same moment for the one enqueued variant: one gets it, the other a
+    new trial. (SQLite has no row locks; the storage takes the write lock when a transaction
+    begins, or both would claim it, measure it twice and one would fail telling it.)"""
+    storage = st.make_storage(db_url)
+    for round_ in range(8):
+        name = f"claim-{round_}"
+        study = optuna.create_study(study_name=name, storage=storage)
+        study.enqueue_trial({"x": 0.5})
+        gate = threading.Barrier(2, timeout=60)
+        got: list[int] = []
+
+        def ask(name: str = name, gate: threading.Barrier = gate, got: list[int] = got) -> None:
+            mine = optuna.load_study(study_name=name, storage=storage)
+            gate.wait()
+            got.append(mine.ask().number)
+
+        threads = [threading.Thread(target=ask) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(got) == [0, 1], f"round {round_}: trials claimed {got}"
+
+
 def test_workers_on_one_database_cooperate_on_one_study(db_url: str) -> None:
     """Two workers (threads here; processes or hosts in production) on one database URL share
     the study: together they run the target, and neither measures what the other finished."""
-    # A measurement takes time on a GPU; without it one thread finishes the study before the
-    # other has started and nothing is shared.
-    evs = [SyntheticEvaluator(PROBLEM, MIXED, on_fused=lambda c, m: time.sleep(0.003))
-           for _ in range(2)]
+    # A measurement takes time on a GPU, and both workers are running before either measures:
+    # otherwise, on a loaded machine, one thread can finish the study before the other starts.
+    both_started = threading.Barrier(2, timeout=60)
+    first = [True, True]
+
+    def measuring(i: int) -> Any:
+        def hook(c: KernelConfig, m: int) -> None:
+            if first[i]:
+                first[i] = False
+                both_started.wait()
+            time.sleep(0.003)
+        return hook
+
+    evs = [SyntheticEvaluator(PROBLEM, MIXED, on_fused=measuring(i)) for i in range(2)]
     outs: list[Any] = [None, None]
     errors: list[BaseException] = []
 
