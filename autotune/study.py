@@ -116,6 +116,8 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     and transactions that take the write lock as they begin, so that two workers cannot both
     claim one enqueued trial.
     """
+    from gemmtune.db.store import serialize_sqlite_transactions
+
     with _STORAGE_LOCK:
         storage = _STORAGES.get(url)
         if storage is None:
@@ -127,10 +129,7 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
                 kwargs["pool_pre_ping"] = True
                 engine_url = _postgres_driver(url)
             storage = optuna.storages.RDBStorage(engine_url, engine_kwargs=kwargs)
-            if url.startswith("sqlite"):
-                from gemmtune.db.store import serialize_sqlite_transactions
-
-                serialize_sqlite_transactions(storage.engine)
+            serialize_sqlite_transactions(storage.engine)  # no-op on other backends
             _STORAGES[url] = storage
         return storage
 

@@ -741,7 +741,7 @@ def _make_engine(u: URL, path: Path | None, readonly: bool, busy_timeout_s: floa
     return engine
 
 
-def serialize_sqlite_transactions(engine: Engine, busy_timeout_s: float = 120.0) -> None:
+def serialize_sqlite_transactions(engine: Engine) -> None:
     """Make every transaction on a SQLite `engine` made elsewhere (Optuna's storage) take the
     write lock when it begins (`BEGIN IMMEDIATE`).
 
@@ -750,7 +750,7 @@ def serialize_sqlite_transactions(engine: Engine, busy_timeout_s: float = 120.0)
     fails on a trial that is already complete. Optuna's transactions are a few milliseconds
     against seconds per trial, so serializing them costs nothing measurable. Connections
     already pooled are dropped so that every later one gets the hooks. Other backends lock
-    rows and are left alone.
+    rows and are left alone. The busy timeout is the caller's (pysqlite's `timeout`).
     """
     if engine.dialect.name != "sqlite":
         return
@@ -758,11 +758,6 @@ def serialize_sqlite_transactions(engine: Engine, busy_timeout_s: float = 120.0)
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # BEGIN is ours, not pysqlite's
-        cur = dbapi_conn.cursor()
-        try:
-            cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        finally:
-            cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
