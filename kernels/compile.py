@@ -66,7 +66,23 @@ class ReconVariant:
         return "const uint32_t*, const half2*, const int*, half*, int, int, int, int, int, int"
 
 
-Variant = FusedVariant | ReconVariant
+@dataclass(frozen=True)
+class StreamReadVariant:
+    """The read-bandwidth probe (`kernels/cuda/stream_read.cu`): the ceiling of every roofline."""
+
+    unroll: int = 4
+
+    source = "stream_read.cu"
+    threads = 256
+
+    def expression(self) -> str:
+        return f"gemmtune::stream_read<{self.unroll}>"
+
+    def signature(self) -> str:
+        return "const uint4*, long long, uint32_t*"
+
+
+Variant = FusedVariant | ReconVariant | StreamReadVariant
 
 _lock = threading.Lock()
 _functions: dict[tuple[str, int], Any] = {}
@@ -161,3 +177,7 @@ def ptr(value: int) -> np.uint64:
 
 def i32(value: int) -> np.int32:
     return np.int32(value)
+
+
+def i64(value: int) -> np.int64:
+    return np.int64(value)

@@ -42,7 +42,8 @@ TUNABLES: tuple[Tunable, ...] = (
             (64, 128, 256), 32, 512),
     Tunable("split_k", "K slices across blocks (0 = choose from the SM count); slices are "
             "reduced in fp32 by the last block to finish", (0, 1, 2, 3, 4, 6, 8, 12, 16), 0, 64),
-    Tunable("k_unroll", "K steps each thread loads before it computes (loads in flight)",
+    Tunable("k_unroll", "pipeline depth: the fused kernel keeps up to 4 * k_unroll K steps of "
+            "weights per warp in flight through a shared-memory ring",
             (1, 2, 4, 8), 1, 16),
     Tunable("recon_chunk_n", "reconstruct path: columns dequantized per cuBLAS call so the fp16 "
             "chunk stays in L2 (0 = whole matrix at once)", (0, 1024, 2048, 4096, 8192, 16384),

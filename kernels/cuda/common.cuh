@@ -70,6 +70,55 @@ __device__ __forceinline__ half2 unpack_pair(uint32_t word, int pair) {
   return u32_as_h2(((word >> (BITS * pair)) & mask) | 0x64006400u);
 }
 
+// 16-byte global -> shared copy that completes asynchronously (cp.async, sm_80+), so a thread
+// can keep many loads in flight without holding registers for them. `valid == false` fills the
+// destination with zeros and reads nothing. Elsewhere (HIP, older targets) it is a plain copy and
+// the commit/wait calls are no-ops.
+// CACHE_L1: allocate in L1 too (data other lanes or steps re-read), else L2 only (streams).
+template <bool CACHE_L1 = false>
+__device__ __forceinline__ void copy16_async(uint4* smem_dst, const void* gmem_src, bool valid) {
+#if !defined(__HIPCC__) && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  if constexpr (CACHE_L1) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(dst), "l"(gmem_src), "r"(valid ? 16 : 0) : "memory");
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(dst), "l"(gmem_src), "r"(valid ? 16 : 0) : "memory");
+  }
+#else
+  *smem_dst = valid ? *reinterpret_cast<const uint4*>(gmem_src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
+__device__ __forceinline__ void copy_async_commit() {
+#if !defined(__HIPCC__) && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Wait until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void copy_async_wait() {
+#if !defined(__HIPCC__) && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+  asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+#endif
+}
+
+// (a & mask) | bits in one LOP3. Written as two C operators, ptxas emits two LOP3s here
+// because one instruction cannot encode two immediates; the inline PTX makes it keep `bits` in
+// a register instead (one instruction per dequantised pair in the kernels' inner loop).
+template <uint32_t MASK, uint32_t BITS_OR>
+__device__ __forceinline__ uint32_t and_or(uint32_t a) {
+#if !defined(__HIPCC__) && defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "n"(MASK), "r"(BITS_OR));
+  return r;
+#else
+  return (a & MASK) | BITS_OR;
+#endif
+}
+
 // D += A(16x16, row) * B(16x8, col), fp16 inputs, fp32 accumulators, in the register fragment
 // layout of PTX mma.m16n8k16 (lane = 4*group + tig):
 //   a[0]=(row g, k 2t..2t+1) a[1]=(row g+8, k 2t..) a[2]=(row g, k 2t+8..) a[3]=(row g+8, k 2t+8..)
