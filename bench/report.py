@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Render a `bench/kernels.py` JSON result as the BENCHMARKS.md kernel table.
 
-With `--anchor` (the peers' H100 timings, same shapes × M) the table adds ExLlamaV2 0.3.2's
-shipped dispatch and the ratios; compare only when both files come from the same card model.
-torch fp16 is always the figure re-measured in *our* run, so the ratio to it is same-run.
+With `--anchor` (the peers' timings on the same card model, same shapes × M) the table adds
+ExLlamaV2 0.3.2's shipped dispatch, Marlin where the anchor has it, and each cell's ratio to the
+best peer; an anchor from another card model is ignored. torch fp16 is always the figure
+re-measured in *our* run, so the ratio to it is same-run.
 
-    python bench/report.py out/kernels.json --anchor ../shared/anchors/h100-2026-11-26.json
+The roofline's bandwidth is the streaming-read ceiling of the same run (`read_bandwidth_TBps`);
+results from before it existed fall back to their copy bandwidth and say so.
+
+    python bench/report.py out/kernels.json --anchor ../shared/anchors/h200-2026-12-01.json
 """
 
 from __future__ import annotations
@@ -27,14 +31,19 @@ def render(result: dict, anchor: dict | None) -> str:
         anc = {(r["K"], r["N"], r["M"]): r for r in anchor["rows"]}
     dev = result["device"]
     ceil = result["ceilings"]
+    read_bw = ceil.get("read_bandwidth_TBps")
+    bw = read_bw or ceil["copy_bandwidth_TBps"]
+    bw_text = (f"streaming-read bandwidth {read_bw:.2f} TB/s (the roofline's; a graph-captured torch copy "
+               f"ran at {ceil['copy_bandwidth_TBps']:.2f} TB/s read + write)" if read_bw else
+               f"copy bandwidth {bw:.2f} TB/s (read + write; this run predates the streaming-read ceiling)")
     out = [
         f"Card: **{dev['name']}** ({dev['sm_count']} SMs, driver {dev['driver_version']}, "
         f"CUDA runtime {dev['runtime_version']}), date {result['date']}, kernel hash "
         f"`{result['kernel_hash'][:12]}`, torch {result['torch']}.",
         f"Command: `{result['command']}` ({result['seconds']:.0f} s).",
         f"Method: {result['method']}.",
-        f"Ceilings measured in the same run: copy bandwidth {ceil['copy_bandwidth_TBps']:.2f} TB/s "
-        f"(read + write), fp16 matmul {ceil['fp16_matmul_TFLOPs']:.0f} TFLOP/s; roofline = "
+        f"Ceilings measured in the same run: {bw_text}, fp16 matmul "
+        f"{ceil['fp16_matmul_TFLOPs']:.0f} TFLOP/s; roofline = "
         "max(bytes ÷ bandwidth, FLOPs ÷ peak), bytes = 4-bit weight + scales + zeros + A + C.",
         "",
         "µs per call (median). *fused* = best fused variant at that M; *recon* = reconstruct + "
@@ -44,11 +53,15 @@ def render(result: dict, anchor: dict | None) -> str:
     ]
     head = "| shape K×N | M | torch fp16 | fused | recon | dispatch | dispatch ÷ fp16 | roofline | eff. |"
     sep = "|---|---|---|---|---|---|---|---|---|"
+    has_marlin = any(a.get("marlin_us") for a in anc.values())
     if anc:
         head += " ExLlamaV2 0.3.2 | fused ÷ ExL | dispatch ÷ ExL |"
         sep += "---|---|---|"
+        if has_marlin:
+            head += " Marlin | best peer | dispatch ÷ best peer |"
+            sep += "---|---|---|"
     out += [head, sep]
-    effs, vs_exl_small, worse = [], [], []
+    effs, vs_exl_small, worse, vs_best = [], [], [], []
     for r in rows:
         eff = r["roofline_us"] / r["dispatch_us"]
         effs.append(eff)
@@ -63,6 +76,12 @@ def render(result: dict, anchor: dict | None) -> str:
                 vs_exl_small.append(exl / r["fused_best_us"])
             if r["dispatch_us"] > exl:
                 worse.append(f"{r['K']}×{r['N']} M={r['M']} ({r['dispatch_us']:.1f} vs {exl:.1f})")
+            if has_marlin:
+                peers = [v for v in (r["fp16_us"], exl, a.get("marlin_us")) if v]
+                best = min(peers)
+                vs_best.append(r["dispatch_us"] / best)
+                marlin = f"{a['marlin_us']:.1f}" if a.get("marlin_us") else "–"
+                line += f" {marlin} | {best:.1f} | {r['dispatch_us'] / best:.2f} |"
         out.append(line)
     out.append("")
     out.append(f"Geometric-mean roofline efficiency of the dispatch over {len(effs)} cells: "
@@ -74,15 +93,19 @@ def render(result: dict, anchor: dict | None) -> str:
                    f"–{worst['dispatch_us'] / worst['fp16_us']:.2f} (worst {worst['K']}×{worst['N']} M={worst['M']}).")
     m1 = [r for r in rows if r["M"] == 1]
     for r in m1:
-        floor = (r["K"] * r["N"] // 2 + (r["K"] // 128) * r["N"] * 2.5) / (ceil["copy_bandwidth_TBps"] * 1e12) * 1e6
+        floor = (r["K"] * r["N"] // 2 + (r["K"] // 128) * r["N"] * 2.5) / (bw * 1e12) * 1e6
         out.append(f"M = 1, {r['K']}×{r['N']}: fused {r['fused_best_us']:.1f} µs = "
-                   f"{floor / r['fused_best_us'] * 100:.0f} % of the weight-read floor at the measured copy bandwidth"
-                   + (f", {(r['K'] * r['N'] // 2 + (r['K'] // 128) * r['N'] * 2.5) / (anchor['ceilings']['copy_bandwidth_TBps'] * 1e12) * 1e6 / r['fused_best_us'] * 100:.0f} % at the anchor's {anchor['ceilings']['copy_bandwidth_TBps']} TB/s." if anchor else "."))
+                   f"{floor / r['fused_best_us'] * 100:.0f} % of the weight-read floor "
+                   f"({floor:.1f} µs at {bw:.2f} TB/s).")
     if anc:
         out.append(f"M ≤ 16: best fused ÷ ExLlamaV2 speedup, geometric mean {geomean(vs_exl_small):.2f}×, "
                    f"min {min(vs_exl_small):.2f}×, max {max(vs_exl_small):.2f}×.")
         out.append("Cells where the dispatch is slower than ExLlamaV2's shipped dispatch: "
                    + (", ".join(worse) if worse else "none") + ".")
+    if vs_best:
+        out.append(f"Dispatch ÷ best peer per cell (min of torch fp16 same-run, ExLlamaV2, Marlin): geometric "
+                   f"mean **{geomean(vs_best):.2f}** over {len(vs_best)} cells; faster than the best peer in "
+                   f"{sum(v < 1 for v in vs_best)}.")
     return "\n".join(out) + "\n"
 
 
@@ -93,8 +116,8 @@ def main() -> int:
     args = ap.parse_args()
     result = json.loads(Path(args.result).read_text())
     anchor = json.loads(Path(args.anchor).read_text()) if args.anchor else None
-    if anchor and "H100" not in result["device"]["name"]:
-        anchor = None
+    if anchor and result["device"]["name"] not in anchor["what"]:
+        anchor = None  # another card model: its figures are history, not peers of this run
     print(render(result, anchor), end="")
     return 0
 
