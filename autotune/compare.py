@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gemmtune.db.resolve import Band, Offer, Resolution, resolve
 from gemmtune.kernels.config import PRESETS, KernelConfig
 from gemmtune.kernels.device import DeviceInfo
 from gemmtune.kernels.errors import GemmtuneError
@@ -65,6 +66,9 @@ PATHS = ("fused", "recon")
 TOP_KEYS = ("format", "schema_version", "tool_version", "created_at", "command", "mode",
             "device", "kernel_hash", "source", "problems")
 PROBLEM_KEYS = ("problem", "problem_key", "layers", "config", "config_key", "provenance", "points")
+OPTIONAL_PROBLEM_KEYS = ("bands",)
+"""Written only when a shape ran with more than one config (one per M band)."""
+BAND_KEYS = ("m_lo", "m_hi", "config", "config_key", "source", "detail")
 POINT_KEYS = ("m", "median_us", "spread_us", "repeats", "path")
 
 
@@ -99,17 +103,27 @@ class Point:
 
 @dataclass
 class ProblemBench:
-    """One layer shape: the config it ran with, why that config, and its points per M."""
+    """One layer shape: the config it ran with, why that config, and its points per M.
+
+    `bands` is set when Ms ran with different configs (a decode band below a larger workload's,
+    as the runtime serves them); `config` is then the top band's. Empty: `config` ran every M."""
 
     problem: Problem
     config: KernelConfig
     points: dict[int, Point]
     layers: tuple[str, ...] = ()
     provenance: str = ""
+    bands: tuple[Band[KernelConfig], ...] = ()
+
+    def config_at(self, m: int) -> KernelConfig:
+        for band in self.bands:
+            if band.covers(m):
+                return band.config
+        return self.config
 
     def to_json(self) -> dict[str, Any]:
         p = self.problem
-        return {
+        doc = {
             "problem": {"k": p.k, "n": p.n, "bits": p.bits, "group_size": p.group_size,
                         "act_order": p.act_order},
             "problem_key": p.key(),
@@ -119,6 +133,11 @@ class ProblemBench:
             "provenance": self.provenance,
             "points": [self.points[m].to_json() for m in sorted(self.points)],
         }
+        if self.bands:
+            doc["bands"] = [{"m_lo": b.m_lo, "m_hi": b.m_hi, "config": b.config.to_dict(),
+                             "config_key": b.config.key(), "source": b.source,
+                             "detail": b.detail} for b in self.bands]
+        return doc
 
 
 def _now() -> datetime:
@@ -211,11 +230,11 @@ def _tname(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
 
-def _obj(v: Any, where: str, keys: Sequence[str]) -> dict[str, Any]:
+def _obj(v: Any, where: str, keys: Sequence[str], optional: Sequence[str] = ()) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise CompareError(f"{where}: expected an object, got {_tname(v)}")
     missing = [k for k in keys if k not in v]
-    extra = sorted(set(v) - set(keys))
+    extra = sorted(set(v) - set(keys) - set(optional))
     if missing:
         raise CompareError(f"{where}: missing field(s) {', '.join(missing)}")
     if extra:
@@ -287,7 +306,7 @@ def results_from_json(doc: Any, name: str = "results") -> BenchResults:
     seen: set[str] = set()
     for i, entry in enumerate(problems_doc):
         where = f"{name}: problems[{i}]"
-        e = _obj(entry, where, PROBLEM_KEYS)
+        e = _obj(entry, where, PROBLEM_KEYS, OPTIONAL_PROBLEM_KEYS)
         try:
             pd = _obj(e["problem"], f"{where}.problem", ("k", "n", "bits", "group_size", "act_order"))
             problem = Problem(**pd)
@@ -305,6 +324,7 @@ def results_from_json(doc: Any, name: str = "results") -> BenchResults:
             raise CompareError(f"{where}.layers: expected a list of strings")
         if not isinstance(e["points"], list) or not e["points"]:
             raise CompareError(f"{where}.points: expected a non-empty list")
+        bands = _bands_from_json(e.get("bands", []), f"{where}.bands")
         points: dict[int, Point] = {}
         for j, pt in enumerate(e["points"]):
             pw = f"{where}.points[{j}]"
@@ -319,7 +339,7 @@ def results_from_json(doc: Any, name: str = "results") -> BenchResults:
                               _us(p["spread_us"], f"{pw}.spread_us", False),
                               _int(p["repeats"], f"{pw}.repeats", 1, 1 << 20), path)
         problems.append(ProblemBench(problem, config, points, tuple(layers),
-                                     _str(e["provenance"], f"{where}.provenance")))
+                                     _str(e["provenance"], f"{where}.provenance"), bands))
     return BenchResults(
         label=_str(source["label"], f"{name}: source.label"),
         provenance=_str(source["provenance"], f"{name}: source.provenance"),
@@ -327,6 +347,23 @@ def results_from_json(doc: Any, name: str = "results") -> BenchResults:
         command=_str(doc["command"], f"{name}: command"), created_at=created,
         tool_version=_str(doc["tool_version"], f"{name}: tool_version"),
     )
+
+
+def _bands_from_json(doc: Any, where: str) -> tuple[Band[KernelConfig], ...]:
+    if not isinstance(doc, list):
+        raise CompareError(f"{where}: expected a list")
+    bands = []
+    for i, raw in enumerate(doc):
+        bw = f"{where}[{i}]"
+        b = _obj(raw, bw, BAND_KEYS)
+        m_hi = None if b["m_hi"] is None else _int(b["m_hi"], f"{bw}.m_hi", 1, MAX_M)
+        try:
+            config = KernelConfig.from_dict(b["config"])
+        except GemmtuneError as exc:
+            raise CompareError(f"{bw}: {exc}") from None
+        bands.append(Band(_int(b["m_lo"], f"{bw}.m_lo", 1, MAX_M), m_hi, config,
+                          _str(b["source"], f"{bw}.source"), _str(b["detail"], f"{bw}.detail")))
+    return tuple(bands)
 
 
 def _read_json(path: str | Path) -> Any:
@@ -361,18 +398,40 @@ SOURCE_KINDS = ("tuned", "preset", "profile", "results")
 
 @dataclass
 class ResolvedSource:
-    """What a SOURCE argument means: configs to measure, or results already measured."""
+    """What a SOURCE argument means: per problem the M bands to measure (each band's config and
+    where it came from, as `gemmtune.db.resolve` answers the runtime), or results already
+    measured."""
 
     label: str
     kind: str
-    configs: dict[Problem, KernelConfig] = field(default_factory=dict)
-    provenance: dict[Problem, str] = field(default_factory=dict)
+    bands: dict[Problem, Resolution[KernelConfig]] = field(default_factory=dict)
     results: BenchResults | None = None
     note: str = ""
 
     @property
     def measured(self) -> bool:
         return self.results is not None
+
+    @property
+    def configs(self) -> dict[Problem, KernelConfig]:
+        """The config of each problem's top band (the one config when there is one band)."""
+        return {p: r.bands[-1].config for p, r in self.bands.items()}
+
+    @property
+    def provenance(self) -> dict[Problem, str]:
+        return {p: "; ".join(self._why(b, len(r.bands) > 1) for b in r.bands)
+                for p, r in self.bands.items()}
+
+    def _why(self, band: Band[KernelConfig], banded: bool) -> str:
+        e = band.entry
+        if e is None:
+            text = band.detail
+        elif self.kind == "profile":
+            text = f"profile {self.label} ({e.workload_key}): {e.provenance}"
+        else:
+            text = (f"tuned ({e.workload_key}, {e.source}) in {band.detail}"
+                    + (f": {e.provenance}" if e.provenance else ""))
+        return f"{band.span}: {text}" if banded else text
 
 
 def classify_source(text: str) -> str:
@@ -401,17 +460,6 @@ def classify_source(text: str) -> str:
                        f"({', '.join(PRESETS)}), a profile or a results file")
 
 
-def _pick_entry(entries: Sequence[Any], workload_key: str | None) -> Any | None:
-    """The entry for `workload_key` if there is one, else the newest for the problem."""
-    if not entries:
-        return None
-    if workload_key is not None:
-        exact = [e for e in entries if e.workload_key == workload_key]
-        if exact:
-            entries = exact
-    return max(entries, key=lambda e: (e.created_at is not None, e.created_at or 0))
-
-
 def resolve_source(
     text: str,
     problems: Iterable[Problem],
@@ -421,13 +469,15 @@ def resolve_source(
     workload: Workload | str | None = None,
     db_url: str | None = None,
 ) -> ResolvedSource:
-    """Turn a SOURCE argument into a config per problem (or loaded results).
+    """Turn a SOURCE argument into M bands per problem (or loaded results).
 
     `tuned` reads the tuning database (`db_url`, else GEMMTUNE_DB, else the default file) for
-    exactly this device fingerprint and kernel hash, preferring entries tuned for `workload`
-    (else the newest entry of the shape), and fails naming every shape with no entry. A profile
-    is used for the shapes it has, whatever card it came from (the note says so). A results file
-    is loaded and validated; `problems` does not apply to it.
+    exactly this device fingerprint and kernel hash and serves each shape the bands the runtime
+    would (`gemmtune.db.resolve`: for `workload` exactly that workload's entry, without one the
+    decode entry for decode-sized M beside a larger workload's entry); it fails naming every
+    shape the database has no entry for. A profile is resolved the same way as if on the card
+    it came from (the note says when that is not this one). A preset is one band of that config.
+    A results file is loaded and validated; `problems` does not apply to it.
     """
     kind = classify_source(text)
     problems = list(problems)
@@ -436,8 +486,8 @@ def resolve_source(
         return ResolvedSource(text, kind, results=load_results(text))
     if kind == "preset":
         cfg = PRESETS[text]
-        return ResolvedSource(text, kind, {p: cfg for p in problems},
-                              {p: f"preset {text}" for p in problems})
+        one = Resolution((Band(1, None, cfg, "argument", f"preset {text}"),))
+        return ResolvedSource(text, kind, {p: one for p in problems})
     if kind == "profile":
         from gemmtune.db.errors import ProfileError
         from gemmtune.db.profiles import read_profile
@@ -447,22 +497,15 @@ def resolve_source(
             prof = read_profile(text, KernelValidator())
         except ProfileError as exc:
             raise CompareError(str(exc)) from None
-        by_problem: dict[str, list[Any]] = {}
-        for e in prof.entries:
-            by_problem.setdefault(e.problem_key, []).append(e)
-        src = ResolvedSource(Path(text).name, kind)
-        missing = []
-        for p in problems:
-            e = _pick_entry(by_problem.get(p.key(), []), wkey)
-            if e is None:
-                missing.append(p.key())
-                continue
-            src.configs[p] = KernelConfig.from_dict(dict(e.config))
-            src.provenance[p] = f"profile {Path(text).name} ({e.workload_key}): {e.provenance}"
+        name = Path(text).name
+        src = _resolve_all(ResolvedSource(name, kind), problems,
+                           Offer("profile", name, tuple(prof.entries), prof.fingerprint,
+                                 prof.kernel_hash), prof.fingerprint, prof.kernel_hash, wkey)
+        missing = [p.key() for p in problems if p not in src.bands]
         if missing:
             raise CompareError(f"profile {text} has no entry for {', '.join(missing)}")
         if device is not None and prof.fingerprint != device.fingerprint:
-            src.note = (f"profile {Path(text).name} was tuned on {prof.device.get('name')} "
+            src.note = (f"profile {name} was tuned on {prof.device.get('name')} "
                         f"({prof.fingerprint}), measured here on {device.name} ({device.fingerprint})")
         return src
     # tuned
@@ -471,28 +514,33 @@ def resolve_source(
     from gemmtune.db.errors import DatabaseError
     from gemmtune.db.store import Store, display_url
 
-    src = ResolvedSource("tuned", kind)
-    missing = []
     try:
         with Store.open(db_url, readonly=True) as store:
             where = display_url(store.url)
-            stored = [e for e in store.list_results(device.fingerprint, kernel_hash)
-                      if e.kernel_hash == kernel_hash]  # stale entries are never measured
-            for p in problems:
-                e = _pick_entry([x for x in stored if x.problem_key == p.key()], wkey)
-                if e is None:
-                    missing.append(p.key())
-                    continue
-                src.configs[p] = KernelConfig.from_dict(dict(e.config))
-                src.provenance[p] = (f"tuned ({e.workload_key}, {e.source}) in {where}"
-                                     + (f": {e.provenance}" if e.provenance else ""))
+            offer = Offer("database", where,
+                          tuple(store.list_results(device.fingerprint, kernel_hash)))
     except DatabaseError as exc:
         raise CompareError(str(exc)) from None
+    src = _resolve_all(ResolvedSource("tuned", kind), problems, offer, device.fingerprint,
+                       kernel_hash, wkey)
+    missing = [p.key() for p in problems if p not in src.bands]
     if missing:
         raise CompareError(
             f"no tuned entry for {', '.join(missing)} on {device.name} ({device.fingerprint}) "
             f"with kernel hash {kernel_hash[:12]} in {where}: run `gemmtune tune` for these "
             "shapes first (same --db)")
+    return src
+
+
+def _resolve_all(src: ResolvedSource, problems: Sequence[Problem], offer: Offer,
+                 fingerprint: str, kernel_hash: str, workload_key: str | None) -> ResolvedSource:
+    """Fill `src.bands` with the resolver's answer for each problem that has stored entries
+    (a problem it would serve the default is left out: the caller names it)."""
+    for p in problems:
+        res = resolve([offer], fingerprint, kernel_hash, p.key(), workload_key,
+                      default=PRESETS["default"].to_dict())
+        if all(b.entry is not None for b in res.bands):
+            src.bands[p] = res.map(KernelConfig.from_dict)
     return src
 
 
@@ -515,6 +563,30 @@ def _close(evaluator: Any) -> None:
         close()
 
 
+def _bench(problem: Problem, config: KernelConfig, points: dict[int, Point],
+           layers: tuple[str, ...], res: Resolution[KernelConfig], provenance: str) -> ProblemBench:
+    bands = res.bands if len(res.bands) > 1 else ()
+    return ProblemBench(problem, config, points, layers, provenance, bands)
+
+
+def _segments(ms: Sequence[int], *sides: Resolution[KernelConfig]
+              ) -> list[tuple[tuple[int, ...], tuple[KernelConfig, ...]]]:
+    """`ms` in runs over which every side's config stays the same: each run is measured with
+    its own evaluator (one workload of those Ms), so every M runs the config its band serves."""
+    runs: list[tuple[list[int], tuple[KernelConfig, ...]]] = []
+    for m in sorted(set(ms)):
+        configs = tuple(r.config_at(m) for r in sides)
+        if runs and runs[-1][1] == configs:
+            runs[-1][0].append(m)
+        else:
+            runs.append(([m], configs))
+    return [(tuple(run), configs) for run, configs in runs]
+
+
+def _workload(ms: Sequence[int]) -> Workload:
+    return Workload("bench", tuple(ms), tuple(1.0 for _ in ms))
+
+
 def measure_dispatch(
     label: str,
     problems: Mapping[Problem, Sequence[str]],
@@ -525,26 +597,28 @@ def measure_dispatch(
     check: bool = True,
     on_progress: ProgressFn | None = None,
 ) -> BenchResults:
-    """Whole-dispatch time of the source's config per (problem, M), each path checked against
-    the reference first when `check` (the tuner's harness: `CudaEvaluator.dispatch`)."""
+    """Whole-dispatch time of the source's config per (problem, M) -- at each M the config of
+    the band that serves it -- each path checked against the reference first when `check` (the
+    tuner's harness: `CudaEvaluator.dispatch`)."""
     from gemmtune.autotune import study
 
-    workload = Workload("bench", tuple(ms), tuple(1.0 for _ in ms))
     device, khash = study.device_identity(device_index)
     out: list[ProblemBench] = []
     order = list(problems)
     for i, problem in enumerate(order):
         if on_progress:
             on_progress(i, len(order), problem.key())
-        ev = study.make_evaluator(problem, workload, device_index)
-        try:
-            device, khash = ev.device, ev.kernel_hash
-            cfg = source.configs[problem]
-            times = ev.dispatch(cfg, check=check)  # type: ignore[attr-defined]
-        finally:
-            _close(ev)
-        out.append(ProblemBench(problem, cfg, _points(cfg, times), tuple(problems[problem]),
-                                source.provenance.get(problem, "")))
+        res = source.bands[problem]
+        points: dict[int, Point] = {}
+        for run, (cfg,) in _segments(ms, res):
+            ev = study.make_evaluator(problem, _workload(run), device_index)
+            try:
+                device, khash = ev.device, ev.kernel_hash
+                points.update(_points(cfg, ev.dispatch(cfg, check=check)))
+            finally:
+                _close(ev)
+        out.append(_bench(problem, res.bands[-1].config, points, tuple(problems[problem]), res,
+                          source.provenance.get(problem, "")))
     if on_progress:
         on_progress(len(order), len(order), "")
     return BenchResults(label, device.to_dict(), khash, out, provenance=_provenance_summary(source))
@@ -562,10 +636,10 @@ def measure_interleaved(
     on_progress: ProgressFn | None = None,
 ) -> tuple[BenchResults, BenchResults]:
     """A and B per (problem, M), measured A B A B ... on the same card with the same weights
-    and activations: drift between two separate runs cannot masquerade as a regression."""
+    and activations: drift between two separate runs cannot masquerade as a regression. At
+    each M each side runs the config of the band that serves it."""
     from gemmtune.autotune import study
 
-    workload = Workload("bench", tuple(ms), tuple(1.0 for _ in ms))
     device, khash = study.device_identity(device_index)
     out_a: list[ProblemBench] = []
     out_b: list[ProblemBench] = []
@@ -573,16 +647,23 @@ def measure_interleaved(
     for i, problem in enumerate(order):
         if on_progress:
             on_progress(i, len(order), problem.key())
-        ev = study.make_evaluator(problem, workload, device_index)
-        try:
-            device, khash = ev.device, ev.kernel_hash
-            ca, cb = a.configs[problem], b.configs[problem]
-            ta, tb = ev.interleaved(ca, cb, rounds=rounds)
-        finally:
-            _close(ev)
+        ra, rb = a.bands[problem], b.bands[problem]
+        pa: dict[int, Point] = {}
+        pb: dict[int, Point] = {}
+        for run, (ca, cb) in _segments(ms, ra, rb):
+            ev = study.make_evaluator(problem, _workload(run), device_index)
+            try:
+                device, khash = ev.device, ev.kernel_hash
+                ta, tb = ev.interleaved(ca, cb, rounds=rounds)
+            finally:
+                _close(ev)
+            pa.update(_points(ca, ta))
+            pb.update(_points(cb, tb))
         layers = tuple(problems[problem])
-        out_a.append(ProblemBench(problem, ca, _points(ca, ta), layers, a.provenance.get(problem, "")))
-        out_b.append(ProblemBench(problem, cb, _points(cb, tb), layers, b.provenance.get(problem, "")))
+        out_a.append(_bench(problem, ra.bands[-1].config, pa, layers, ra,
+                            a.provenance.get(problem, "")))
+        out_b.append(_bench(problem, rb.bands[-1].config, pb, layers, rb,
+                            b.provenance.get(problem, "")))
     if on_progress:
         on_progress(len(order), len(order), "")
     d = device.to_dict()

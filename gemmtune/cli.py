@@ -214,6 +214,7 @@ def show(db_url: str | None, device_spec: str | None, include_stale: bool) -> No
     from rich.table import Table
 
     from gemmtune.db.profiles import select_device
+    from gemmtune.db.resolve import serving
     from gemmtune.db.store import display_url
     from gemmtune.kernels.sources import kernel_hash
 
@@ -221,6 +222,7 @@ def show(db_url: str | None, device_spec: str | None, include_stale: bool) -> No
     with _open_for_reading(db_url) as store:
         where = escape(display_url(store.url))
         entries = store.list_results(current_kernel_hash=current)
+        serves = serving(entries, current)
         if device_spec is not None:
             fps = {d["fingerprint"] for d in select_device(store, device_spec)}
             if not fps:
@@ -245,15 +247,20 @@ def show(db_url: str | None, device_spec: str | None, include_stale: bool) -> No
         table.add_column("config", overflow="fold")
         table.add_column("speedup", justify="right", no_wrap=True)
         table.add_column("age", justify="right", no_wrap=True)
+        table.add_column("serves", no_wrap=True)
         table.add_column("note")
         for e in group:
             notes = [n for n in ("imported" if e.source == "imported" else "",
                                  "[yellow]stale[/]" if e.stale else "") if n]
+            band = serves.get(id(e))
             table.add_row(e.problem_key, e.workload_key, _config_label(e.config),
-                          f"{e.speedup:.2f}×", _age(e.created_at), ", ".join(notes))
+                          f"{e.speedup:.2f}×", _age(e.created_at),
+                          band.span if band is not None else "–", ", ".join(notes))
         console.print(table)
     console.print(f"database {where}; speedup = default's objective / tuned objective over the "
-                  "workload", highlight=False, soft_wrap=True, style="dim")
+                  "workload; serves = the Ms a layer loaded without a workload runs this entry "
+                  "for (`gemmtune resolve` shows a model's)", highlight=False, soft_wrap=True,
+                  style="dim")
     n_stale = sum(e.stale for e in entries)
     if n_stale:
         console.print(f"{n_stale} stale entr{'y' if n_stale == 1 else 'ies'}: measured with another "
@@ -798,8 +805,9 @@ def _problem_options(func: F) -> F:
         click.option("--workload", "workload_text", type=click.Choice(["decode", "prefill", "mixed"]),
                      default=None, help="Measure the Ms of this workload instead of --m."),
         click.option("--tuned-workload", metavar="KEY", default=None,
-                     help="For `tuned` and profiles: prefer entries tuned for this workload "
-                          "[default: the newest entry of each shape]."),
+                     help="For `tuned` and profiles: the entries tuned for exactly this workload "
+                          "[default: what the runtime serves a layer loaded without a workload: "
+                          "the decode entry up to M = 8 beside a larger workload's entry]."),
         click.option("--device", "device_index", type=click.IntRange(min=0), default=0,
                      show_default=True, help="GPU index to measure on."),
         click.option("--db", "db_url", metavar="URL", default=None,
@@ -875,14 +883,15 @@ def _bench_table(results: Any) -> Any:
                       ("µs", "right"), ("config", "left")):
         table.add_column(col, justify=just, no_wrap=col != "config", overflow="fold")  # type: ignore[arg-type]
     for pb in results.problems:
-        first = True
+        first, shown = True, None
         for m in sorted(pb.points):
             p = pb.points[m]
             name = pb.problem.key() + (f"\n[dim]{escape(', '.join(pb.layers))}[/]" if pb.layers else "")
+            cfg = pb.config_at(m)  # a new M band: say its config
             table.add_row(name if first else "", str(m), p.path,
                           f"{p.median_us:.2f} ± {p.spread_us:.2f}",
-                          _config_short(pb.config) if first else "")
-            first = False
+                          _config_short(cfg) if cfg != shown else "")
+            first, shown = False, cfg
     return table
 
 

@@ -3,6 +3,9 @@
 Resolution order (DESIGN, "Runtime"): explicit argument > ``GEMMTUNE_PROFILE`` file > tuning
 database (``GEMMTUNE_DB`` or the default path) > built-in ``default`` preset. ``GEMMTUNE_DISABLE=1``
 skips the profile and the database (an explicit argument is the caller's own code and still wins).
+Which stored entry serves which Ms is decided by `gemmtune.db.resolve` (the one rule, shared with
+bench, compare, show and `gemmtune resolve`); this module only gathers its inputs (the profile and
+the database, each read once per process), caches its answers and turns trouble into warnings.
 
 Why it is shaped like this:
 
@@ -28,20 +31,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gemmtune.db.paths import ENV_VAR as DB_ENV
+from gemmtune.db.resolve import SOURCES as SOURCES  # re-exported: LookupResult.source
+from gemmtune.db.resolve import Band, Offer, Resolution
 from gemmtune.kernels.config import PRESETS, KernelConfig
 from gemmtune.kernels.device import DeviceInfo
+from gemmtune.kernels.errors import GemmtuneError
 from gemmtune.kernels.problem import Problem
 from gemmtune.kernels.workload import WORKLOADS, Workload
 
 PROFILE_ENV = "GEMMTUNE_PROFILE"
-DB_ENV = "GEMMTUNE_DB"
 DISABLE_ENV = "GEMMTUNE_DISABLE"
 
 DB_LOCK_TIMEOUT_S = 1.0
 """How long a model load waits for a locked database before taking the defaults: a busy tuner
 must not stall inference for the store's two-minute write timeout."""
-
-SOURCES = ("argument", "profile", "database", "default")
 
 
 class GemmtuneWarning(UserWarning):
@@ -66,16 +70,20 @@ class LookupResult:
         """``config-key (source)``, as extra_repr and patch reports print it."""
         return f"{self.config.key()} ({self.source})"
 
+    @classmethod
+    def of(cls, band: Band[KernelConfig]) -> LookupResult:
+        return cls(band.config, band.source, band.detail, band.workload_key)
+
 
 # ------------------------------------------------------------------------------------------------
 # process-wide state (cleared by clear_cache)
 # ------------------------------------------------------------------------------------------------
 
 _LOCK = threading.RLock()
-_CACHE: dict[tuple[Any, ...], LookupResult] = {}
+_CACHE: dict[tuple[Any, ...], Resolution[KernelConfig]] = {}
 _STORES: dict[str, Any] = {}  # url -> Store | None (None: unusable, warned)
-_PROFILES: dict[str, _ProfileIndex | None] = {}
-_INDEX: dict[tuple[str, str], list[Any]] = {}  # (url, fingerprint) -> that device's entries
+_PROFILES: dict[str, Offer | None] = {}
+_INDEX: dict[tuple[str, str], Offer] = {}  # (url, fingerprint) -> that device's entries
 _WARNED: set[str] = set()
 
 
@@ -133,68 +141,26 @@ def _as_config(config: KernelConfig | str | dict[str, Any]) -> KernelConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# profiles
+# where stored entries come from: a profile, the database (each read once per process)
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _ProfileIndex:
-    path: str
-    fingerprint: str
-    kernel_hash: str
-    # problem key -> [(workload key, created_at iso, config)], newest first
-    entries: dict[str, list[tuple[str, str, KernelConfig]]]
-
-
-def _load_profile(path: str) -> _ProfileIndex | None:
+def _profile_offer(path: str) -> Offer | None:
+    """The profile at `path` as an offer, parsed once per process; None when unusable (warned)."""
     if path in _PROFILES:
         return _PROFILES[path]
-    index: _ProfileIndex | None = None
+    offer: Offer | None = None
     try:
         from gemmtune.db.profiles import read_profile
         from gemmtune.kernels.validate import KernelValidator
 
         prof = read_profile(Path(path).expanduser(), KernelValidator())
-        by_problem: dict[str, list[tuple[str, str, KernelConfig]]] = {}
-        for e in prof.entries:
-            by_problem.setdefault(e.problem_key, []).append(
-                (e.workload_key, e.created_at.isoformat(), KernelConfig.from_dict(e.config)))
-        for lst in by_problem.values():
-            lst.sort(key=lambda t: t[1], reverse=True)
-        index = _ProfileIndex(path, str(prof.device.get("fingerprint", "")), prof.kernel_hash,
-                              by_problem)
+        offer = Offer("profile", path, tuple(prof.entries), prof.fingerprint, prof.kernel_hash)
     except Exception as exc:  # ProfileError, OSError, anything: the model must still load
         _warn_once(f"profile:{path}", f"gemmtune: {PROFILE_ENV} profile is not usable, using "
                    f"the tuning database or defaults: {exc}")
-    _PROFILES[path] = index
-    return index
-
-
-def _from_profile(path: str, fingerprint: str, problem_key: str,
-                  workload_key: str | None) -> LookupResult | None:
-    index = _load_profile(path)
-    if index is None:
-        return None
-    if index.fingerprint != fingerprint:
-        _warn_once(f"profile-device:{path}:{fingerprint}",
-                   f"gemmtune: profile {path} was tuned on another device (fingerprint "
-                   f"{index.fingerprint}, this one is {fingerprint}); not used")
-        return None
-    if index.kernel_hash != current_kernel_hash():
-        _warn_once(f"profile-stale:{path}",
-                   f"gemmtune: profile {path} was measured with another kernel build (hash "
-                   f"{index.kernel_hash[:12]}, current {current_kernel_hash()[:12]}); stale "
-                   "results are never used: re-tune or export a fresh profile")
-        return None
-    for wk, _created, config in index.entries.get(problem_key, ()):
-        if workload_key is None or wk == workload_key:
-            return LookupResult(config, "profile", path, wk)
-    return None
-
-
-# ------------------------------------------------------------------------------------------------
-# database
-# ------------------------------------------------------------------------------------------------
+    _PROFILES[path] = offer
+    return offer
 
 
 def _open_store(url: str) -> Any:
@@ -233,44 +199,26 @@ def _open_store(url: str) -> Any:
     return store
 
 
-def _db_index(store: Any, url: str, fingerprint: str) -> list[Any]:
+def _db_offer(url: str, fingerprint: str) -> Offer | None:
     """Every entry of this device in the database, read with one query per process: a model load
-    resolves all its layers from memory (the stale flag is set against this build's hash)."""
-    key = (url, fingerprint)
-    got = _INDEX.get(key)
-    if got is None:
-        got = _INDEX[key] = list(store.list_results(fingerprint, current_kernel_hash()))
-    return got
-
-
-def _from_db(fingerprint: str, problem_key: str, workload_key: str | None) -> LookupResult | None:
-    from gemmtune.db.paths import resolve_url
-
-    url = resolve_url(None)
+    resolves all its layers from memory. None when the database is unusable (warned)."""
     store = _open_store(url)
     if store is None:
         return None
-    try:
-        entries = [e for e in _db_index(store, url, fingerprint) if e.problem_key == problem_key]
-        served = [e for e in entries if not e.stale
-                  and (workload_key is None or e.workload_key == workload_key)]
-        if not served:
-            if any(e.stale for e in entries) and not any(not e.stale for e in entries):
-                _warn_once(f"db-stale:{url}",
-                           f"gemmtune: the tuning database {_where(store)} holds results for "
-                           "this device measured with another kernel build (stale, never "
-                           "used); using default configs — re-run `gemmtune tune`")
+    key = (url, fingerprint)
+    got = _INDEX.get(key)
+    if got is None:
+        try:
+            entries = tuple(store.list_results(fingerprint, current_kernel_hash()))
+        except Exception as exc:  # DatabaseError mid-load, an entry this version cannot read, ...
+            _warn_once(f"db:{url}", f"gemmtune: tuning database not usable, using default kernel "
+                       f"configs: {exc}")
+            _STORES[url] = None
+            with contextlib.suppress(Exception):
+                store.close()
             return None
-        entry = max(served, key=lambda e: (e.created_at is not None, e.created_at))
-        config = KernelConfig.from_dict(entry.config)
-    except Exception as exc:  # DatabaseError mid-load, an entry this version cannot read, ...
-        _warn_once(f"db:{url}", f"gemmtune: tuning database not usable, using default kernel "
-                   f"configs: {exc}")
-        _STORES[url] = None
-        with contextlib.suppress(Exception):
-            store.close()
-        return None
-    return LookupResult(config, "database", _where(store), entry.workload_key)
+        got = _INDEX[key] = Offer("database", _where(store), entries)
+    return got
 
 
 def _where(store: Any) -> str:
@@ -282,15 +230,92 @@ def _where(store: Any) -> str:
         return str(getattr(store, "url", "database"))
 
 
+def _warn_skips(res: Resolution[Any], fingerprint: str) -> None:
+    """One warning per reason for stored data the resolver passed over."""
+    defaulted = any(b.source == "default" for b in res.bands)
+    for s in res.skipped:
+        if s.kind == "profile" and s.entry is None:
+            if s.reason == "device":
+                _warn_once(f"profile-device:{s.where}:{fingerprint}",
+                           f"gemmtune: profile {s.where} was {s.detail}; not used")
+            else:
+                _warn_once(f"profile-stale:{s.where}",
+                           f"gemmtune: profile {s.where} was {s.detail}; stale results are never "
+                           "used: re-tune or export a fresh profile")
+        elif s.kind == "database" and s.reason == "stale" and defaulted:
+            _warn_once(f"db-stale:{s.where}",
+                       f"gemmtune: the tuning database {s.where} holds results for this device "
+                       "measured with another kernel build (stale, never used); using default "
+                       "configs — re-run `gemmtune tune`")
+
+
 # ------------------------------------------------------------------------------------------------
 # the lookup
 # ------------------------------------------------------------------------------------------------
 
 
+def resolve(device: DeviceInfo | str | None, problem: Problem,
+            workload: Workload | str | None = None, *,
+            config: KernelConfig | str | dict[str, Any] | None = None, split: bool = True,
+            profile: str | None = None, db_url: str | None = None) -> Resolution[KernelConfig]:
+    """The M bands `problem` runs with on `device` (a DeviceInfo or its fingerprint), each with
+    its config and source: `gemmtune.db.resolve` over the profile (`profile`, else
+    ``GEMMTUNE_PROFILE``) and the database (`db_url`, else ``GEMMTUNE_DB``, else the default
+    file). Resolved once per process per question. Never raises for tuning-data problems (they
+    are warned once and the default serves); bad arguments (an unknown preset, a malformed
+    workload) do raise. `split=False` with no workload: one band, the newest entry."""
+    if config is not None:
+        cfg = _as_config(config)
+        return Resolution((Band(1, None, cfg, "argument", "explicit config"),))
+    wkey = _workload_key(workload)
+    fingerprint = device.fingerprint if isinstance(device, DeviceInfo) else device
+    profile = os.environ.get(PROFILE_ENV, "").strip() if profile is None else profile
+    db_env = os.environ.get(DB_ENV, "").strip() if db_url is None else db_url
+    key = (fingerprint, problem.key(), wkey, split, profile, db_env, _disabled())
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    with _LOCK:
+        hit = _CACHE.get(key)
+        if hit is None:
+            hit = _CACHE[key] = _resolve(fingerprint, problem.key(), wkey, split, profile,
+                                         db_env)
+        return hit
+
+
+def _resolve(fingerprint: str | None, pkey: str, wkey: str | None, split: bool, profile: str,
+             db_url: str) -> Resolution[KernelConfig]:
+    default = PRESETS["default"]
+    if _disabled():  # the runtime's own switch, not a rule of picking entries
+        return Resolution((Band(1, None, default, "default", f"{DISABLE_ENV}=1"),))
+    offers: list[Offer] = []
+    if fingerprint:
+        from gemmtune.db.paths import resolve_url
+
+        got = _profile_offer(profile) if profile else None
+        if got is not None:
+            offers.append(got)
+        got = _db_offer(resolve_url(db_url or None), fingerprint)
+        if got is not None:
+            offers.append(got)
+    from gemmtune.db.resolve import resolve as resolve_bands
+
+    try:
+        res = resolve_bands(offers, fingerprint, current_kernel_hash(), pkey, wkey,
+                            default=default.to_dict(), split=split).map(KernelConfig.from_dict)
+    except GemmtuneError as exc:  # an entry this version cannot read: never fail the load
+        _warn_once(f"entry:{pkey}", f"gemmtune: a stored config for {pkey} is not usable, using "
+                   f"the default: {exc}")
+        return Resolution((Band(1, None, default, "default", "stored config not usable"),))
+    if fingerprint:
+        _warn_skips(res, fingerprint)
+    return res
+
+
 def lookup(device: DeviceInfo | str | None, problem: Problem,
            workload: Workload | str | None = None, *,
            config: KernelConfig | str | dict[str, Any] | None = None) -> LookupResult:
-    """Resolve the config of `problem` on `device` (a DeviceInfo or its fingerprint).
+    """Resolve the one config of `problem` on `device` (a DeviceInfo or its fingerprint).
 
     `workload`: None serves the most recent tuned entry of the problem, otherwise the entry tuned
     for exactly that workload (a Workload, a preset name or an ``m:w`` list). `config` (a
@@ -298,24 +323,7 @@ def lookup(device: DeviceInfo | str | None, problem: Problem,
     `device=None` (no GPU) resolves to the default. Never raises for tuning-data problems; bad
     arguments (an unknown preset, a malformed workload) do raise.
     """
-    if config is not None:
-        return LookupResult(_as_config(config), "argument", "explicit config")
-    wkey = _workload_key(workload)
-    fingerprint = device.fingerprint if isinstance(device, DeviceInfo) else device
-    pkey = problem.key()
-    env = (os.environ.get(PROFILE_ENV, "").strip(), os.environ.get(DB_ENV, "").strip(),
-           _disabled())
-    key = (fingerprint, pkey, wkey, env)
-    hit = _CACHE.get(key)
-    if hit is not None:
-        return hit
-    with _LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None:
-            return hit
-        result = _resolve(fingerprint, pkey, wkey, env[0], env[2])
-        _CACHE[key] = result
-        return result
+    return LookupResult.of(resolve(device, problem, workload, config=config, split=False).bands[0])
 
 
 DECODE_MAX_M = max(WORKLOADS["decode"].ms)
@@ -327,42 +335,16 @@ def lookup_split(device: DeviceInfo | str | None, problem: Problem, *,
                  ) -> tuple[LookupResult, LookupResult | None]:
     """(main, small) for a layer whose caller gave no workload: `small` serves M <= DECODE_MAX_M.
 
-    One config per layer must serve token-by-token decode and prompt chunks alike, and the best
-    kernel variant for M = 1 is rarely the best for M = 64. When this GPU has a config tuned for
-    the `decode` workload *and* one tuned for a larger workload (`mixed`, then `prefill`, then the
+    The two bands of `resolve(device, problem)`: when this GPU has a config tuned for the
+    `decode` workload *and* one tuned for a larger workload (`mixed`, then `prefill`, then the
     newest other entry), decode-sized calls use the first and the rest the second. Otherwise
     `small` is None and `main` is what `lookup(device, problem)` serves.
     """
-    if config is not None:
-        return lookup(device, problem, config=config), None
-    small = lookup(device, problem, "decode")
-    if small.source == "default":
-        return lookup(device, problem), None
-    for name in ("mixed", "prefill"):
-        big = lookup(device, problem, name)
-        if big.source != "default":
-            return big, small
-    newest = lookup(device, problem)
-    if newest.source != "default" and newest.workload_key != small.workload_key:
-        return newest, small
-    return small, None
-
-
-def _resolve(fingerprint: str | None, pkey: str, wkey: str | None, profile: str,
-             disabled: bool) -> LookupResult:
-    default = PRESETS["default"]
-    if disabled:
-        return LookupResult(default, "default", f"{DISABLE_ENV}=1")
-    if not fingerprint:
-        return LookupResult(default, "default", "no CUDA device")
-    if profile:
-        got = _from_profile(profile, fingerprint, pkey, wkey)
-        if got is not None:
-            return got
-    got = _from_db(fingerprint, pkey, wkey)
-    if got is not None:
-        return got
-    return LookupResult(default, "default", "not tuned")
+    bands = resolve(device, problem, config=config).bands
+    if len(bands) == 1:
+        return LookupResult.of(bands[0]), None
+    small, main = bands
+    return LookupResult.of(main), LookupResult.of(small)
 
 
 @functools.cache

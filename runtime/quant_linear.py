@@ -31,7 +31,7 @@ from gemmtune.kernels.problem import KERNEL_BITS, SUPPORTED_GROUPS, Problem
 from gemmtune.kernels.workload import Workload
 from torch import nn
 
-from .lookup import DECODE_MAX_M, LookupResult, device_info, lookup, lookup_split
+from .lookup import LookupResult, device_info, resolve
 
 CHECKPOINT_FORMATS: dict[str, ZeroFormat] = {"gptq": "v1", "gptq_v2": "v2"}
 
@@ -202,7 +202,7 @@ class QuantLinear(nn.Module):
         """Drop everything derived from the buffers (called when they move or are reloaded)."""
         self._qw: Any = None  # QuantizedWeight
         self._plan: Any = None  # bound dispatch Plan
-        self._small_plan: Any = None  # decode-tuned Plan for M <= _small_max (see lookup_split)
+        self._small_plan: Any = None  # decode-band Plan for M <= _small_max (see prepare)
         self._small_max = 0
         self.small_lookup_result: LookupResult | None = None
         self._bias16: torch.Tensor | None = None
@@ -254,18 +254,23 @@ class QuantLinear(nn.Module):
 
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         problem = self.problem
-        small = None
-        if self.workload is None:
-            res, small = lookup_split(device_info(idx), problem, config=self.requested_config)
-        else:
-            res = lookup(device_info(idx), problem, self.workload, config=self.requested_config)
+        # The bands of the one resolver (gemmtune.db.resolve): today one, or a decode band
+        # (M <= its edge) below the band of a larger workload; a plan over more bands is not
+        # launched here yet.
+        bands = resolve(device_info(idx), problem, self.workload,
+                        config=self.requested_config).bands
+        if len(bands) > 2:
+            raise NotImplementedError(f"{len(bands)} M bands for {problem.key()}: QuantLinear "
+                                      "launches at most two")
+        res = LookupResult.of(bands[-1])
         qw = QuantizedWeight(self.gptq_tensors(), torch.device("cuda", idx))
         plan = plan_for(qw, res.config)
         plan.prepare()
-        if small is not None and small.config != res.config:
+        small = bands[0] if len(bands) == 2 else None
+        if small is not None and small.m_hi is not None and small.config != res.config:
             self._small_plan = plan_for(qw, small.config)
-            self._small_plan.prepare(tuple(range(1, DECODE_MAX_M + 1)))
-            self._small_max, self.small_lookup_result = DECODE_MAX_M, small
+            self._small_plan.prepare(tuple(range(1, small.m_hi + 1)))
+            self._small_max, self.small_lookup_result = small.m_hi, LookupResult.of(small)
         self._qw, self._plan, self.lookup_result = qw, plan, res
         self._bias16 = None if self.bias is None else self.bias.to(torch.float16).contiguous()
         return res
