@@ -500,8 +500,33 @@ Shapes already tuned for this GPU and kernel build are skipped unless --retune.
 """
 
 
+def _shape_options(func: F) -> F:
+    """--model/--config/--shape/--bits/--group/--act-order: which layer shapes (tune, bench,
+    compare and resolve spell them alike)."""
+    opts = [
+        click.option("--model", metavar="NAME|PATH",
+                     help="Model preset (llama-3-8b, llama-2-70b, mistral-7b, qwen2.5-7b, …) or a "
+                          "folder / config.json."),
+        click.option("--config", "config_path", metavar="PATH",
+                     help="A Hugging Face config.json (its quantization_config supplies "
+                          "bits/group/act-order)."),
+        click.option("--shape", "shapes", metavar="KxN", multiple=True,
+                     help="An explicit layer shape, K = in_features (repeatable)."),
+        click.option("--bits", type=click.Choice(["4", "8"]), default=None,
+                     help="Weight bits [default: from the config, else 4]."),
+        click.option("--group", type=click.Choice(["-1", "32", "64", "128"]), default=None,
+                     help="GPTQ group size, -1 = per column [default: from the config, else 128]."),
+        click.option("--act-order/--no-act-order", default=None,
+                     help="GPTQ act-order (desc_act) weights [default: from the config, else off]."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
 def _tune_problems(model: str | None, config_path: str | None, shapes: tuple[str, ...],
-                   bits: int | None, group: int | None, act_order: bool | None) -> Any:
+                   bits: int | None, group: int | None, act_order: bool | None,
+                   what: str = "tune") -> Any:
     """Distinct problems to tune, each with the layer names that use it (first-seen order)."""
     from gemmtune.autotune.models import model_layers, shape_layers
 
@@ -513,7 +538,7 @@ def _tune_problems(model: str | None, config_path: str | None, shapes: tuple[str
         layers += shape_layers(shapes, bits if bits is not None else 4,
                                group if group is not None else 128, bool(act_order))
     if not layers:
-        fail("nothing to tune: give --model NAME, --config PATH/config.json or --shape KxN")
+        fail(f"nothing to {what}: give --model NAME, --config PATH/config.json or --shape KxN")
     names: dict[Any, list[str]] = {}
     for layer in layers:
         names.setdefault(layer.problem, []).append(f"{layer.name}×{layer.count}")
@@ -558,19 +583,7 @@ def _tune_table(title: str, results: list[Any], layer_names: dict[Any, list[str]
 
 
 @main.command(epilog=_TUNE_EPILOG)
-@click.option("--model", metavar="NAME|PATH",
-              help="Model preset (llama-3-8b, llama-2-70b, mistral-7b, qwen2.5-7b, …) or a folder / "
-                   "config.json.")
-@click.option("--config", "config_path", metavar="PATH",
-              help="A Hugging Face config.json (its quantization_config supplies bits/group/act-order).")
-@click.option("--shape", "shapes", metavar="KxN", multiple=True,
-              help="An explicit layer shape, K = in_features (repeatable).")
-@click.option("--bits", type=click.Choice(["4", "8"]), default=None,
-              help="Weight bits [default: from the config, else 4].")
-@click.option("--group", type=click.Choice(["-1", "32", "64", "128"]), default=None,
-              help="GPTQ group size, -1 = per column [default: from the config, else 128].")
-@click.option("--act-order/--no-act-order", default=None,
-              help="GPTQ act-order (desc_act) weights [default: from the config, else off].")
+@_shape_options
 @click.option("--workload", "workload_text", default="mixed", show_default=True,
               metavar="decode|prefill|mixed|M,M|M:W,…", help="Which Ms to optimise for, with weights.")
 @click.option("--trials", type=click.IntRange(min=1), default=None,
@@ -584,9 +597,7 @@ def _tune_table(title: str, results: list[Any], layer_names: dict[Any, list[str]
               show_default=True, help="standard: 360 kernel variants; full: every valid choice (2916).")
 @click.option("--device", "device_spec", default="0", show_default=True, metavar="N|all",
               help="GPU index, or `all`: one worker process per GPU sharing the database.")
-@click.option("--db", "db_url", metavar="URL", default=None,
-              help="Tuning database: SQLAlchemy URL (sqlite:///…, postgresql+psycopg://…) or a file "
-                   "path. Default: $GEMMTUNE_DB, else the user-data path (see `gemmtune doctor`).")
+@_db_option
 @click.option("--retune", is_flag=True, help="Tune shapes that already have a result (a finished "
               "search starts over; an unfinished one resumes).")
 @click.option("--seed", type=int, default=None, help="Sampler seed (reproducible proposals).")
@@ -785,20 +796,10 @@ Examples:
 
 
 def _problem_options(func: F) -> F:
-    """--model/--config/--shape/--bits/--group/--act-order, spelled as `tune` spells them."""
+    """The shapes (as `tune` spells them), the Ms, the tuned workload, the GPU and the database
+    of `bench` and `compare`."""
     opts = [
-        click.option("--model", metavar="NAME|PATH",
-                     help="Model preset (llama-3-8b, llama-2-70b, …) or a folder / config.json."),
-        click.option("--config", "config_path", metavar="PATH",
-                     help="A Hugging Face config.json (its quantization_config supplies bits/group)."),
-        click.option("--shape", "shapes", metavar="KxN", multiple=True,
-                     help="An explicit layer shape, K = in_features (repeatable)."),
-        click.option("--bits", type=click.Choice(["4", "8"]), default=None,
-                     help="Weight bits [default: from the config, else 4]."),
-        click.option("--group", type=click.Choice(["-1", "32", "64", "128"]), default=None,
-                     help="GPTQ group size [default: from the config, else 128]."),
-        click.option("--act-order/--no-act-order", default=None,
-                     help="GPTQ act-order weights [default: from the config, else off]."),
+        _shape_options,
         click.option("--m", "m_text", metavar="M,M,…", default=None,
                      help="Ms to measure: a list (1,2,4), weighted Ms (weights ignored) or a "
                           "workload name [default: 1,2,3,4,6,8,12,16,24,32,48,64,128,256,512]."),
@@ -810,9 +811,7 @@ def _problem_options(func: F) -> F:
                           "the decode entry up to M = 8 beside a larger workload's entry]."),
         click.option("--device", "device_index", type=click.IntRange(min=0), default=0,
                      show_default=True, help="GPU index to measure on."),
-        click.option("--db", "db_url", metavar="URL", default=None,
-                     help="Tuning database for `tuned` (URL or file path). Default: $GEMMTUNE_DB, "
-                          "else the user-data path."),
+        _db_option,
     ]
     for opt in reversed(opts):
         func = opt(func)
@@ -1076,6 +1075,115 @@ def compare(a: str, b: str, model: str | None, config_path: str | None, shapes: 
                       highlight=False)
         sys.exit(1)
     console.print(f"no regression of B vs A beyond {c.threshold * 100:g} %", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# resolve   (runtime area)
+# ---------------------------------------------------------------------------------------------
+
+_RESOLVE_EPILOG = """\b
+Examples:
+  gemmtune resolve --model llama-2-13b                   # this GPU, or the one tuned card
+  gemmtune resolve --model llama-2-70b --fingerprint 2c0ad6e0 --db tuning.db
+  gemmtune resolve --shape 4096x4096 --profile h100.json --json
+
+\b
+As a model load would (QuantLinear without a workload): explicit config > profile
+($GEMMTUNE_PROFILE or --profile) > database > default; a decode-tuned entry serves M up to 8
+beside a larger workload's entry. Stale entries (another kernel build) are listed, never used.
+"""
+
+
+def _band_source(band: Any) -> str:
+    """Where a band's config came from, in words."""
+    if band.source == "default":
+        return f"default ({band.detail})"
+    if band.entry is None:
+        return f"{band.source} ({band.detail})"
+    e = band.entry
+    return f"{band.source} {band.detail}: {e.workload_key} entry, {_age(e.created_at)} old"
+
+
+def _resolve_json(ex: Any) -> dict[str, Any]:
+    def band(b: Any) -> dict[str, Any]:
+        e = b.entry
+        return {"m_lo": b.m_lo, "m_hi": b.m_hi, "config": b.config.to_dict(),
+                "config_key": b.config.key(), "source": b.source, "detail": b.detail,
+                "workload": b.workload_key,
+                "created_at": e.created_at.isoformat() if e is not None and e.created_at else None}
+
+    def skip(s: Any) -> dict[str, Any]:
+        return {"source": s.kind, "where": s.where, "reason": s.reason, "detail": s.detail,
+                "workload": None if s.entry is None else s.entry.workload_key}
+
+    return {"format": "gemmtune-resolve", "card": {"fingerprint": ex.card.fingerprint,
+                                                   "name": ex.card.name, "found": ex.card.found},
+            "kernel_hash": ex.kernel_hash, "workload": ex.workload,
+            "layers": [{"problem": a.problem.to_dict(), "problem_key": a.problem.key(),
+                        "layers": list(a.layers), "bands": [band(b) for b in a.resolution.bands],
+                        "skipped": [skip(s) for s in a.resolution.skipped]}
+                       for a in ex.answers],
+            "warnings": list(ex.warnings)}
+
+
+@main.command("resolve", epilog=_RESOLVE_EPILOG)
+@_shape_options
+@click.option("--workload", "workload_text", default=None, metavar="decode|prefill|mixed|M:W,…",
+              help="Resolve for layers loaded with this workload [default: none, as `patch` loads "
+                   "them: the M bands of the decode/larger split].")
+@click.option("--fingerprint", "fingerprint_spec", metavar="F",
+              help="The card: a fingerprint, its prefix or part of a tuned card's name [default: "
+                   "GPU 0 here, else the one card the database and profile know].")
+@click.option("--profile", "profile_path", metavar="PATH", envvar="GEMMTUNE_PROFILE",
+              default="", help="A profile to consult before the database [default: "
+                               "$GEMMTUNE_PROFILE].")
+@_db_option
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+@_friendly
+def resolve_cmd(model: str | None, config_path: str | None, shapes: tuple[str, ...],
+                bits: str | None, group: str | None, act_order: bool | None,
+                workload_text: str | None, fingerprint_spec: str | None, profile_path: str,
+                db_url: str | None, as_json: bool) -> None:
+    """Show, per layer shape, the M bands a model gets on a card and where each band's config
+    comes from: profile, database entry (workload, age), or the default, and any stale entry
+    skipped. No GPU needed."""
+    import json
+
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    from gemmtune.kernels.workload import Workload
+    from gemmtune.runtime.explain import explain, find_card
+
+    problems = _tune_problems(model, config_path, shapes, int(bits) if bits else None,
+                              int(group) if group else None, act_order, "resolve")
+    workload = Workload.parse(workload_text) if workload_text else None
+    card = find_card(fingerprint_spec, db_url, profile_path)
+    ex = explain(problems, card, workload=workload, profile=profile_path, db_url=db_url)
+    if as_json:
+        click.echo(json.dumps(_resolve_json(ex), indent=2))
+        return
+    table = Table(title=escape(f"{card.name or 'card'} · fingerprint {card.fingerprint} "
+                               f"({card.found}) · kernel {ex.kernel_hash[:12]}"),
+                  title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("shape (layers)", no_wrap=True)
+    table.add_column("M", no_wrap=True)
+    table.add_column("config", overflow="fold")
+    table.add_column("from", overflow="fold")
+    for a in ex.answers:
+        for i, b in enumerate(a.resolution.bands):
+            name = a.problem.key() + (f"\n[dim]{escape(', '.join(a.layers))}[/]" if a.layers else "")
+            table.add_row(name if i == 0 else "", b.span, _config_short(b.config),
+                          escape(_band_source(b)))
+        for sk in a.resolution.skipped:
+            what = f"{sk.entry.workload_key} entry" if sk.entry is not None else "profile"
+            table.add_row("", "", "[yellow]skipped[/]",
+                          escape(f"{sk.kind} {sk.where}: {what} {sk.detail}"
+                                 if sk.entry is None else f"{sk.kind} {sk.where}: {sk.detail}"))
+    console.print(table)
+    for w in ex.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

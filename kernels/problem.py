@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 from .errors import InvalidProblemError
 
@@ -77,6 +79,24 @@ class Problem:
             return cls(int(k), int(n), int(bits[1:]), int(group[1:]), rest == ["act"])
         except (ValueError, TypeError):
             raise InvalidProblemError(f"not a problem key: {key!r} (expected e.g. 4096x4096-b4-g128)") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The problem as the database, profiles and results files spell it."""
+        return {"k": self.k, "n": self.n, "bits": self.bits, "group_size": self.group_size,
+                "act_order": self.act_order}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Problem:
+        """Strict: exactly the fields of `to_dict`, validated as the constructor does."""
+        if not isinstance(data, Mapping):
+            raise InvalidProblemError(f"a problem must be an object, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        if set(data) != names:
+            extra, missing = sorted(set(data) - names), sorted(names - set(data))
+            raise InvalidProblemError("problem fields: " + "; ".join(
+                part for part in (f"unknown {', '.join(extra)}" if extra else "",
+                                  f"missing {', '.join(missing)}" if missing else "") if part))
+        return cls(**data)
 
     def weight_bytes(self) -> int:
         """Bytes of qweight + scales + qzeros as stored in a checkpoint."""

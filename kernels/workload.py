@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import InvalidProblemError
 
@@ -42,6 +44,17 @@ class Workload:
     def objective(self, latency_us: dict[int, float]) -> float:
         """Weighted sum of per-M latencies (µs)."""
         return sum(w * latency_us[m] for m, w in self.pairs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The workload as the database, profiles and results files spell it."""
+        return {"name": self.name, "ms": list(self.ms), "weights": [float(w) for w in self.weights]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Workload:
+        try:
+            return cls(data["name"], tuple(data["ms"]), tuple(data["weights"]))
+        except (KeyError, TypeError) as exc:
+            raise InvalidProblemError(f"a workload needs name, ms and weights ({exc})") from None
 
     @classmethod
     def parse(cls, text: str) -> Workload:

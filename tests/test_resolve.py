@@ -195,3 +195,99 @@ def test_bench_and_compare_tuned_measure_what_the_runtime_launches_at_every_m(
                                     "4096x4096", "--db", db], catch_exceptions=False)
     assert res.exit_code in (0, 1), res.output
     assert recording["b"] == {m: launched[m] for m in cmp.DEFAULT_MS}
+
+
+# -- `gemmtune resolve` on CPU --------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`resolve` takes GPU 0 when there is one: these tests name the card themselves."""
+    import gemmtune.kernels.device as device
+
+    monkeypatch.setattr(device, "device_count", lambda: 0)
+
+
+def _resolve_cli(*args: str) -> Any:
+    return CliRunner().invoke(main, ["resolve", *args])
+
+
+def _profile(tmp_path: Path, make_entry, workload: str, cfg: KernelConfig) -> str:
+    from gemmtune.db.profiles import build_profile
+
+    url = f"sqlite:///{tmp_path / 'export.db'}"
+    with Store.open(url) as store:
+        store.put_result(make_entry(config=cfg, workload=workload, device=DEV.to_dict()))
+        prof = build_profile(store, DEV.to_dict(), current_kernel_hash=kernel_hash())
+    path = tmp_path / "h100.json"
+    path.write_text(prof.dumps())
+    return str(path)
+
+
+def test_resolve_shows_bands_sources_and_stale_entries_from_a_database(tmp_path: Path, make_entry) -> None:
+    import json
+
+    db = _database(tmp_path, make_entry, TUNES["decode+mixed"])
+    with Store.open(f"sqlite:///{db}") as store:
+        store.put_result(make_entry(4096, 14336, config=MIXED_CFG, workload="mixed",
+                                    kh="ab" * 32, device=DEV.to_dict()))
+    r = _resolve_cli("--shape", "4096x4096", "--shape", "4096x14336", "--db", db, "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["card"]["fingerprint"] == DEV.fingerprint and doc["kernel_hash"] == kernel_hash()
+    first, second = doc["layers"]
+    assert [(b["m_lo"], b["m_hi"], b["config_key"], b["source"], b["workload"])
+            for b in first["bands"]] == [(1, 8, DECODE_CFG.key(), "database", "decode"),
+                                         (9, None, MIXED_CFG.key(), "database", "mixed")]
+    assert first["bands"][0]["created_at"].startswith("2026-01-01")
+    assert [(b["source"], b["config_key"]) for b in second["bands"]] == [
+        ("default", PRESETS["default"].key())]
+    assert [(s["reason"], s["workload"]) for s in second["skipped"]] == [("stale", "mixed")]
+    assert any("stale" in w for w in doc["warnings"])
+    r = _resolve_cli("--shape", "4096x4096", "--db", db, "--fingerprint", DEV.fingerprint[:6])
+    assert r.exit_code == 0, r.output
+    assert "M 1-8" in r.output and "decode entry" in r.output and "M >= 9" in r.output
+    r = _resolve_cli("--shape", "4096x4096", "--db", db, "--workload", "mixed", "--json")
+    bands = json.loads(r.stdout)["layers"][0]["bands"]
+    assert [(b["m_lo"], b["m_hi"], b["workload"]) for b in bands] == [(1, None, "mixed")]
+
+
+def test_resolve_asks_the_profile_first_and_names_a_foreign_card(tmp_path: Path, make_entry) -> None:
+    import json
+
+    profile = _profile(tmp_path, make_entry, "decode", CUSTOM_CFG)
+    db = _database(tmp_path, make_entry, TUNES["decode+mixed"])
+    r = _resolve_cli("--model", "llama-2-7b", "--db", db, "--profile", profile, "--json")
+    assert r.exit_code == 0, r.output
+    layer = next(x for x in json.loads(r.stdout)["layers"] if x["problem_key"] == P.key())
+    assert [(b["source"], b["config_key"]) for b in layer["bands"]] == [
+        ("profile", CUSTOM_CFG.key()), ("database", MIXED_CFG.key())]
+    assert layer["layers"] == ["o×32"]
+    # the same profile seen from another card: skipped as a whole, nothing tuned there
+    other = "0123456789abcdef"
+    r = _resolve_cli("--shape", "4096x4096", "--db", db, "--profile", profile, "--fingerprint",
+                     other, "--json")
+    doc = json.loads(r.stdout)
+    assert doc["card"]["fingerprint"] == other
+    assert [b["source"] for b in doc["layers"][0]["bands"]] == ["default"]
+    assert [(s["source"], s["reason"]) for s in doc["layers"][0]["skipped"]] == [("profile", "device")]
+    assert len(doc["warnings"]) == 1 and "another card" in doc["warnings"][0]
+
+
+def test_resolve_without_a_gpu_needs_a_card_it_can_name(tmp_path: Path, make_entry) -> None:
+    empty = str(tmp_path / "none.db")
+    r = _resolve_cli("--shape", "4096x4096", "--db", empty)
+    assert r.exit_code == 1 and "--fingerprint" in r.output
+    db = _database(tmp_path, make_entry, TUNES["decode"])
+    with Store.open(f"sqlite:///{db}") as store:
+        a100 = DeviceInfo(**{**TEST_DEVICE, "name": "NVIDIA A100-SXM4-80GB", "sm_count": 108})
+        store.put_result(make_entry(config=MIXED_CFG, device=a100.to_dict()))
+    r = _resolve_cli("--shape", "4096x4096", "--db", db)
+    assert r.exit_code == 1 and "2 cards are tuned" in r.output
+    r = _resolve_cli("--shape", "4096x4096", "--db", db, "--fingerprint", "a100", "--json")
+    assert r.exit_code == 0, r.output
+    import json
+
+    assert json.loads(r.stdout)["layers"][0]["bands"][0]["config_key"] == MIXED_CFG.key()
+    r = _resolve_cli("--db", db)
+    assert r.exit_code == 1 and "nothing to resolve: give --model" in r.output
