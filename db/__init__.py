@@ -24,10 +24,10 @@ from .paths import ENV_VAR, default_db_path, default_url, resolve_url
 
 _LAZY = {
     "Store": "store",
-    "TunedEntry": "store",
-    "ImportResult": "store",
+    "TunedEntry": "entry",
+    "ImportResult": "entry",
     "Profile": "profiles",
-    "ProfileEntry": "profiles",
+    "ProfileEntry": "entry",
     "ProfileValidator": "profiles",
     "read_profile": "profiles",
     "parse_profile": "profiles",

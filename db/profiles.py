@@ -23,6 +23,7 @@ passed, and then in one transaction. Nothing in a profile is ever executed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -31,8 +32,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from .entry import ImportResult, ProfileEntry, TunedEntry, iso_utc
 from .errors import ProfileError
-from .store import ImportResult, Store, TunedEntry, tool_version
+from .store import Store, tool_version
 
 PROFILE_FORMAT = "gemmtune-profile"
 SCHEMA_VERSION = 1
@@ -69,35 +71,6 @@ class ProfileValidator(Protocol):
 
 
 @dataclass
-class ProfileEntry:
-    problem: dict[str, Any]
-    problem_key: str
-    workload: dict[str, Any]
-    workload_key: str
-    config: dict[str, int]
-    config_key: str
-    objective_us: float
-    default_objective_us: float
-    latencies_us: dict[int, float]
-    default_latencies_us: dict[int, float]
-    provenance: str
-    created_at: datetime
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "problem": dict(self.problem),
-            "workload": dict(self.workload),
-            "config": dict(self.config),
-            "objective_us": self.objective_us,
-            "default_objective_us": self.default_objective_us,
-            "latencies_us": {str(m): v for m, v in sorted(self.latencies_us.items())},
-            "default_latencies_us": {str(m): v for m, v in sorted(self.default_latencies_us.items())},
-            "provenance": self.provenance,
-            "created_at": _iso(self.created_at),
-        }
-
-
-@dataclass
 class Profile:
     device: dict[str, Any]
     kernel_hash: str
@@ -105,6 +78,13 @@ class Profile:
     tool_version: str = field(default_factory=tool_version)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        # A profile's entries are of its device and kernel build.
+        self.entries = [e if e.device and e.kernel_hash else
+                        dataclasses.replace(e, device=e.device or dict(self.device),
+                                kernel_hash=e.kernel_hash or self.kernel_hash)
+                        for e in self.entries]
 
     @property
     def fingerprint(self) -> str:
@@ -115,7 +95,7 @@ class Profile:
             "format": PROFILE_FORMAT,
             "schema_version": self.schema_version,
             "tool_version": self.tool_version,
-            "created_at": _iso(self.created_at),
+            "created_at": iso_utc(self.created_at),
             "kernel_hash": self.kernel_hash,
             "device": dict(self.device),
             "entries": [e.to_json() for e in self.entries],
@@ -135,12 +115,6 @@ class ImportReport:
     profile_kernel_hash: str
     stale: bool
     forced: bool
-
-
-def _iso(dt: datetime) -> str:
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC).isoformat()
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,13 +168,12 @@ def _entry_to_profile(e: TunedEntry) -> ProfileEntry:
     # An imported entry travels on with the provenance it came with, so that export -> import
     # -> export reproduces the same entries instead of growing "imported from" chains.
     provenance = e.origin if e.source == "imported" and e.origin else e.provenance
-    return ProfileEntry(
-        problem=dict(e.problem), problem_key=e.problem_key,
+    return dataclasses.replace(
+        e, problem=dict(e.problem),
         workload={"name": e.workload["name"], "ms": list(e.workload["ms"]),
                   "weights": [float(w) for w in e.workload["weights"]]},
-        workload_key=e.workload_key,
-        config=dict(e.config), config_key=e.config_key,
-        objective_us=float(e.objective_us), default_objective_us=float(e.default_objective_us),
+        config=dict(e.config), objective_us=float(e.objective_us),
+        default_objective_us=float(e.default_objective_us),
         latencies_us=dict(e.latencies_us), default_latencies_us=dict(e.default_latencies_us),
         provenance=provenance, created_at=e.created_at or datetime.now(UTC),
     )
@@ -405,6 +378,7 @@ def validate_profile(doc: Any, validator: ProfileValidator, *, name: str = "prof
         config_key = v.domain(validator.config, config, f"{at}.config")
         ms = [int(m) for m in workload["ms"]]
         entry = ProfileEntry(
+            device=dict(dev), kernel_hash=kh,
             problem=dict(problem), problem_key=problem_key,
             workload={"name": workload["name"], "ms": ms,
                       "weights": [float(w) for w in workload["weights"]]},
@@ -449,15 +423,8 @@ def import_profile(store: Store, profile: Profile, *, current_kernel_hash: str,
     if mismatch and force:
         note += f" (forced from kernel hash {profile.kernel_hash[:12]})"
     entries = [
-        TunedEntry(
-            device=dict(profile.device), kernel_hash=stored_hash,
-            problem=dict(e.problem), problem_key=e.problem_key,
-            workload=dict(e.workload), workload_key=e.workload_key,
-            config=dict(e.config), config_key=e.config_key,
-            objective_us=e.objective_us, default_objective_us=e.default_objective_us,
-            latencies_us=dict(e.latencies_us), default_latencies_us=dict(e.default_latencies_us),
-            source="imported", provenance=note, origin=e.provenance, created_at=e.created_at,
-        )
+        dataclasses.replace(e, device=dict(profile.device), kernel_hash=stored_hash, source="imported",
+                provenance=note, origin=e.provenance, run_id=None, stale=False)
         for e in profile.entries
     ]
     result = ImportResult() if dry_run else store.import_entries(entries, replace=replace)

@@ -3,15 +3,12 @@
 Why it looks like this:
 - A result is valid only for the kernel build that measured it, so `get_result` serves exactly the
   requested `kernel_hash`; other hashes are *stale*: listed (with `.stale`), never served.
-- Tuning workers write while models load and other workers tune. SQLite is therefore opened in
-  WAL mode with a busy timeout, every write is one short `BEGIN IMMEDIATE` transaction (taking
-  the write lock up front avoids the deadlock-like SQLITE_BUSY of a reader upgrading to a writer),
-  and a write that still meets a lock is retried with backoff; only after `lock_timeout_s` does a
-  typed `DatabaseLockedError` surface. "database is locked" never reaches the user raw.
-- Every driver error is translated into a typed `DatabaseError` with one line naming the database
-  (password hidden), so the CLI prints it and the runtime can degrade to defaults with one warning.
-- A file that is not an intact SQLite database, a directory, or a read-only file is recognised
-  *before* SQLite gets a chance to write anything to it.
+- Tuning workers write while models load and other workers tune: every write is one short
+  `BEGIN IMMEDIATE` transaction (engine set-up in `engine.py`), and a write that still meets a
+  lock is retried with backoff; only after `lock_timeout_s` does a typed `DatabaseLockedError`
+  surface. "database is locked" never reaches the user raw.
+- Each method is a few lines inside `_read` / `_write` (one wrapper for the transaction, the
+  retries and the error translation, as Optuna's `_create_scoped_session`).
 """
 
 from __future__ import annotations
@@ -19,33 +16,47 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import stat
-import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, inspect, select, text
+from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from . import migrate
+from .engine import (
+    Translator,
+    check_sqlite_file,
+    display_url,
+    is_locked,
+    make_engine,
+    serialize_sqlite_transactions,
+)
+from .entry import ImportResult, TunedEntry, check_entry
 from .errors import (
-    DatabaseCorruptError,
     DatabaseError,
-    DatabaseLockedError,
     DatabasePathError,
     DatabaseReadOnlyError,
     DatabaseUnavailableError,
 )
 from .models import Device, KernelBuild, ProblemRow, TunedConfig, TuningRun, WorkloadRow, utcnow
 from .paths import default_db_path, resolve_url, sqlite_path
+from .rows import (
+    device_dict,
+    device_row,
+    kernel_build_row,
+    problem_row,
+    to_entry,
+    upsert_entry,
+    workload_row,
+)
+
+__all__ = ["BUSY_TIMEOUT_S", "LOCK_TIMEOUT_S", "ImportResult", "Store", "TunedEntry",
+           "display_url", "serialize_sqlite_transactions", "tool_version"]
 
 T = TypeVar("T")
 
@@ -55,13 +66,7 @@ BUSY_TIMEOUT_S = 15.0
 LOCK_TIMEOUT_S = 120.0
 """Total time a write keeps retrying a locked database before `DatabaseLockedError`."""
 
-LAST_SEEN_RESOLUTION = timedelta(minutes=10)
-"""`Device.last_seen` is refreshed at most this often (it is informational)."""
-
 RUN_STATUSES = ("running", "finished", "failed", "interrupted")
-SOURCES = ("tuned", "imported")
-
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def tool_version() -> str:
@@ -70,186 +75,6 @@ def tool_version() -> str:
         return metadata.version("gemmtune")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
         return "unknown"
-
-
-@dataclass
-class TunedEntry:
-    """One stored answer, in plain data (the db layer does not know the kernel objects)."""
-
-    device: dict[str, Any]
-    kernel_hash: str
-    problem: dict[str, Any]
-    problem_key: str
-    workload: dict[str, Any]
-    workload_key: str
-    config: dict[str, int]
-    objective_us: float
-    default_objective_us: float
-    latencies_us: dict[int, float]
-    default_latencies_us: dict[int, float]
-    source: str = "tuned"
-    provenance: str = ""
-    created_at: datetime | None = None
-    stale: bool = False
-    run_id: int | None = None
-    """The tuning run that produced it, when known (added to the contract; optional)."""
-    origin: str = ""
-    """For imported entries: the provenance the entry carried in the profile."""
-    config_key: str = ""
-    """`KernelConfig.key()` of `config` when the writer knew it; informational."""
-
-    @property
-    def device_fingerprint(self) -> str:
-        return str(self.device.get("fingerprint", ""))
-
-    @property
-    def speedup(self) -> float:
-        """Default's objective over the tuned one (>1: the tuned config is faster)."""
-        return self.default_objective_us / self.objective_us if self.objective_us > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class ImportResult:
-    """What a bulk write did: counts of added, replaced and kept (existing local won) entries."""
-
-    added: int = 0
-    replaced: int = 0
-    kept: int = 0
-    kept_keys: tuple[str, ...] = field(default_factory=tuple)
-
-
-# --------------------------------------------------------------------------------------------
-# error translation
-# --------------------------------------------------------------------------------------------
-
-
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    msg = str(orig).strip().splitlines()
-    return msg[0].strip() if msg else type(orig).__name__
-
-
-def _is_locked(exc: BaseException) -> bool:
-    orig = getattr(exc, "orig", None)
-    code = getattr(orig, "sqlstate", None)
-    if code in ("40001", "40P01", "55P03"):  # serialization failure, deadlock, lock not available
-        return True
-    msg = str(orig or exc).lower()
-    return "database is locked" in msg or "database table is locked" in msg or "busy" in msg
-
-
-class _Translator:
-    """Maps driver exceptions to typed DatabaseErrors naming `where`."""
-
-    def __init__(self, where: str, path: Path | None) -> None:
-        self.where = where
-        self.path = path
-
-    def __call__(self, exc: BaseException) -> DatabaseError:
-        if isinstance(exc, DatabaseError):
-            return exc
-        line = _first_line(exc)
-        low = line.lower()
-        w = self.where
-        if "not a database" in low or "malformed" in low or "corrupt" in low:
-            return DatabaseCorruptError(
-                f"database {w} is damaged ({line}); nothing was changed: move the file away "
-                "(gemmtune starts a fresh one) or pass another --db"
-            )
-        if "readonly" in low or "read-only" in low or "read only" in low:
-            return DatabaseReadOnlyError(f"database {w} is read-only ({line}); nothing was changed")
-        if _is_locked(exc):
-            return DatabaseLockedError(
-                f"database {w} stayed locked by another process ({line}); retry when the other "
-                "writer is done"
-            )
-        if "unable to open database file" in low:
-            return DatabasePathError(f"cannot open database {w} ({line})")
-        if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) and self.path is None:
-            return DatabaseUnavailableError(f"cannot use database {w}: {line}")
-        return DatabaseError(f"database {w}: {line}")
-
-
-# --------------------------------------------------------------------------------------------
-# SQLite file checks (before SQLite may write anything)
-# --------------------------------------------------------------------------------------------
-
-
-def _check_sqlite_file(path: Path, *, readonly: bool, create_parent: bool) -> bool:
-    """Validate the path of a SQLite database. Returns True when the file exists."""
-    if path.is_dir():
-        raise DatabasePathError(
-            f"{path} is a directory, not a database file; pass a file path with --db or GEMMTUNE_DB"
-        )
-    parent = path.parent
-    if not parent.exists():
-        if create_parent and not readonly:
-            try:
-                parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise DatabasePathError(f"cannot create folder {parent} for the database: "
-                                        f"{exc.strerror or exc}") from None
-        else:
-            if readonly:
-                return False
-            raise DatabasePathError(f"folder {parent} does not exist (database {path})")
-    elif not parent.is_dir():
-        raise DatabasePathError(f"{parent} is not a folder (database {path})")
-    if not path.exists():
-        if not readonly and not os.access(parent, os.W_OK | os.X_OK):
-            raise DatabaseReadOnlyError(f"cannot create database {path}: folder {parent} is not writable")
-        return False
-    if not path.is_file():
-        raise DatabasePathError(f"{path} is not a regular file")
-    _check_sqlite_header(path)
-    if not readonly:
-        mode = path.stat().st_mode
-        if not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) or not os.access(path, os.W_OK):
-            raise DatabaseReadOnlyError(
-                f"database {path} is read-only; nothing was changed (make it writable or pass "
-                "another --db)"
-            )
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise DatabaseReadOnlyError(
-                f"database {path}: folder {parent} is not writable (SQLite needs its -wal and "
-                "-shm files there); nothing was changed"
-            )
-    return True
-
-
-def _check_sqlite_header(path: Path) -> None:
-    """Reject files that are not SQLite, and SQLite files shorter than their header says.
-
-    An empty file is a valid empty database to SQLite, and we treat it the same way."""
-    try:
-        size = path.stat().st_size
-        if size == 0:
-            return
-        with path.open("rb") as f:
-            header = f.read(100)
-    except OSError as exc:
-        raise DatabasePathError(f"cannot read database {path}: {exc.strerror or exc}") from None
-    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
-        raise DatabaseCorruptError(
-            f"{path} is not a SQLite database (bad header); nothing was changed: move the file "
-            "away (gemmtune starts a fresh one) or pass another --db"
-        )
-    page_size = struct.unpack(">H", header[16:18])[0]
-    page_size = 65536 if page_size == 1 else page_size
-    change_counter, pages = struct.unpack(">II", header[24:32])
-    valid_for = struct.unpack(">I", header[92:96])[0]
-    wal = path.with_name(path.name + "-wal")
-    wal_pending = wal.exists() and wal.stat().st_size > 0
-    if pages and valid_for == change_counter and not wal_pending and size < pages * page_size:
-        raise DatabaseCorruptError(
-            f"database {path} is truncated ({size} bytes, its header says {pages * page_size}); "
-            "nothing was changed: restore it or move it away"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# the store
-# --------------------------------------------------------------------------------------------
 
 
 class Store:
@@ -266,7 +91,7 @@ class Store:
         self.path = path
         self.lock_timeout_s = lock_timeout_s
         self._engine = engine
-        self._translate = _Translator(display_url(url), path)
+        self._translate = Translator(display_url(url), path)
         self.revision: str | None = None
 
     # -- opening ---------------------------------------------------------------------------
@@ -293,13 +118,13 @@ class Store:
         path = sqlite_path(resolved)
         default_path = default_db_path()
         if path is not None:
-            exists = _check_sqlite_file(path, readonly=readonly,
+            exists = check_sqlite_file(path, readonly=readonly,
                                         create_parent=path == default_path)
             if readonly and not exists:
                 return cls(resolved, None, readonly=True, path=path, lock_timeout_s=lock_timeout_s)
-        translate = _Translator(where, path)
+        translate = Translator(where, path)
         try:
-            engine = _make_engine(u, path, readonly, min(BUSY_TIMEOUT_S, lock_timeout_s))
+            engine = make_engine(u, path, readonly, min(BUSY_TIMEOUT_S, lock_timeout_s))
         except (ImportError, sa_exc.NoSuchModuleError) as exc:
             raise DatabaseUnavailableError(
                 f"cannot use database {where}: its driver is not installed ({exc}); for "
@@ -355,7 +180,7 @@ class Store:
             except DatabaseError:
                 raise
             except sa_exc.DBAPIError as exc:
-                if not _is_locked(exc) or time.monotonic() + delay > deadline:
+                if not is_locked(exc) or time.monotonic() + delay > deadline:
                     raise self._translate(exc) from None
             except sa_exc.SQLAlchemyError as exc:
                 raise self._translate(exc) from None
@@ -402,122 +227,23 @@ class Store:
         with Session(engine.execution_options(gemmtune_write=True)) as session, session.begin():
             yield session
 
-    # -- dimension rows --------------------------------------------------------------------
-    @staticmethod
-    def _get_or_create(session: Session, model: Any, key_attr: str, key: Any,
-                       values: dict[str, Any], update: dict[str, Any] | None = None) -> Any:
-        col = getattr(model, key_attr)
-        row = session.scalars(select(model).where(col == key)).one_or_none()
-        if row is None:
-            try:
-                with session.begin_nested():
-                    row = model(**{key_attr: key}, **values)
-                    session.add(row)
-                    session.flush()
-                return row
-            except sa_exc.IntegrityError:  # another writer inserted it meanwhile (PostgreSQL)
-                row = session.scalars(select(model).where(col == key)).one()
-        for name, value in (update or {}).items():
-            if value is not None and getattr(row, name) != value:
-                setattr(row, name, value)
-        return row
-
-    def _device(self, session: Session, device: dict[str, Any]) -> Device:
-        fp = str(device.get("fingerprint") or "")
-        if not fp:
-            raise DatabaseError("device dict has no 'fingerprint' (pass DeviceInfo.to_dict())")
-        fields = {
-            "vendor": str(device.get("vendor", "")),
-            "name": str(device.get("name", "")),
-            "compute_capability": str(device.get("compute_capability", "")),
-            "sm_count": int(device.get("sm_count", 0)),
-            "memory_bytes": int(device.get("memory_bytes", 0)),
-            "driver_version": str(device.get("driver_version", "")),
-            "runtime_version": str(device.get("runtime_version", "")),
-        }
-        now = utcnow()
-        row = self._get_or_create(session, Device, "fingerprint", fp,
-                                  {**fields, "first_seen": now, "last_seen": now})
-        for name, value in fields.items():
-            if value and getattr(row, name) != value:
-                setattr(row, name, value)
-        # Touch the shared device row only when it says something new: every worker of a
-        # fleet writes results for the same device, and a row update is a row lock.
-        if now - row.last_seen > LAST_SEEN_RESOLUTION:
-            row.last_seen = now
-        return row
-
-    def _kernel_build(self, session: Session, kernel_hash: str) -> KernelBuild:
-        if not kernel_hash:
-            raise DatabaseError("empty kernel_hash")
-        return self._get_or_create(session, KernelBuild, "kernel_hash", kernel_hash,
-                                   {"first_seen": utcnow()})
-
-    def _problem(self, session: Session, key: str, problem: dict[str, Any] | None) -> ProblemRow:
-        p = problem or {}
-        vals = {f: p.get(f) for f in ("k", "n", "bits", "group_size", "act_order")}
-        return self._get_or_create(session, ProblemRow, "key", key, vals, update=vals)
-
-    def _workload(self, session: Session, key: str, workload: dict[str, Any] | None) -> WorkloadRow:
-        w = workload or {}
-        vals = {"name": str(w.get("name", "")),
-                "ms": list(w["ms"]) if "ms" in w else None,
-                "weights": list(w["weights"]) if "weights" in w else None}
-        return self._get_or_create(session, WorkloadRow, "key", key, vals,
-                                   update={k: v for k, v in vals.items() if v})
+    def _upsert(self, session: Session, entry: TunedEntry, *, replace: bool) -> str:
+        """One entry inside an open write transaction: 'added', 'replaced' or 'kept' (the seam
+        tests use to die mid-transaction)."""
+        return upsert_entry(session, entry, replace=replace)
 
     # -- results ---------------------------------------------------------------------------
     def put_result(self, entry: TunedEntry) -> None:
         """Insert or replace the answer for (device, kernel hash, problem, workload)."""
-        _check_entry(entry)
+        check_entry(entry)
         self._write(lambda s: self._upsert(s, entry, replace=True))
-
-    def _upsert(self, session: Session, entry: TunedEntry, *, replace: bool) -> str:
-        """Returns 'added', 'replaced' or 'kept'."""
-        dev = self._device(session, entry.device)
-        kb = self._kernel_build(session, entry.kernel_hash)
-        prob = self._problem(session, entry.problem_key, entry.problem)
-        wl = self._workload(session, entry.workload_key, entry.workload)
-        session.flush()
-        where = (TunedConfig.device_id == dev.id, TunedConfig.kernel_build_id == kb.id,
-                 TunedConfig.problem_id == prob.id, TunedConfig.workload_id == wl.id)
-        row = session.scalars(select(TunedConfig).where(*where)).one_or_none()
-        now = utcnow()
-        values = {
-            "config": dict(entry.config),
-            "config_key": entry.config_key or _config_key(entry.config),
-            "objective_us": float(entry.objective_us),
-            "default_objective_us": float(entry.default_objective_us),
-            "latencies_us": _lat_to_json(entry.latencies_us),
-            "default_latencies_us": _lat_to_json(entry.default_latencies_us),
-            "source": entry.source,
-            "provenance": entry.provenance,
-            "origin": entry.origin,
-            "run_id": entry.run_id,
-            "created_at": entry.created_at or now,
-            "updated_at": now,
-        }
-        if row is None:
-            try:
-                with session.begin_nested():
-                    session.add(TunedConfig(device_id=dev.id, kernel_build_id=kb.id,
-                                            problem_id=prob.id, workload_id=wl.id, **values))
-                    session.flush()
-                return "added"
-            except sa_exc.IntegrityError:  # a concurrent writer won the insert (PostgreSQL)
-                row = session.scalars(select(TunedConfig).where(*where)).one()
-        if not replace:
-            return "kept"
-        for name, value in values.items():
-            setattr(row, name, value)
-        return "replaced"
 
     def import_entries(self, entries: Iterable[TunedEntry], *, replace: bool = False) -> ImportResult:
         """Write many entries in ONE transaction: all land or none. Existing entries for the same
         (device, kernel hash, problem, workload) are kept unless `replace`."""
         items = list(entries)
         for e in items:
-            _check_entry(e)
+            check_entry(e)
 
         def work(session: Session) -> ImportResult:
             counts = {"added": 0, "replaced": 0, "kept": 0}
@@ -546,7 +272,7 @@ class Store:
                 q = q.where(WorkloadRow.key == workload_key)
             q = q.order_by(TunedConfig.updated_at.desc(), TunedConfig.id.desc()).limit(1)
             row = session.scalars(q).unique().one_or_none()
-            return _to_entry(row, kernel_hash) if row is not None else None
+            return to_entry(row, kernel_hash) if row is not None else None
 
         return self._read(work, None)
 
@@ -561,7 +287,7 @@ class Store:
                            TunedConfig.id))
             if device_fingerprint is not None:
                 q = q.where(Device.fingerprint == device_fingerprint)
-            return [_to_entry(r, current_kernel_hash) for r in session.scalars(q).unique()]
+            return [to_entry(r, current_kernel_hash) for r in session.scalars(q).unique()]
 
         return self._read(work, [])
 
@@ -577,7 +303,7 @@ class Store:
         """Every device known (with at least one run or result), as DeviceInfo-style dicts."""
         def work(session: Session) -> list[dict[str, Any]]:
             rows = session.scalars(select(Device).order_by(Device.name, Device.fingerprint))
-            return [_device_dict(d) for d in rows]
+            return [device_dict(d) for d in rows]
 
         return self._read(work, [])
 
@@ -587,10 +313,10 @@ class Store:
         """Record that a tuning run began; returns its id for `finish_run`."""
         def work(session: Session) -> int:
             run = TuningRun(
-                device_id=self._device(session, device).id,
-                kernel_build_id=self._kernel_build(session, kernel_hash).id,
-                problem_id=self._problem(session, problem_key, None).id,
-                workload_id=self._workload(session, workload_key, None).id,
+                device_id=device_row(session, device).id,
+                kernel_build_id=kernel_build_row(session, kernel_hash).id,
+                problem_id=problem_row(session, problem_key, None).id,
+                workload_id=workload_row(session, workload_key, None).id,
                 sampler=sampler, trials=0, status="running", started_at=utcnow(),
                 tool_version=tool_version(),
             )
@@ -667,7 +393,7 @@ class Store:
                     return True, ""
                 return False, f"cannot create {self.path.parent}: {ancestor} is not writable"
             try:
-                _check_sqlite_file(self.path, readonly=False, create_parent=False)
+                check_sqlite_file(self.path, readonly=False, create_parent=False)
             except DatabaseError as exc:
                 return False, str(exc)
             return True, ""
@@ -687,139 +413,3 @@ class Store:
                 return True, ""
 
         return self._retry(work)
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-
-
-def display_url(url: str) -> str:
-    """The URL without its password; for SQLite files, just the path."""
-    try:
-        u = make_url(url)
-    except sa_exc.ArgumentError:
-        return url
-    path = sqlite_path(url)
-    if path is not None:
-        return str(path)
-    return u.render_as_string(hide_password=True)
-
-
-def _make_engine(u: URL, path: Path | None, readonly: bool, busy_timeout_s: float) -> Engine:
-    if u.get_backend_name() != "sqlite":
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
-        if u.get_backend_name() == "postgresql":
-            kwargs["connect_args"] = {"connect_timeout": 10}
-        return create_engine(u, **kwargs)
-    connect_args: dict[str, Any] = {"timeout": busy_timeout_s, "check_same_thread": False}
-    if path is not None and readonly:
-        u = make_url(f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true")
-    engine = create_engine(u, connect_args=connect_args)
-    wal = path is not None and not readonly
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Take transaction control from pysqlite (which would not BEGIN before DDL), so that
-        # migrations are atomic and writes can BEGIN IMMEDIATE.
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        try:
-            cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            if wal:
-                cur.execute("PRAGMA journal_mode = WAL")
-                cur.execute("PRAGMA synchronous = NORMAL")
-            cur.execute("PRAGMA foreign_keys = ON")
-        finally:
-            cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        write = conn.get_execution_options().get("gemmtune_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write and not readonly else "BEGIN")
-
-    return engine
-
-
-def serialize_sqlite_transactions(engine: Engine) -> None:
-    """Make every transaction on a SQLite `engine` made elsewhere (Optuna's storage) take the
-    write lock when it begins (`BEGIN IMMEDIATE`).
-
-    SQLite has no `SELECT ... FOR UPDATE`: two processes sharing one study could both read an
-    enqueued trial as waiting, both claim it and measure it twice, and the second to finish then
-    fails on a trial that is already complete. Optuna's transactions are a few milliseconds
-    against seconds per trial, so serializing them costs nothing measurable. Connections
-    already pooled are dropped so that every later one gets the hooks. Other backends lock
-    rows and are left alone. The busy timeout is the caller's (pysqlite's `timeout`).
-    """
-    if engine.dialect.name != "sqlite":
-        return
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # BEGIN is ours, not pysqlite's
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()
-
-
-def _lat_to_json(lat: dict[int, float]) -> dict[str, float]:
-    return {str(int(m)): float(v) for m, v in sorted(lat.items(), key=lambda kv: int(kv[0]))}
-
-
-def _lat_from_json(lat: dict[str, Any] | None) -> dict[int, float]:
-    return {int(m): float(v) for m, v in (lat or {}).items()}
-
-
-def _config_key(config: dict[str, Any]) -> str:
-    return ",".join(f"{k}={config[k]}" for k in sorted(config))
-
-
-def _device_dict(d: Device) -> dict[str, Any]:
-    return {
-        "vendor": d.vendor, "name": d.name, "compute_capability": d.compute_capability,
-        "sm_count": d.sm_count, "memory_bytes": d.memory_bytes,
-        "driver_version": d.driver_version, "runtime_version": d.runtime_version,
-        "fingerprint": d.fingerprint,
-    }
-
-
-def _to_entry(row: TunedConfig, current_kernel_hash: str | None) -> TunedEntry:
-    p, w = row.problem, row.workload
-    problem = {"k": p.k, "n": p.n, "bits": p.bits, "group_size": p.group_size,
-               "act_order": p.act_order}
-    workload = {"name": w.name, "ms": list(w.ms or []), "weights": list(w.weights or [])}
-    kh = row.kernel_build.kernel_hash
-    return TunedEntry(
-        device=_device_dict(row.device),
-        kernel_hash=kh,
-        problem=problem,
-        problem_key=p.key,
-        workload=workload,
-        workload_key=w.key,
-        config=dict(row.config),
-        objective_us=row.objective_us,
-        default_objective_us=row.default_objective_us,
-        latencies_us=_lat_from_json(row.latencies_us),
-        default_latencies_us=_lat_from_json(row.default_latencies_us),
-        source=row.source,
-        provenance=row.provenance,
-        created_at=row.created_at,
-        stale=current_kernel_hash is not None and kh != current_kernel_hash,
-        run_id=row.run_id,
-        origin=row.origin,
-        config_key=row.config_key,
-    )
-
-
-def _check_entry(e: TunedEntry) -> None:
-    """Cheap sanity checks of what callers hand the store (the domain checks live upstream)."""
-    if e.source not in SOURCES:
-        raise DatabaseError(f"entry source {e.source!r} is not one of {', '.join(SOURCES)}")
-    if not e.problem_key or not e.workload_key or not e.kernel_hash:
-        raise DatabaseError("entry needs problem_key, workload_key and kernel_hash")
-    if not e.device_fingerprint:
-        raise DatabaseError("entry device has no 'fingerprint' (pass DeviceInfo.to_dict())")
