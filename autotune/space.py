@@ -22,7 +22,7 @@ What Optuna samples, and what it does not:
 - `max_q_gemm_rows` and `recon_chunk_n` are *not* sampled. Measurements are memoised per
   (variant, M) and per (recon_chunk_n, M), and the workload objective separates into a fused part
   and a reconstruct part, so for each sampled variant the best threshold and the best chunk are
-  computed exactly (`gemmtune.autotune.study.complete_variant`). Sampling them would spend trials
+  computed exactly (`gemmtune.autotune.objective.complete_variant`). Sampling them would spend trials
   on what arithmetic settles. The space still declares the chunk choices.
 
 The ExLlamaV2 presets and `default` lie in both named spaces (`Space.contains`).

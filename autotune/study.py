@@ -7,70 +7,50 @@ How a problem is tuned (`tune_problem`):
    run resumes and workers on several GPUs or hosts pointing at one PostgreSQL URL cooperate on it.
 2. The default and the ExLlamaV2 presets are enqueued first (once per study), so the first
    trials say how good the starting point is and model-based samplers start from it.
-3. Each trial samples a kernel *variant* (`space.Space`) and `complete_variant` computes the best
+3. Each trial samples a kernel *variant* (`space.Space`) and `complete_variant` (`objective.py`)
+   computes the best
    fused/reconstruct threshold and reconstruct chunk for it exactly from memoised per-M
    measurements. A variant that fails (compile, launch, wrong result) is a FAIL trial whose reason
    is stored as the user attr `fail_reason`; the study goes on.
 4. `--trials` is a total target: finished trials (COMPLETE or FAIL) of earlier sessions and other
    workers count toward it. A variant measured before in the study is not measured again.
-5. The best is re-measured interleaved against the default (`Evaluator.interleaved`). It is
-   accepted only if it is not slower; `store_outcome` writes only accepted outcomes.
+5. The best is re-measured interleaved against the default (`Evaluator.interleaved`); the winner
+   rule is `winner.py`. It is accepted only if it is not slower; `session.store_outcome` writes
+   only accepted outcomes, and `session.tune_into_store` is the session around one problem.
 
 The search never touches CUDA: it sees kernels through `Evaluator` only. `make_evaluator`,
-`device_identity` and `gpu_count` are the seams to the GPU (tests replace them).
+`device_identity` and `gpu_count` are the seams to the GPU (tests replace them; callers look
+them up on this module at call time so that the replacement is seen).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import signal
 import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 from gemmtune.autotune.evaluator import Evaluator, TrialFailure
-from gemmtune.autotune.space import STANDARD, Space, get_space, warm_start_configs
-from gemmtune.kernels.config import TUNABLES, KernelConfig
+from gemmtune.autotune.objective import FUSED_CUTOFF, complete_variant, dispatch_latencies
+from gemmtune.autotune.space import Space, get_space, warm_start_configs
+from gemmtune.autotune.winner import config_of, interleaved_check, screen
+from gemmtune.autotune.winner import ranked as _ranked
+from gemmtune.kernels.config import KernelConfig
 from gemmtune.kernels.device import DeviceInfo
 from gemmtune.kernels.errors import GemmtuneError, InvalidConfigError
 from gemmtune.kernels.problem import Problem
 from gemmtune.kernels.workload import Workload
 from optuna.trial import FrozenTrial, TrialState
 
-if TYPE_CHECKING:  # the store is another area's; imported lazily where used
-    from gemmtune.db.store import Store, TunedEntry
-
 SAMPLERS: tuple[str, ...] = ("tpe", "gp", "random", "grid")
 DEFAULT_TRIALS = 60
-MAX_ROWS = {t.name: t for t in TUNABLES}["max_q_gemm_rows"].hi
-"""Largest threshold a config can hold: fused measurements above it are never needed."""
-
-FUSED_CUTOFF = 4.0
-"""Once the fused kernel is this many times slower than the best reconstruct at some M, larger
-Ms are not measured fused (and the threshold stays below that M). The fused kernel's cost grows
-with M while reconstruct + cuBLAS is nearly flat, so past such a crossover fused never wins
-back; skipping saves the slowest measurements of a trial (large M with few rows per block)."""
-
 _INTERRUPTED = "interrupted"
-
-SEARCH_SLACK = 0.02
-"""Screening on memoised (single-shot) measurements: a candidate may be this much slower than
-the default at one M and still go to the final, interleaved check."""
-
-FINAL_SLACK = 0.03
-"""Final check: slower than the default by more than this *and* more than the two measured
-spreads at any M rejects a candidate."""
-
-FINAL_CANDIDATES = 3
-"""Candidates re-measured interleaved before giving up (each costs one pass over the workload)."""
-
 
 # ---------------------------------------------------------------------------------------------
 # seams to the GPU (replaced in tests)
@@ -171,105 +151,6 @@ def make_sampler(name: str, space: Space, seed: int | None = None) -> optuna.sam
 
 
 # ---------------------------------------------------------------------------------------------
-# the objective
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Assessment:
-    """One variant, completed: the best threshold and chunk for it and what they cost."""
-
-    config: KernelConfig
-    objective_us: float
-    fused_us: dict[int, float]
-    """Fused time per measured M (Ms past the fused cutoff are absent)."""
-    recon_us: dict[int, float]
-    """Reconstruct time per M with the chosen chunk."""
-
-
-def complete_variant(
-    evaluator: Evaluator,
-    variant: KernelConfig,
-    space: Space = STANDARD,
-    fused_cutoff: float | None = FUSED_CUTOFF,
-) -> Assessment:
-    """Pick `max_q_gemm_rows` and `recon_chunk_n` for `variant` exactly.
-
-    objective(r, c) = sum_{M <= r} w_M fused(M) + sum_{M > r} w_M recon_c(M), scanned over
-    r in {0} + workload Ms (ties: the smaller r) and every chunk c of the space (ties: the chunk
-    best over all Ms, then the first). Fused measurements depend on the variant only and
-    reconstruct ones on the chunk only, so the scan costs no extra measurements beyond one per
-    (path, M). A fused failure fails the variant; a chunk that fails is left out.
-    """
-    wl = evaluator.workload
-    weights = dict(wl.pairs)
-    ms = sorted(weights)
-
-    recon: dict[int, dict[int, float]] = {}  # chunk -> M -> µs
-    recon_errors: list[str] = []
-    for chunk in space.recon_chunk_n:
-        cfg = variant.replace(recon_chunk_n=chunk)
-        row: dict[int, float] = {}
-        try:
-            for m in ms:
-                row[m] = evaluator.recon(cfg, m).median_us
-        except TrialFailure as exc:
-            recon_errors.append(f"recon chunk {chunk}: {exc.reason}")
-            continue
-        recon[chunk] = row
-
-    best_recon = {m: min((r[m] for r in recon.values()), default=math.inf) for m in ms}
-    fused: dict[int, float] = {}
-    for m in ms:
-        if m > MAX_ROWS:
-            break
-        t = evaluator.fused(variant, m).median_us  # TrialFailure propagates: variant unusable
-        fused[m] = t
-        if fused_cutoff is not None and t > fused_cutoff * best_recon[m]:
-            break
-
-    # Thresholds: 0, then each M as long as every M up to it has a fused time.
-    candidates = [0]
-    for m in ms:
-        if m not in fused:
-            break
-        candidates.append(m)
-
-    overall = {c: sum(weights[m] * row[m] for m in ms) for c, row in recon.items()}
-    order = list(space.recon_chunk_n)
-    best: tuple[float, int, int] | None = None  # (objective, r, chunk)
-    for r in candidates:
-        fused_part = sum(weights[m] * fused[m] for m in ms if m <= r)
-        tail = [m for m in ms if m > r]
-        if not tail:
-            chunk_choices = sorted(recon, key=lambda c: (overall[c], order.index(c)))
-            chunk = chunk_choices[0] if chunk_choices else space.recon_chunk_n[0]
-            total = fused_part
-        else:
-            if not recon:
-                continue
-            chunk = min(recon, key=lambda c: (sum(weights[m] * recon[c][m] for m in tail),
-                                              overall[c], order.index(c)))
-            total = fused_part + sum(weights[m] * recon[chunk][m] for m in tail)
-        if best is None or total < best[0]:
-            best = (total, r, chunk)
-    if best is None or not math.isfinite(best[0]):
-        raise TrialFailure("no usable dispatch: " + ("; ".join(recon_errors) or "every path failed"))
-    total, r, chunk = best
-    config = variant.replace(max_q_gemm_rows=r, recon_chunk_n=chunk)
-    return Assessment(config, total, fused, dict(recon.get(chunk, {})))
-
-
-def dispatch_latencies(evaluator: Evaluator, config: KernelConfig) -> dict[int, float]:
-    """Per-M latency of `config` exactly as given (its own threshold and chunk), from the
-    memoised per-path measurements: how the runtime would dispatch with it."""
-    return {
-        m: (evaluator.fused(config, m) if m <= config.max_q_gemm_rows else evaluator.recon(config, m)).median_us
-        for m in evaluator.workload.ms
-    }
-
-
-# ---------------------------------------------------------------------------------------------
 # outcome and progress
 # ---------------------------------------------------------------------------------------------
 
@@ -340,47 +221,6 @@ class TuneOutcome:
         if self.objective_us and self.default_objective_us:
             return self.default_objective_us / self.objective_us
         return None
-
-
-# ---------------------------------------------------------------------------------------------
-# stop flag / Ctrl-C
-# ---------------------------------------------------------------------------------------------
-
-
-class StopFlag:
-    """Set when the user asked to stop; the study stops after the trial in flight."""
-
-    def __init__(self, *others: Callable[[], bool]) -> None:
-        self._event = threading.Event()
-        self._others = others
-
-    def set(self) -> None:
-        self._event.set()
-
-    def __call__(self) -> bool:
-        return self._event.is_set() or any(o() for o in self._others)
-
-
-@contextlib.contextmanager
-def graceful_sigint(flag: StopFlag, on_first: Callable[[], None] | None = None) -> Iterator[StopFlag]:
-    """First Ctrl-C sets `flag` (finish the trial in flight, keep everything); a second one
-    raises KeyboardInterrupt at once. Outside the main thread this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if flag():
-            raise KeyboardInterrupt
-        flag.set()
-        if on_first is not None:
-            on_first()
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -614,7 +454,7 @@ def tune_problem(
         if stop():
             return TuneOutcome(
                 status="interrupted",
-                best_config=_config_of(best_trial), objective_us=None, default_objective_us=None,
+                best_config=config_of(best_trial), objective_us=None, default_objective_us=None,
                 search_objective_us=best_trial.value if best_trial else None,
                 message="stopped by the user; finished trials are kept, run again to resume",
                 **common,
@@ -631,32 +471,11 @@ def tune_problem(
         # Candidates are ranked by objective, screened per M on the memoised measurements,
         # then re-measured interleaved against the default; the first that holds is stored.
         ranked = _ranked(study)
-        # The default's own dispatch (its threshold) from what the enqueued default trial
-        # recorded; the final interleaved check is the authority, this only screens.
-        dlat_memo = next((_trial_latencies(t, default, workload) for t in ranked
-                          if t.user_attrs.get("preset") == "default"), None)
-        if dlat_memo is None:  # the default is not a point of this space
-            try:
-                dlat_memo = dispatch_latencies(evaluator, default)
-            except (TrialFailure, GemmtuneError):
-                dlat_memo = None
-        screened: list[tuple[FrozenTrial, KernelConfig]] = []
-        for t in ranked:
-            cfg = _config_of(t)
-            assert cfg is not None
-            if dlat_memo is not None:
-                lat_memo = _trial_latencies(t, cfg, workload)
-                if lat_memo is None or not _per_m_ok(lat_memo, dlat_memo, SEARCH_SLACK):
-                    continue
-            screened.append((t, cfg))
-            if len(screened) >= FINAL_CANDIDATES:
-                break
-        if not screened:
-            screened = [(best_trial, _config_of(best_trial))]  # type: ignore[list-item]
         last: TuneOutcome | None = None
-        for trial_, best_config in screened:
+        for trial_, best_config in screen(ranked, best_trial, evaluator, default, workload):
             try:
-                a_meas, b_meas = evaluator.interleaved(best_config, default, settings.interleave_rounds)
+                v = interleaved_check(evaluator, best_config, default, workload,
+                                      settings.interleave_rounds)
             except (TrialFailure, GemmtuneError) as exc:
                 reason = exc.reason if isinstance(exc, TrialFailure) else str(exc)
                 last = TuneOutcome(
@@ -665,195 +484,18 @@ def tune_problem(
                     message=f"final interleaved check failed: {reason}", **common,
                 )
                 continue
-            lat = {m: a_meas[m].median_us for m in workload.ms}
-            dlat = {m: b_meas[m].median_us for m in workload.ms}
-            obj, dobj = workload.objective(lat), workload.objective(dlat)
-            noise = {m: a_meas[m].spread_us + b_meas[m].spread_us for m in workload.ms}
-            slower = [m for m in workload.ms
-                      if lat[m] > dlat[m] * (1 + FINAL_SLACK) and lat[m] - dlat[m] > noise[m]]
-            accepted = obj <= dobj and not slower
-            if not accepted:
-                why = (f"best ({obj:.1f} µs) was slower than the default ({dobj:.1f} µs) when "
-                       "re-measured interleaved" if obj > dobj else
-                       f"slower than the default at M = {', '.join(map(str, slower))}")
             last = TuneOutcome(
-                status="accepted" if accepted else "rejected",
-                best_config=best_config, objective_us=obj, default_objective_us=dobj,
-                latencies_us=lat, default_latencies_us=dlat,
+                status="accepted" if v.accepted else "rejected",
+                best_config=best_config, objective_us=v.objective_us,
+                default_objective_us=v.default_objective_us,
+                latencies_us=v.latencies_us, default_latencies_us=v.default_latencies_us,
                 search_objective_us=trial_.value,
-                message="" if accepted else f"{why}; nothing stored",
+                message="" if v.accepted else f"{v.why}; nothing stored",
                 **common,
             )
-            if accepted:
+            if v.accepted:
                 return last
         assert last is not None
         return last
 
 
-def _ranked(study: optuna.Study) -> list[FrozenTrial]:
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and "config" in t.user_attrs]
-    done.sort(key=lambda t: (t.value, t.number))
-    seen: set[str] = set()
-    out = []
-    for t in done:  # duplicates of one variant are one candidate
-        key = str(t.user_attrs["config"])
-        if key not in seen:
-            seen.add(key)
-            out.append(t)
-    return out
-
-
-def _trial_latencies(t: FrozenTrial, cfg: KernelConfig, workload: Workload) -> dict[int, float] | None:
-    """Per-M dispatch latency of a finished trial from what it recorded (no measurement)."""
-    measured = t.user_attrs.get("measured") or {}
-    fused, recon = measured.get("fused_us", {}), measured.get("recon_us", {})
-    out = {}
-    for m in workload.ms:
-        v = fused.get(str(m)) if m <= cfg.max_q_gemm_rows else recon.get(str(m))
-        if v is None:
-            return None
-        out[m] = float(v)
-    return out
-
-
-def _per_m_ok(lat: dict[int, float], dlat: dict[int, float], slack: float) -> bool:
-    return all(lat[m] <= dlat[m] * (1 + slack) for m in dlat)
-
-
-def _config_of(trial: FrozenTrial | None) -> KernelConfig | None:
-    if trial is None or "config" not in trial.user_attrs:
-        return None
-    return KernelConfig.from_dict(dict(trial.user_attrs["config"]))
-
-
-# ---------------------------------------------------------------------------------------------
-# storing
-# ---------------------------------------------------------------------------------------------
-
-
-def store_outcome(
-    store: Store,
-    outcome: TuneOutcome,
-    device: DeviceInfo,
-    kernel_hash: str,
-    provenance: str = "",
-    run_id: int | None = None,
-) -> bool:
-    """Write an accepted outcome as the tuned entry for (device, kernel hash, problem, workload).
-    Anything else is not written (returns False): a winner slower than the default, an
-    interrupted search or one without result must never be served."""
-    if not outcome.accepted or outcome.best_config is None:
-        return False
-    assert outcome.objective_us is not None and outcome.default_objective_us is not None
-    from gemmtune.db.store import TunedEntry
-
-    p, w = outcome.problem, outcome.workload
-    store.put_result(TunedEntry(
-        device=device.to_dict(),
-        kernel_hash=kernel_hash,
-        problem={"k": p.k, "n": p.n, "bits": p.bits, "group_size": p.group_size,
-                 "act_order": p.act_order},
-        problem_key=p.key(),
-        workload={"name": w.name, "ms": list(w.ms), "weights": list(w.weights)},
-        workload_key=w.key(),
-        config=outcome.best_config.to_dict(),
-        objective_us=outcome.objective_us,
-        default_objective_us=outcome.default_objective_us,
-        latencies_us=dict(outcome.latencies_us),
-        default_latencies_us=dict(outcome.default_latencies_us),
-        source="tuned",
-        provenance=provenance,
-        run_id=run_id,
-        config_key=outcome.best_config.key(),
-    ))
-    return True
-
-
-def provenance_line(settings: TuneSettings, outcome: TuneOutcome) -> str:
-    from gemmtune import __version__
-
-    return (f"gemmtune {__version__} tune on {socket.gethostname()}: sampler={settings.sampler} "
-            f"space={getattr(settings.space, 'name', settings.space)} trials={outcome.trials_total}/{outcome.trials_target} "
-            f"failures={outcome.failures} study={outcome.study_name}")
-
-
-# ---------------------------------------------------------------------------------------------
-# one problem against the database (shared by the CLI and the --device all workers)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProblemResult:
-    """One row of the final table: picklable, so workers can send it to the parent."""
-
-    problem: Problem
-    status: str  # accepted | rejected | no-result | interrupted | skipped | error
-    default_us: float | None = None
-    tuned_us: float | None = None
-    config: KernelConfig | None = None
-    trials: str = ""
-    failures: int = 0
-    message: str = ""
-    device_index: int = 0
-
-    @property
-    def speedup(self) -> float | None:
-        if self.default_us and self.tuned_us:
-            return self.default_us / self.tuned_us
-        return None
-
-
-def tune_into_store(
-    store: Store,
-    storage: optuna.storages.BaseStorage | str,
-    problem: Problem,
-    workload: Workload,
-    settings: TuneSettings,
-    *,
-    device_index: int = 0,
-    retune: bool = False,
-    stop: Callable[[], bool] | None = None,
-    on_trial: Callable[[TrialEvent], None] | None = None,
-) -> ProblemResult:
-    """Skip if already tuned (unless `retune`), else tune, store if accepted, and record the run
-    (`finished`, `interrupted`, or `failed` when an exception escaped)."""
-    device, khash = device_identity(device_index)
-    if not retune:
-        entry: TunedEntry | None = store.get_result(device.fingerprint, khash, problem.key(),
-                                                    workload.key())
-        if entry is not None and not entry.stale:
-            return ProblemResult(
-                problem=problem, status="skipped", default_us=entry.default_objective_us,
-                tuned_us=entry.objective_us, config=KernelConfig.from_dict(dict(entry.config)),
-                message="already tuned (use --retune to tune again)", device_index=device_index,
-            )
-    run_id = store.start_run(device.to_dict(), khash, settings.sampler, problem.key(), workload.key())
-    status, trials = "failed", 0
-    try:
-        evaluator = make_evaluator(problem, workload, device_index)
-        try:
-            outcome = tune_problem(evaluator, storage, settings, stop=stop, on_trial=on_trial,
-                                   fresh=retune)
-        finally:
-            close = getattr(evaluator, "close", None)
-            if callable(close):
-                close()
-        trials = outcome.trials_run
-        status = "interrupted" if outcome.status == "interrupted" else "finished"
-        if outcome.accepted:
-            store_outcome(store, outcome, evaluator.device, evaluator.kernel_hash,
-                          provenance_line(settings, outcome), run_id=run_id)
-        return ProblemResult(
-            problem=problem, status=outcome.status, default_us=outcome.default_objective_us
-            if outcome.default_objective_us is not None else outcome.search_default_us,
-            tuned_us=outcome.objective_us if outcome.objective_us is not None
-            else outcome.search_objective_us,
-            config=outcome.best_config, trials=f"{outcome.trials_total}/{outcome.trials_target}",
-            failures=outcome.failures, message=outcome.message, device_index=device_index,
-        )
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        store.finish_run(run_id, status, trials)

@@ -22,7 +22,6 @@ for the same device fingerprint, kernel hash, problem and workload.
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing as mp
 import os
 import queue
@@ -31,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gemmtune.autotune import session as ss
 from gemmtune.autotune import study as st
 from gemmtune.kernels.problem import Problem
 from gemmtune.kernels.workload import Workload
@@ -91,20 +91,16 @@ def worker_loop(
             problem = job.problems[index]
             events(WorkerEvent("start", gpu, index))
             try:
-                result = st.tune_into_store(
+                result = ss.tune_or_report(
                     store, job.db_url, problem, job.workload, job.settings,
-                    device_index=device_index, retune=job.retune, stop=stop,
+                    device_index=device_index, report_index=gpu, retune=job.retune, stop=stop,
                     on_trial=lambda e, i=index: events(WorkerEvent("trial", gpu, i, e)),
                 )
             except KeyboardInterrupt:
-                events(WorkerEvent("result", gpu, index, st.ProblemResult(
+                events(WorkerEvent("result", gpu, index, ss.ProblemResult(
                     problem, "interrupted", message="aborted mid-trial", device_index=gpu)))
                 raise
-            except Exception as exc:  # one problem's failure must not end the others
-                events(WorkerEvent("result", gpu, index, st.ProblemResult(
-                    problem, "error", message=f"{type(exc).__name__}: {exc}", device_index=gpu)))
-                continue
-            events(WorkerEvent("result", gpu, index, dataclasses.replace(result, device_index=gpu)))
+            events(WorkerEvent("result", gpu, index, result))
     finally:
         store.close()
 
@@ -112,9 +108,9 @@ def worker_loop(
 def _worker_main(job: WorkerJob, gpu: int, visible: str, jobs: Any, events: Any, stop_event: Any) -> None:
     # Before anything can initialise CUDA: this process sees its one GPU as device 0.
     os.environ["CUDA_VISIBLE_DEVICES"] = visible
-    flag = st.StopFlag(stop_event.is_set)
+    flag = ss.StopFlag(stop_event.is_set)
     try:
-        with st.graceful_sigint(flag):
+        with ss.graceful_sigint(flag):
             worker_loop(job, gpu, jobs, events.put, flag, device_index=0)
     except KeyboardInterrupt:
         pass

@@ -644,6 +644,7 @@ def _run_tune(order: list[Any], layer_names: dict[Any, list[str]], workload: Any
               gpus: list[int], db_url: str | None, retune: bool) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from gemmtune.autotune import session as ss
     from gemmtune.autotune import study as st
     from gemmtune.autotune import workers as wk
     from gemmtune.db.errors import DatabaseError
@@ -658,7 +659,7 @@ def _run_tune(order: list[Any], layer_names: dict[Any, list[str]], workload: Any
     store = Store.open(db_url)  # creates/migrates the database; Optuna's tables join it
     url = store.url
     results: dict[tuple[int, int], Any] = {}
-    flag = st.StopFlag()
+    flag = ss.StopFlag()
     n = len(order)
     where = ("GPUs " + ",".join(map(str, gpus))) if len(gpus) > 1 else f"GPU {gpus[0]}"
     console.print(f"tuning {n} shape{'s' * (n != 1)} for workload [bold]{workload.key()}[/] on "
@@ -677,7 +678,7 @@ def _run_tune(order: list[Any], layer_names: dict[Any, list[str]], workload: Any
                         TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
     interrupted = False
     try:
-        with st.graceful_sigint(flag, on_first=lambda: console.print(
+        with ss.graceful_sigint(flag, on_first=lambda: console.print(
                 "[yellow]stopping after the trial in flight (Ctrl-C again to abort it)…[/]")), progress:
             if len(gpus) == 1:
                 shapes_task = progress.add_task("shapes", total=n, note="")
@@ -693,16 +694,9 @@ def _run_tune(order: list[Any], layer_names: dict[Any, list[str]], workload: Any
                         progress.update(trial_task, completed=e.finished, total=e.target,
                                         note=best_line(e))
 
-                    try:
-                        results[0, i] = st.tune_into_store(
-                            store, url, problem, workload, settings, device_index=gpus[0],
-                            retune=retune, stop=flag, on_trial=on_trial)
-                    except DatabaseError:
-                        raise
-                    except Exception as exc:  # one shape's failure must not end the others
-                        results[0, i] = st.ProblemResult(
-                            problem, "error", message=f"{type(exc).__name__}: {exc}",
-                            device_index=gpus[0])
+                    results[0, i] = ss.tune_or_report(
+                        store, url, problem, workload, settings, device_index=gpus[0],
+                        retune=retune, stop=flag, on_trial=on_trial, fatal=(DatabaseError,))
                     if results[0, i].status == "skipped":
                         progress.update(trial_task, total=1, completed=1, note="already tuned")
                     progress.update(shapes_task, completed=i + 1)
@@ -734,7 +728,7 @@ def _run_tune(order: list[Any], layer_names: dict[Any, list[str]], workload: Any
     interrupted = interrupted or flag()
 
     for gi, members in enumerate(groups.values()):
-        rows = [results.get((gi, i)) or st.ProblemResult(p, "pending", device_index=members[0])
+        rows = [results.get((gi, i)) or ss.ProblemResult(p, "pending", device_index=members[0])
                 for i, p in enumerate(order)]
         title = f"workload {workload.key()}"
         if len(groups) > 1:

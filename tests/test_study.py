@@ -10,6 +10,7 @@ from typing import Any
 
 import optuna
 import pytest
+from gemmtune.autotune import objective, session, winner
 from gemmtune.autotune import study as st
 from gemmtune.autotune.evaluator import Measurement, TrialFailure
 from gemmtune.autotune.space import GROUPS, STANDARD, Space
@@ -79,7 +80,7 @@ def brute_force(ev: SyntheticEvaluator, v: KernelConfig, space: Space) -> tuple[
 def test_threshold_and_chunk_are_exact(wl: Workload) -> None:
     ev = SyntheticEvaluator(PROBLEM, wl)
     for v in itertools.islice(STANDARD.variants(), 0, None, 37):
-        a = st.complete_variant(ev, v, STANDARD, fused_cutoff=None)
+        a = objective.complete_variant(ev, v, STANDARD, fused_cutoff=None)
         obj, r, chunk = brute_force(ev, v, STANDARD)
         assert a.objective_us == pytest.approx(obj)
         assert a.config.max_q_gemm_rows == r
@@ -89,7 +90,7 @@ def test_threshold_and_chunk_are_exact(wl: Workload) -> None:
             assert a.config.recon_chunk_n == 4096
         assert a.config.variant_key() == v.variant_key()
         # The cutoff only skips measurements; on a landscape with one crossover it changes nothing.
-        assert st.complete_variant(ev, v, STANDARD).config == a.config
+        assert objective.complete_variant(ev, v, STANDARD).config == a.config
 
 
 class Flat:
@@ -107,23 +108,23 @@ class Flat:
 
 
 def test_ties_choose_the_smaller_threshold() -> None:
-    a = st.complete_variant(Flat(MIXED), KernelConfig(), STANDARD)  # type: ignore[arg-type]
+    a = objective.complete_variant(Flat(MIXED), KernelConfig(), STANDARD)  # type: ignore[arg-type]
     assert a.config.max_q_gemm_rows == 0
     assert a.config.recon_chunk_n == 0
 
 
 def test_failing_chunk_is_left_out_and_failing_fused_fails_the_variant() -> None:
     ev = SyntheticEvaluator(PROBLEM, MIXED, fail_chunks=frozenset({4096}))
-    a = st.complete_variant(ev, OPTIMUM, STANDARD)
+    a = objective.complete_variant(ev, OPTIMUM, STANDARD)
     assert a.config.recon_chunk_n == 0
     ev = SyntheticEvaluator(PROBLEM, MIXED, fail=lambda c: "ptxas: too many resources")
     with pytest.raises(TrialFailure, match="too many resources"):
-        st.complete_variant(ev, OPTIMUM, STANDARD)
+        objective.complete_variant(ev, OPTIMUM, STANDARD)
 
 
 def test_fused_is_not_measured_far_past_the_crossover() -> None:
     ev = SyntheticEvaluator(PROBLEM, WORKLOADS["prefill"])
-    a = st.complete_variant(ev, KernelConfig(), STANDARD)
+    a = objective.complete_variant(ev, KernelConfig(), STANDARD)
     assert a.config.max_q_gemm_rows == 0
     assert [m for _, m in ev.fused_measured] == [128]  # 512+ would cost the most, never win
 
@@ -150,7 +151,7 @@ def test_tpe_finds_the_optimum_of_the_standard_space(mem: optuna.storages.BaseSt
 
 def test_grid_equals_exhaustive(mem: optuna.storages.BaseStorage) -> None:
     ev = SyntheticEvaluator(PROBLEM, MIXED, noise=0.05, seed=7)  # noise: the optimum is not obvious
-    exhaustive = min((st.complete_variant(SyntheticEvaluator(PROBLEM, MIXED, noise=0.05, seed=7), v, SMALL)
+    exhaustive = min((objective.complete_variant(SyntheticEvaluator(PROBLEM, MIXED, noise=0.05, seed=7), v, SMALL)
                       for v in SMALL.variants()), key=lambda a: a.objective_us)
     out = st.tune_problem(ev, mem, settings(sampler="grid"))
     assert out.best_config == exhaustive.config
@@ -194,11 +195,11 @@ def test_every_trial_failing_gives_no_result(mem: optuna.storages.BaseStorage) -
     out = st.tune_problem(ev, mem, settings(trials=6))
     assert out.status == "no-result" and out.best_config is None
     assert "nvrtc: error" in out.message
-    assert not st.store_outcome(RecordingStore(), out, FAKE_DEVICE, FAKE_KERNEL_HASH)
+    assert not session.store_outcome(RecordingStore(), out, FAKE_DEVICE, FAKE_KERNEL_HASH)
 
 
 def test_interrupted_study_resumes_without_repeating_finished_trials(url: str) -> None:
-    flag = st.StopFlag()
+    flag = session.StopFlag()
 
     def stop_after_7(event: st.TrialEvent) -> None:
         if event.finished >= 7:
@@ -312,7 +313,7 @@ def test_winner_slower_than_default_is_not_stored(mem: optuna.storages.BaseStora
     assert out.status == "rejected" and not out.accepted
     assert out.objective_us > out.default_objective_us
     store = RecordingStore()
-    assert st.store_outcome(store, out, FAKE_DEVICE, FAKE_KERNEL_HASH) is False
+    assert session.store_outcome(store, out, FAKE_DEVICE, FAKE_KERNEL_HASH) is False
     assert store.puts == []
 
 
@@ -323,7 +324,7 @@ def test_accepted_outcome_is_stored_with_both_latency_sets(url: str) -> None:
     out = st.tune_problem(ev, url, settings(trials=10))
     store = Store.open(url)  # the same database file as the studies
     try:
-        assert st.store_outcome(store, out, FAKE_DEVICE, FAKE_KERNEL_HASH, "test")
+        assert session.store_outcome(store, out, FAKE_DEVICE, FAKE_KERNEL_HASH, "test")
         entry = store.get_result(FAKE_DEVICE.fingerprint, FAKE_KERNEL_HASH, PROBLEM.key(), MIXED.key())
         assert entry is not None
         assert KernelConfig.from_dict(entry.config) == out.best_config
@@ -425,6 +426,6 @@ def test_winner_is_never_slower_than_the_default_at_any_m(mem: optuna.storages.B
     assert out.accepted and out.best_config is not None
     assert out.best_config.variant_key() != land.optimum.variant_key()
     for m in DECODE.ms:
-        assert out.latencies_us[m] <= out.default_latencies_us[m] * (1 + st.FINAL_SLACK)
+        assert out.latencies_us[m] <= out.default_latencies_us[m] * (1 + winner.FINAL_SLACK)
     # ... and it still beats the default overall.
     assert out.objective_us < out.default_objective_us
