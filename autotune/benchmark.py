@@ -22,12 +22,6 @@ def _points(config: KernelConfig, ms: Mapping[int, Any]) -> dict[int, Point]:
             for m, x in ms.items()}
 
 
-def _close(evaluator: Any) -> None:
-    close = getattr(evaluator, "close", None)
-    if callable(close):
-        close()
-
-
 def _bench(problem: Problem, config: KernelConfig, points: dict[int, Point],
            layers: tuple[str, ...], res: Resolution[KernelConfig], provenance: str) -> ProblemBench:
     bands = res.bands if len(res.bands) > 1 else ()
@@ -81,7 +75,7 @@ def measure_dispatch(
                 device, khash = ev.device, ev.kernel_hash
                 points.update(_points(cfg, ev.dispatch(cfg, check=check)))
             finally:
-                _close(ev)
+                ev.close()
         out.append(_bench(problem, res.bands[-1].config, points, tuple(problems[problem]), res,
                           source.provenance.get(problem, "")))
     if on_progress:
@@ -121,7 +115,7 @@ def measure_interleaved(
                 device, khash = ev.device, ev.kernel_hash
                 ta, tb = ev.interleaved(ca, cb, rounds=rounds)
             finally:
-                _close(ev)
+                ev.close()
             pa.update(_points(ca, ta))
             pb.update(_points(cb, tb))
         layers = tuple(problems[problem])

@@ -1,7 +1,8 @@
 """The narrow interface between the search and the measurement of kernels.
 
-The search (`study.py`) sees kernels only through an `Evaluator`: it asks for per-M latencies of
-the fused kernel and of the reconstruct path under a config, and never knows CUDA. The GPU
+The search (`study.py`) and bench/compare (`benchmark.py`) see kernels only through an
+`Evaluator`: per-M latencies of the fused kernel and of the reconstruct path under a config, the
+whole dispatch, and two configs interleaved; they never know CUDA. The GPU
 implementation lives in `measure.py`; tests use a synthetic landscape.
 """
 
@@ -54,5 +55,16 @@ class Evaluator(Protocol):
         self, a: KernelConfig, b: KernelConfig, rounds: int = 5
     ) -> tuple[dict[int, Measurement], dict[int, Measurement]]:
         """Whole-dispatch times of `a` and `b` for every M of the workload, measured A B A B …
-        on the same card (fresh, not memoised): the final check before a winner is stored."""
+        on the same card (fresh, not memoised): the final check before a winner is stored, and
+        `compare` of two sources."""
+        ...
+
+    def dispatch(self, config: KernelConfig, check: bool = True) -> dict[int, Measurement]:
+        """Whole-dispatch time of `config` (its own threshold and chunk) at every M of the
+        workload, fresh, each path checked against the reference first when `check`:
+        `bench`."""
+        ...
+
+    def close(self) -> None:
+        """Free what the evaluator holds on the GPU (callers call it when done)."""
         ...

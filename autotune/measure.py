@@ -156,3 +156,9 @@ class CudaEvaluator:
                                                    calls=max(n, 4), rounds=max(rounds, 3))
             out_a[m], out_b[m] = ma, mb
         return out_a, out_b
+
+    def close(self) -> None:
+        """Drop the weights, activations and memos (the GPU memory is torch's to reuse)."""
+        self._weights, self._acts = [], {}
+        self._fused.clear()
+        self._recon.clear()

@@ -22,7 +22,7 @@ from gemmtune.db.resolve import Band
 from gemmtune.kernels.config import KernelConfig
 from gemmtune.kernels.device import DeviceInfo
 from gemmtune.kernels.errors import GemmtuneError
-from gemmtune.kernels.problem import Problem
+from gemmtune.kernels.problem import PROBLEM_FIELDS, Problem
 from gemmtune.kernels.workload import MAX_M
 
 RESULTS_FORMAT = "gemmtune-bench"
@@ -89,8 +89,7 @@ class ProblemBench:
     def to_json(self) -> dict[str, Any]:
         p = self.problem
         doc = {
-            "problem": {"k": p.k, "n": p.n, "bits": p.bits, "group_size": p.group_size,
-                        "act_order": p.act_order},
+            "problem": p.to_dict(),
             "problem_key": p.key(),
             "layers": list(self.layers),
             "config": self.config.to_dict(),
@@ -273,8 +272,8 @@ def results_from_json(doc: Any, name: str = "results") -> BenchResults:
         where = f"{name}: problems[{i}]"
         e = _obj(entry, where, PROBLEM_KEYS, OPTIONAL_PROBLEM_KEYS)
         try:
-            pd = _obj(e["problem"], f"{where}.problem", ("k", "n", "bits", "group_size", "act_order"))
-            problem = Problem(**pd)
+            pd = _obj(e["problem"], f"{where}.problem", PROBLEM_FIELDS)
+            problem = Problem.from_dict(pd)
             config = KernelConfig.from_dict(e["config"])
         except GemmtuneError as exc:
             raise CompareError(f"{where}: {exc}") from None

@@ -174,9 +174,7 @@ def tune_into_store(
             outcome = tune_problem(evaluator, storage, settings, stop=stop, on_trial=on_trial,
                                    fresh=retune)
         finally:
-            close = getattr(evaluator, "close", None)
-            if callable(close):
-                close()
+            evaluator.close()
         trials = outcome.trials_run
         status = "interrupted" if outcome.status == "interrupted" else "finished"
         if outcome.accepted:

@@ -41,9 +41,6 @@ from gemmtune.kernels.errors import InvalidConfigError
 
 _TUNABLE = {t.name: t for t in TUNABLES}
 
-MAX_THREADS = 1024
-"""CUDA's limit on threads per block (every current NVIDIA and AMD card)."""
-
 COMPUTED_FIELDS = ("max_q_gemm_rows", "recon_chunk_n")
 """Chosen exactly per trial from the measurements, never sampled."""
 
@@ -51,13 +48,12 @@ VARIANT_FIELDS = tuple(f.name for f in fields(KernelConfig) if f.name not in COM
 
 
 def _why_invalid(**values: int) -> str | None:
-    """KernelConfig's objection to these values (others at defaults), or None if valid."""
+    """KernelConfig's objection to these values (others at defaults), or None if valid (the
+    rules themselves are `kernels.config.launch_violation`)."""
     try:
-        cfg = KernelConfig(**values)
+        KernelConfig(**values)
     except InvalidConfigError as exc:
         return str(exc)
-    if cfg.threads > MAX_THREADS:
-        return f"threads={cfg.threads} exceeds {MAX_THREADS}"
     return None
 
 

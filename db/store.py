@@ -70,7 +70,8 @@ RUN_STATUSES = ("running", "finished", "failed", "interrupted")
 
 
 def tool_version() -> str:
-    """Version of the installed gemmtune distribution (db may not import the top package)."""
+    """Version of the installed gemmtune distribution, read as `gemmtune.__version__` reads it
+    (pyproject.toml owns it; db may not import the top package)."""
     try:
         return metadata.version("gemmtune")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout

@@ -12,7 +12,18 @@ from gemmtune.kernels.errors import GemmtuneError
 from gemmtune.kernels.problem import Problem
 from gemmtune.kernels.workload import WORKLOADS, Workload
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml is its one owner."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("gemmtune")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "PRESETS",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .compile import FusedVariant, ReconVariant, Variant
-from .config import TUNABLES, registers_fit
+from .config import TUNABLES, launch_violation
 from .errors import KernelBuildError
 from .problem import KERNEL_BITS
 from .sources import COMMON_FLAGS, CUDA_DIR
@@ -36,8 +36,8 @@ def fused_variants(bits: Iterable[int] = KERNEL_BITS, quick: bool = False) -> li
     out = []
     for b, r, wn, wk, u, act, split in itertools.product(bits, rows, warps, warps, unrolls,
                                                          (False, True), (False, True)):
-        if wn * wk > 16 or u * -(-r // 8) > 8 or not registers_fit(32 * wn * wk, r, u):
-            continue
+        if wn * wk > 16 or launch_violation(32 * wn, 32 * wn * wk, r, u) is not None:
+            continue  # 16 warps: the 512 threads of the tunables' range
         out.append(FusedVariant(b, r, wn, wk, u, act, split))
     if quick:
         keep = {(4, 8, 2, 1, 4), (4, 16, 2, 1, 4), (4, 64, 2, 4, 1), (4, 4, 2, 1, 4), (8, 8, 2, 1, 4),

@@ -53,6 +53,39 @@ TUNABLES: tuple[Tunable, ...] = (
 _BY_NAME = {t.name: t for t in TUNABLES}
 
 
+MAX_THREADS = 1024
+"""CUDA's limit on threads per block (every current NVIDIA and AMD card)."""
+
+
+def launch_violation(block_n: int, threads: int, rows: int, unroll: int) -> str | None:
+    """Why a fused-kernel instance (block_n columns, `threads`, `rows` rows of A per block,
+    `unroll` K steps in flight) cannot be built or launched, or None when it can: the one
+    statement of the coupled rules, used by `KernelConfig`, the search space and the static
+    build check alike (ranges of single fields are `TUNABLES`')."""
+    if block_n % 32:
+        return f"block_n={block_n} must be a multiple of 32"
+    if threads % 32:
+        return f"threads={threads} must be a multiple of 32"
+    if threads > MAX_THREADS:
+        return f"threads={threads} exceeds {MAX_THREADS}"
+    if threads < block_n or threads % block_n:
+        return (f"threads={threads} must be a multiple of block_n={block_n} "
+                "(one warp per 32 columns, the rest split K)")
+    warps_k = threads // block_n
+    if warps_k & (warps_k - 1):
+        return f"threads/block_n={warps_k} must be a power of two"
+    tiles = -(-rows // 8)
+    if not registers_fit(threads, rows, unroll):
+        return (f"threads={threads} with k_unroll={unroll} and max_q_gemm_rows_kernel="
+                f"{rows} needs more than the {65536 // threads} "
+                "registers a thread gets (512 threads: k_unroll <= 2 for <= 8 rows, < 64 rows)")
+    if unroll * tiles > 8:
+        return (f"k_unroll={unroll} with max_q_gemm_rows_kernel={rows} "
+                f"keeps {unroll * tiles} activation tiles in registers (at most 8: "
+                "k_unroll * ceil(rows/8) <= 8)")
+    return None
+
+
 def registers_fit(threads: int, rows: int, unroll: int) -> bool:
     """Whether a fused-kernel instance fits its register budget without spilling. 512 threads
     leave 128 registers per thread; ptxas (sm_90, `gemmtune kernels check`) spills 4-bit
@@ -87,31 +120,10 @@ class KernelConfig:
                 raise InvalidConfigError(f"{f.name} must be an int, got {value!r}")
             if not t.lo <= value <= t.hi:
                 raise InvalidConfigError(f"{f.name}={value} is outside {t.lo}..{t.hi}")
-        if self.block_n % 32:
-            raise InvalidConfigError(f"block_n={self.block_n} must be a multiple of 32")
-        if self.threads % 32:
-            raise InvalidConfigError(f"threads={self.threads} must be a multiple of 32")
-        if self.threads < self.block_n or self.threads % self.block_n:
-            raise InvalidConfigError(
-                f"threads={self.threads} must be a multiple of block_n={self.block_n} "
-                "(one warp per 32 columns, the rest split K)"
-            )
-        warps_k = self.threads // self.block_n
-        if warps_k & (warps_k - 1):
-            raise InvalidConfigError(f"threads/block_n={warps_k} must be a power of two")
-        tiles = -(-self.max_q_gemm_rows_kernel // 8)
-        if not registers_fit(self.threads, self.max_q_gemm_rows_kernel, self.k_unroll):
-            raise InvalidConfigError(
-                f"threads={self.threads} with k_unroll={self.k_unroll} and max_q_gemm_rows_kernel="
-                f"{self.max_q_gemm_rows_kernel} needs more than the {65536 // self.threads} "
-                "registers a thread gets (512 threads: k_unroll <= 2 for <= 8 rows, < 64 rows)"
-            )
-        if self.k_unroll * tiles > 8:
-            raise InvalidConfigError(
-                f"k_unroll={self.k_unroll} with max_q_gemm_rows_kernel={self.max_q_gemm_rows_kernel} "
-                f"keeps {self.k_unroll * tiles} activation tiles in registers (at most 8: "
-                "k_unroll * ceil(rows/8) <= 8)"
-            )
+        why = launch_violation(self.block_n, self.threads, self.max_q_gemm_rows_kernel,
+                               self.k_unroll)
+        if why is not None:
+            raise InvalidConfigError(why)
         if self.recon_chunk_n and self.recon_chunk_n % 256:
             raise InvalidConfigError(f"recon_chunk_n={self.recon_chunk_n} must be 0 or a multiple of 256")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidProblemError
@@ -13,6 +13,9 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 
 KERNEL_BITS = (4, 8)
 """Bit widths the CUDA kernels handle (2/3-bit layers take the CPU reference path only)."""
+
+PROBLEM_FIELDS = ("k", "n", "bits", "group_size", "act_order")
+"""A problem's fields, as `to_dict` spells them."""
 
 SUPPORTED_GROUPS = (-1, 32, 64, 128)
 """Group sizes; -1 means one group per column (per-channel scales)."""
@@ -90,7 +93,7 @@ class Problem:
         """Strict: exactly the fields of `to_dict`, validated as the constructor does."""
         if not isinstance(data, Mapping):
             raise InvalidProblemError(f"a problem must be an object, got {type(data).__name__}")
-        names = {f.name for f in fields(cls)}
+        names = set(PROBLEM_FIELDS)
         if set(data) != names:
             extra, missing = sorted(set(data) - names), sorted(names - set(data))
             raise InvalidProblemError("problem fields: " + "; ".join(

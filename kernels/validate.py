@@ -18,10 +18,10 @@ from .workload import Workload
 
 class KernelValidator:
     def problem(self, data: dict[str, Any]) -> str:
-        return Problem(**data).key()
+        return Problem.from_dict(data).key()
 
     def workload(self, data: dict[str, Any]) -> str:
-        return Workload(data["name"], tuple(data["ms"]), tuple(data["weights"])).key()
+        return Workload.from_dict(data).key()
 
     def config(self, data: dict[str, Any]) -> str:
         return KernelConfig.from_dict(data).key()
