@@ -52,6 +52,7 @@ from gemmtune.autotune.sources import (
     SOURCE_KINDS,
     ResolvedSource,
     classify_source,
+    compare_inputs,
     resolve_source,
 )
 from gemmtune.kernels.errors import GemmtuneError
@@ -61,7 +62,7 @@ __all__ = [
     "COMPARISON_FORMAT", "DEFAULT_MS", "DEFAULT_THRESHOLD", "PATHS", "PROFILE_FORMAT",
     "RESULTS_FORMAT", "SCHEMA_VERSION", "SOURCE_KINDS", "BenchResults", "CompareError",
     "Comparison", "Point", "ProblemBench", "ProgressFn", "ResolvedSource", "Row",
-    "classify_source", "command_line", "compare_results", "geomean", "is_improvement",
+    "classify_source", "command_line", "compare_inputs", "compare_results", "geomean", "is_improvement",
     "is_regression", "load_results", "measure_dispatch", "measure_interleaved", "parse_ms",
     "parse_threshold", "path_for", "pct", "plot", "render_markdown", "resolve_source",
     "results_from_json", "write_text_atomically",

@@ -7,6 +7,7 @@ else `recon`). Loading validates every field; a bad file is one `CompareError` l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -159,6 +160,18 @@ class BenchResults:
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
+
+    def restrict(self, keys: set[str] | None, ms: set[int] | None) -> BenchResults:
+        """Only the named shapes and Ms (None: all); shapes left without a point are dropped
+        (filters, not errors)."""
+        probs = []
+        for pb in self.problems:
+            if keys is not None and pb.problem.key() not in keys:
+                continue
+            pts = {m: p for m, p in pb.points.items() if ms is None or m in ms}
+            if pts:
+                probs.append(dataclasses.replace(pb, points=pts))
+        return dataclasses.replace(self, problems=probs)
 
     def save(self, path: str | Path) -> None:
         write_text_atomically(path, self.dumps())

@@ -6,7 +6,7 @@ one resolver (`gemmtune.db.resolve`), per M band, exactly as the runtime serves 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,3 +173,29 @@ def _resolve_all(src: ResolvedSource, problems: Sequence[Problem], offer: Offer,
         if all(b.entry is not None for b in res.bands):
             src.bands[p] = res.map(KernelConfig.from_dict)
     return src
+
+
+def compare_inputs(a: str, b: str, problems: Mapping[Problem, Sequence[str]], ms: tuple[int, ...],
+                   ms_given: bool) -> tuple[tuple[str, str], dict[int, BenchResults],
+                                            dict[Problem, list[str]], tuple[int, ...]]:
+    """What `compare A B` works on: the kinds of A and B; the results files among them (by side,
+    0 or 1) loaded and kept to the named shapes and Ms (two files of one label are named by their
+    file); and the shapes and Ms to measure -- the named ones, else a results file's own when it
+    meets a source."""
+    kinds = (classify_source(a), classify_source(b))
+    loaded = {i: load_results(t) for i, (t, k) in enumerate(zip((a, b), kinds, strict=True))
+              if k == "results"}
+    keys = {p.key() for p in problems} or None
+    for i, res in list(loaded.items()):
+        loaded[i] = res.restrict(keys, set(ms) if ms_given else None)
+    todo = {p: list(layers) for p, layers in problems.items()}
+    if len(loaded) == 2:
+        ra, rb = loaded[0], loaded[1]
+        if ra.label == rb.label:  # e.g. two builds' `default`: name them by file
+            ra.label, rb.label = Path(a).stem, Path(b).stem
+    elif not todo and loaded:  # the file decides what to measure
+        ref = next(iter(loaded.values()))
+        todo = {pb.problem: list(pb.layers) for pb in ref.problems}
+        if not ms_given:
+            ms = tuple(sorted({m for pb in ref.problems for m in pb.points}))
+    return kinds, loaded, todo, ms

@@ -1,5 +1,12 @@
 """The `gemmtune` command line (click + rich).
 
+Why one file of ~1100 lines: it holds only option declarations (each once: `_shape_options`,
+`_problem_options`, `_db_option`) and rendering (rich tables, the one-line errors) for twelve
+commands; the product logic lives with its owner (`autotune.session.tune_or_report`,
+`autotune.sources.compare_inputs`, `runtime.explain`, `db.resolve`). Splitting the commands
+into a `gemmtune/cli/` package is a pure move left for after issue 9, which edits `import` and
+`compare` here at the same time.
+
 Errors a user can cause end as one red line and a non-zero exit, never a traceback: every command
 body runs under `_friendly`, which turns `GemmtuneError` (and the few OS errors a bad path gives)
 into that line. Heavy imports (torch, CuPy, SQLAlchemy, Optuna) happen inside the commands so
@@ -308,7 +315,9 @@ def export(db_url: str | None, output: str | None, device_spec: str | None, fmt:
     if output is None or output == "-":
         click.echo(text, nl=False)
     else:
-        _write_atomically(output, text)
+        from gemmtune.autotune.results import write_text_atomically
+
+        write_text_atomically(output, text)
     for prof in profiles:
         note = "" if prof.kernel_hash == current else " [yellow](stale for this build)[/]"
         err_console.print(
@@ -316,28 +325,6 @@ def export(db_url: str | None, output: str | None, device_spec: str | None, fmt:
             f"{_device_label(prof.device)}, kernel hash {prof.kernel_hash[:12]}{note}"
             + (f" to {escape(output)}" if output and output != "-" else ""), highlight=False,
             soft_wrap=True)
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """Never leave a half-written profile behind (the old file stays until the new one is whole)."""
-    import tempfile
-    from pathlib import Path
-
-    target = Path(path)
-    from rich.markup import escape
-
-    if target.is_dir():
-        fail(escape(f"{target} is a directory; pass a file name with -o"))
-    tmp = ""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except OSError as exc:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
-        fail(escape(f"cannot write {target}: {exc.strerror or exc}"))
 
 
 @main.command("import")
@@ -821,20 +808,6 @@ def _bench_problems(model: str | None, config_path: str | None, shapes: tuple[st
                                int(group) if group else None, act_order))
 
 
-def _restrict(results: Any, keys: set[str] | None, ms: set[int] | None) -> Any:
-    """Keep only the named shapes and Ms of a loaded results file (filters, not errors)."""
-    from dataclasses import replace
-
-    probs = []
-    for pb in results.problems:
-        if keys is not None and pb.problem.key() not in keys:
-            continue
-        pts = {m: p for m, p in pb.points.items() if ms is None or m in ms}
-        if pts:
-            probs.append(replace(pb, points=pts))
-    return replace(results, problems=probs)
-
-
 def _require_gpu(device_index: int) -> None:
     from gemmtune.autotune import study as st
 
@@ -916,8 +889,8 @@ def bench(source: str, model: str | None, config_path: str | None, shapes: tuple
     if cmp.classify_source(source) == "results":
         results = cmp.load_results(source)
         if problems or m_text or workload_text:
-            results = _restrict(results, {p.key() for p in problems} or None,
-                                set(ms) if (m_text or workload_text) else None)
+            results = results.restrict({p.key() for p in problems} or None,
+                                       set(ms) if (m_text or workload_text) else None)
         console.print(_bench_table(results))
         return
     if not problems:
@@ -988,7 +961,6 @@ def compare(a: str, b: str, model: str | None, config_path: str | None, shapes: 
             db_url: str | None, threshold_text: str, rounds: int, plot_path: str | None,
             report_path: str | None, json_path: str | None) -> None:
     """Compare two configurations per layer shape and M; exit 1 on a regression of B vs A."""
-    from pathlib import Path
 
     from rich.markup import escape
 
@@ -999,22 +971,10 @@ def compare(a: str, b: str, model: str | None, config_path: str | None, shapes: 
     problems = _bench_problems(model, config_path, shapes, bits, group, act_order)
     ms_given = bool(m_text or workload_text)
     ms = cmp.parse_ms(m_text, workload_text)
-    kinds = (cmp.classify_source(a), cmp.classify_source(b))
-    loaded = {i: cmp.load_results(t) for i, (t, k) in enumerate(zip((a, b), kinds, strict=True))
-              if k == "results"}
-    keys = {p.key() for p in problems} or None
-    for i, res in list(loaded.items()):
-        loaded[i] = _restrict(res, keys, set(ms) if ms_given else None)
+    kinds, loaded, problems, ms = cmp.compare_inputs(a, b, problems, ms, ms_given)
     if len(loaded) == 2:
         ra, rb = loaded[0], loaded[1]
-        if ra.label == rb.label:  # e.g. two builds' `default`: name them by file
-            ra.label, rb.label = Path(a).stem, Path(b).stem
     else:
-        if not problems and loaded:  # the file decides what to measure
-            ref = next(iter(loaded.values()))
-            problems = {pb.problem: list(pb.layers) for pb in ref.problems}
-            if not ms_given:
-                ms = tuple(sorted({m for pb in ref.problems for m in pb.points}))
         if not problems:
             fail("nothing to measure: give --model NAME, --config PATH/config.json or --shape KxN")
         _require_gpu(device_index)

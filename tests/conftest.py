@@ -144,5 +144,61 @@ def make_entry() -> Callable[..., Any]:
 
 
 # =============================================================================================
+# autotune area (bench / compare): a fake GPU behind the study's seams
+# =============================================================================================
+
+
+class FakeEvaluator:
+    """Dispatch time = 10 µs + 0.1 µs per row fused, 40 µs reconstruct; rows per block add cost."""
+
+    def __init__(self, problem: Any, workload: Any, device_index: int = 0) -> None:
+        self.problem, self.workload = problem, workload
+        from tests.synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH
+
+        self.device, self.kernel_hash = FAKE_DEVICE, FAKE_KERNEL_HASH
+        self.closed = False
+
+    @staticmethod
+    def t(cfg: Any, m: int) -> float:
+        if m > cfg.max_q_gemm_rows:
+            return 40.0
+        return 10.0 + 0.1 * m + 8.0 / cfg.max_q_gemm_rows_kernel
+
+    def dispatch(self, cfg: Any, check: bool = True) -> dict[int, Any]:
+        from gemmtune.autotune.evaluator import Measurement
+
+        return {m: Measurement(self.t(cfg, m), 0.05, 15) for m in self.workload.ms}
+
+    def interleaved(self, a: Any, b: Any, rounds: int = 5) -> Any:
+        from gemmtune.autotune.evaluator import Measurement
+
+        return ({m: Measurement(self.t(a, m), 0.05, rounds) for m in self.workload.ms},
+                {m: Measurement(self.t(b, m), 0.05, rounds) for m in self.workload.ms})
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> list[FakeEvaluator]:
+    """The GPU seams of `autotune.study` replaced by `FakeEvaluator`s (kept in the list)."""
+    from gemmtune.autotune import study as st
+
+    from tests.synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH
+
+    made: list[FakeEvaluator] = []
+
+    def make(problem: Any, workload: Any, device_index: int = 0) -> FakeEvaluator:
+        ev = FakeEvaluator(problem, workload, device_index)
+        made.append(ev)
+        return ev
+
+    monkeypatch.setattr(st, "make_evaluator", make)
+    monkeypatch.setattr(st, "device_identity", lambda i=0: (FAKE_DEVICE, FAKE_KERNEL_HASH))
+    monkeypatch.setattr(st, "gpu_count", lambda: 1)
+    return made
+
+
+# =============================================================================================
 # (other areas' fixtures go below, each in its own group)
 # =============================================================================================

@@ -16,11 +16,7 @@ from gemmtune.kernels.device import DeviceInfo
 from gemmtune.kernels.problem import Problem
 
 from gemmtune.cli import main
-
-try:
-    from test_compare import P1, P2, fake_gpu, results  # noqa: F401  (fixture re-export)
-except ImportError:  # tests collected as a package
-    from tests.test_compare import P1, P2, fake_gpu, results  # noqa: F401
+from tests.test_compare import P1, P2, results
 
 
 def run(*args: str) -> Any:

@@ -19,11 +19,7 @@ from gemmtune.kernels.problem import Problem
 from gemmtune.kernels.workload import WORKLOADS, Workload
 
 from gemmtune.cli import main
-
-try:
-    from synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH, SyntheticEvaluator
-except ImportError:  # tests collected as a package
-    from tests.synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH, SyntheticEvaluator
+from tests.synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH, SyntheticEvaluator
 
 
 class FakeGPU:

@@ -11,15 +11,12 @@ from typing import Any
 
 import pytest
 from gemmtune.autotune import compare as cmp
-from gemmtune.autotune.evaluator import Measurement
 from gemmtune.kernels.config import PRESETS, KernelConfig
 from gemmtune.kernels.device import DeviceInfo
 from gemmtune.kernels.problem import Problem
 
-try:
-    from synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH
-except ImportError:  # tests collected as a package
-    from tests.synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH
+from tests.conftest import FakeEvaluator
+from tests.synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH
 
 P1 = Problem(4096, 6144)
 P2 = Problem(14336, 4096)
@@ -311,48 +308,6 @@ def test_profile_source(tmp_path: Path) -> None:
 
 
 # -- measuring through the seams (fake evaluator) ------------------------------------------------
-
-
-class FakeEvaluator:
-    """Dispatch time = 10 µs + 0.1 µs per row fused, 40 µs reconstruct; rows per block add cost."""
-
-    def __init__(self, problem: Problem, workload: Any, device_index: int = 0) -> None:
-        self.problem, self.workload = problem, workload
-        self.device, self.kernel_hash = FAKE_DEVICE, FAKE_KERNEL_HASH
-        self.closed = False
-
-    @staticmethod
-    def t(cfg: KernelConfig, m: int) -> float:
-        if m > cfg.max_q_gemm_rows:
-            return 40.0
-        return 10.0 + 0.1 * m + 8.0 / cfg.max_q_gemm_rows_kernel
-
-    def dispatch(self, cfg: KernelConfig, check: bool = True) -> dict[int, Measurement]:
-        return {m: Measurement(self.t(cfg, m), 0.05, 15) for m in self.workload.ms}
-
-    def interleaved(self, a: KernelConfig, b: KernelConfig, rounds: int = 5) -> Any:
-        return ({m: Measurement(self.t(a, m), 0.05, rounds) for m in self.workload.ms},
-                {m: Measurement(self.t(b, m), 0.05, rounds) for m in self.workload.ms})
-
-    def close(self) -> None:
-        self.closed = True
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> list[FakeEvaluator]:
-    from gemmtune.autotune import study as st
-
-    made: list[FakeEvaluator] = []
-
-    def make(problem: Problem, workload: Any, device_index: int = 0) -> FakeEvaluator:
-        ev = FakeEvaluator(problem, workload, device_index)
-        made.append(ev)
-        return ev
-
-    monkeypatch.setattr(st, "make_evaluator", make)
-    monkeypatch.setattr(st, "device_identity", lambda i=0: (FAKE_DEVICE, FAKE_KERNEL_HASH))
-    monkeypatch.setattr(st, "gpu_count", lambda: 1)
-    return made
 
 
 def test_interleaved_measurement_shows_the_0_0_12_regression(fake_gpu: list[FakeEvaluator]) -> None:

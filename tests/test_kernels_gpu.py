@@ -9,7 +9,8 @@ import torch
 from gemmtune.kernels import reference
 from gemmtune.kernels.config import PRESETS, KernelConfig, registers_fit
 from gemmtune.kernels.errors import InvalidTensorError
-from gpu_util import activations, layer, reference_product, requires_gpu
+
+from tests.gpu_util import activations, layer, reference_product, requires_gpu
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 

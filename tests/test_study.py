@@ -19,10 +19,7 @@ from gemmtune.kernels.problem import Problem
 from gemmtune.kernels.workload import WORKLOADS, Workload
 from optuna.trial import TrialState
 
-try:
-    from synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH, Landscape, SyntheticEvaluator
-except ImportError:  # tests collected as a package
-    from tests.synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH, Landscape, SyntheticEvaluator
+from tests.synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH, Landscape, SyntheticEvaluator
 
 PROBLEM = Problem(4096, 4096)
 MIXED = WORKLOADS["mixed"]

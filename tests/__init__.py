@@ -1,0 +1,1 @@
+"""The test suite is a package, so every test imports its helpers one way: `from tests.x import ...`."""
