@@ -195,28 +195,15 @@ def tune_into_store(
         store.finish_run(run_id, status, trials)
 
 
-def tune_or_report(
-    store: Store,
-    storage: optuna.storages.BaseStorage | str,
-    problem: Problem,
-    workload: Workload,
-    settings: TuneSettings,
-    *,
-    device_index: int = 0,
-    report_index: int | None = None,
-    retune: bool = False,
-    stop: Callable[[], bool] | None = None,
-    on_trial: Callable[[TrialEvent], None] | None = None,
-    fatal: tuple[type[BaseException], ...] = (),
-) -> ProblemResult:
-    """`tune_into_store`, with one problem's failure reported as its `error` result instead of
-    ending the others (exceptions in `fatal`, and KeyboardInterrupt, still propagate). The
-    result names GPU `report_index` (default `device_index`)."""
-    label = device_index if report_index is None else report_index
+def tune_or_report(store: Store, storage: optuna.storages.BaseStorage | str, problem: Problem,
+                   workload: Workload, settings: TuneSettings, *, report_index: int | None = None,
+                   fatal: tuple[type[BaseException], ...] = (), **options: Any) -> ProblemResult:
+    """`tune_into_store` (`options` are its keywords), with one problem's failure reported as its
+    `error` result instead of ending the others (exceptions in `fatal`, and KeyboardInterrupt,
+    still propagate). The result names GPU `report_index` (default: the device index)."""
+    label = options.get("device_index", 0) if report_index is None else report_index
     try:
-        result = tune_into_store(store, storage, problem, workload, settings,
-                                 device_index=device_index, retune=retune, stop=stop,
-                                 on_trial=on_trial)
+        result = tune_into_store(store, storage, problem, workload, settings, **options)
     except fatal:
         raise
     except Exception as exc:  # one problem's failure must not end the others

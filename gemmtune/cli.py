@@ -206,6 +206,23 @@ def _device_label(device: dict[str, Any]) -> str:
     return escape(f"{device['name']} ({device['fingerprint'][:8]})")
 
 
+def _table(title: str, *columns: str) -> Any:
+    """A left-titled table; a column name ending in `>` is right-aligned, in `~` may wrap
+    (folded), any other never wraps."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD)
+    for col in columns:
+        name = col.rstrip(">~")
+        if col.endswith("~"):
+            table.add_column(name, overflow="fold")
+        else:
+            table.add_column(name, justify="right" if col.endswith(">") else "left", no_wrap=True)
+    return table
+
+
 @main.command()
 @_db_option
 @click.option("--device", "device_spec", metavar="FP|NAME",
@@ -216,9 +233,7 @@ def _device_label(device: dict[str, Any]) -> str:
 @_db_errors
 def show(db_url: str | None, device_spec: str | None, include_stale: bool) -> None:
     """Show what is tuned: device, shape, workload, config, speedup vs the default, age, stale."""
-    from rich import box
     from rich.markup import escape
-    from rich.table import Table
 
     from gemmtune.db.profiles import select_device
     from gemmtune.db.resolve import serving
@@ -246,16 +261,9 @@ def show(db_url: str | None, device_spec: str | None, include_stale: bool) -> No
         by_device.setdefault(e.device_fingerprint, []).append(e)
     for group in by_device.values():
         d = group[0].device
-        table = Table(title=escape(f"{d['name']} (sm_{d['compute_capability'].replace('.', '')}, "
-                                   f"{d['sm_count']} SMs) · fingerprint {d['fingerprint']}"),
-                      title_justify="left", box=box.SIMPLE_HEAD)
-        table.add_column("shape", no_wrap=True)
-        table.add_column("workload", no_wrap=True)
-        table.add_column("config", overflow="fold")
-        table.add_column("speedup", justify="right", no_wrap=True)
-        table.add_column("age", justify="right", no_wrap=True)
-        table.add_column("serves", no_wrap=True)
-        table.add_column("note")
+        table = _table(f"{d['name']} (sm_{d['compute_capability'].replace('.', '')}, "
+                       f"{d['sm_count']} SMs) · fingerprint {d['fingerprint']}",
+                       "shape", "workload", "config~", "speedup>", "age>", "serves", "note~")
         for e in group:
             notes = [n for n in ("imported" if e.source == "imported" else "",
                                  "[yellow]stale[/]" if e.stale else "") if n]
@@ -1103,9 +1111,7 @@ def resolve_cmd(model: str | None, config_path: str | None, shapes: tuple[str, .
     skipped. No GPU needed."""
     import json
 
-    from rich import box
     from rich.markup import escape
-    from rich.table import Table
 
     from gemmtune.kernels.workload import Workload
     from gemmtune.runtime.explain import explain, find_card
@@ -1118,13 +1124,8 @@ def resolve_cmd(model: str | None, config_path: str | None, shapes: tuple[str, .
     if as_json:
         click.echo(json.dumps(_resolve_json(ex), indent=2))
         return
-    table = Table(title=escape(f"{card.name or 'card'} · fingerprint {card.fingerprint} "
-                               f"({card.found}) · kernel {ex.kernel_hash[:12]}"),
-                  title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("shape (layers)", no_wrap=True)
-    table.add_column("M", no_wrap=True)
-    table.add_column("config", overflow="fold")
-    table.add_column("from", overflow="fold")
+    table = _table(f"{card.name or 'card'} · fingerprint {card.fingerprint} ({card.found}) · "
+                   f"kernel {ex.kernel_hash[:12]}", "shape (layers)", "M", "config~", "from~")
     for a in ex.answers:
         for i, b in enumerate(a.resolution.bands):
             name = a.problem.key() + (f"\n[dim]{escape(', '.join(a.layers))}[/]" if a.layers else "")

@@ -200,5 +200,22 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> list[FakeEvaluator]:
 
 
 # =============================================================================================
+# runtime area: a fresh lookup state per test
+# =============================================================================================
+
+
+@pytest.fixture
+def fresh_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No GEMMTUNE_DISABLE, and no resolution, open database or warning left from another
+    test (before and after)."""
+    from gemmtune.runtime import clear_cache
+
+    monkeypatch.delenv("GEMMTUNE_DISABLE", raising=False)
+    clear_cache()
+    yield
+    clear_cache()
+
+
+# =============================================================================================
 # (other areas' fixtures go below, each in its own group)
 # =============================================================================================

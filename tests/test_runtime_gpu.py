@@ -5,30 +5,23 @@ Run on the GPU machine: `python -m pytest -q -m gpu tests/test_runtime_gpu.py`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import torch
 from gemmtune.kernels import PRESETS, KernelConfig, reference
-from gemmtune.runtime import QuantLinear, clear_cache, describe, patch
+from gemmtune.runtime import QuantLinear, describe, patch
 from torch import nn
 
 from tests.gpu_util import activations, layer, reference_product, requires_gpu
 
-pytestmark = [pytest.mark.gpu, requires_gpu]
+pytestmark = [pytest.mark.gpu, requires_gpu, pytest.mark.usefixtures("fresh_runtime")]
 
 TUNED = KernelConfig(max_q_gemm_rows=24, max_q_gemm_rows_kernel=8, block_n=128, threads=256,
                      split_k=2, k_unroll=2)
 
 
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("GEMMTUNE_DISABLE", raising=False)
-    clear_cache()
-    yield
-    clear_cache()
 
 
 @pytest.mark.parametrize("act", [False, True])

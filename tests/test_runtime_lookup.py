@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import sqlite3
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,8 @@ from gemmtune.runtime import GemmtuneWarning, clear_cache, lookup
 
 from tests.conftest import TEST_DEVICE
 
+pytestmark = pytest.mark.usefixtures("fresh_runtime")
+
 DEV = DeviceInfo(**TEST_DEVICE)
 P = Problem(4096, 4096, 4, 128)
 P2 = Problem(4096, 14336, 4, 128)
@@ -24,12 +25,6 @@ TUNED = KernelConfig(max_q_gemm_rows=48, max_q_gemm_rows_kernel=8, block_n=128, 
 OTHER = KernelConfig(max_q_gemm_rows=12, max_q_gemm_rows_kernel=4, block_n=32, threads=64)
 
 
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("GEMMTUNE_DISABLE", raising=False)
-    clear_cache()
-    yield
-    clear_cache()
 
 
 def _db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *entries: Any, name: str = "t.db") -> Path:
