@@ -411,13 +411,14 @@ def doctor(db_url: str | None) -> None:
         mark = {True: "[green]ok[/] ", False: "[red]problem[/] ", None: ""}[good]
         console.print(f"{label:<13} {mark}{value}", highlight=False, soft_wrap=True)
 
-    url = resolve_url(db_url)
-    origin = "--db" if db_url else (ENV_VAR if os.environ.get(ENV_VAR, "").strip() else "default")
+    origin = ("--db" if db_url and db_url.strip()
+              else ENV_VAR if os.environ.get(ENV_VAR, "").strip() else "default")
     row("gemmtune", __version__)
-    row("database", f"{escape(display_url(url))}  [dim]({origin})[/]")
     current = kernel_hash()
     db_error: str | None = None
     try:
+        url = resolve_url(db_url)
+        row("database", f"{escape(display_url(url))}  [dim]({origin})[/]")
         with _open_for_reading(db_url) as store:
             rev, head = store.revision, head_revision()
             if rev is None:
@@ -462,7 +463,7 @@ def doctor(db_url: str | None) -> None:
             gpus = [f"error: {exc}"]
     row("GPUs", escape("; ".join(gpus)) if gpus else "none")
     if db_error:
-        fail(escape(db_error))
+        fail(db_error)
 
 
 # ---------------------------------------------------------------------------------------------

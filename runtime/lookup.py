@@ -295,7 +295,14 @@ def _resolve(fingerprint: str | None, pkey: str, wkey: str | None, split: bool, 
         got = _profile_offer(profile) if profile else None
         if got is not None:
             offers.append(got)
-        got = _db_offer(resolve_url(db_url or None), fingerprint)
+        from gemmtune.db.errors import DatabaseError
+
+        try:
+            url: str | None = resolve_url(db_url or None)
+        except DatabaseError as exc:  # a value GEMMTUNE_DB cannot mean (paths.py lists them)
+            _warn_once(f"db-url:{db_url}", f"gemmtune: {exc}; using default kernel configs")
+            url = None
+        got = _db_offer(url, fingerprint) if url is not None else None
         if got is not None:
             offers.append(got)
     from gemmtune.db.resolve import resolve as resolve_bands
