@@ -32,7 +32,14 @@ from gemmtune.autotune.regression import (
     is_improvement,
     is_regression,
 )
-from gemmtune.autotune.reports import pct, plot, render_markdown
+from gemmtune.autotune.reports import (
+    PLOT_INSTALL_HINT,
+    check_output,
+    check_plot,
+    pct,
+    plot,
+    render_markdown,
+)
 from gemmtune.autotune.results import (
     PATHS,
     PROFILE_FORMAT,
@@ -59,10 +66,10 @@ from gemmtune.kernels.errors import GemmtuneError
 from gemmtune.kernels.workload import Workload
 
 __all__ = [
-    "COMPARISON_FORMAT", "DEFAULT_MS", "DEFAULT_THRESHOLD", "PATHS", "PROFILE_FORMAT",
+    "COMPARISON_FORMAT", "DEFAULT_MS", "DEFAULT_THRESHOLD", "PATHS", "PLOT_INSTALL_HINT", "PROFILE_FORMAT",
     "RESULTS_FORMAT", "SCHEMA_VERSION", "SOURCE_KINDS", "BenchResults", "CompareError",
     "Comparison", "Point", "ProblemBench", "ProgressFn", "ResolvedSource", "Row",
-    "classify_source", "command_line", "compare_inputs", "compare_results", "geomean", "is_improvement",
+    "check_output", "check_plot", "classify_source", "command_line", "compare_inputs", "compare_results", "geomean", "is_improvement",
     "is_regression", "load_results", "measure_dispatch", "measure_interleaved", "parse_ms",
     "parse_threshold", "path_for", "pct", "plot", "render_markdown", "resolve_source",
     "results_from_json", "write_text_atomically",

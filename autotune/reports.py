@@ -4,7 +4,9 @@ M per problem, log-x, both curves, a vertical marker at each config's fused/reco
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
+from typing import Any
 
 from gemmtune.autotune.regression import Comparison, Row
 from gemmtune.autotune.results import BenchResults, CompareError
@@ -62,15 +64,54 @@ def render_markdown(c: Comparison, title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(c: Comparison, path: str | Path, title: str | None = None) -> None:
-    """Latency against M (log-x) per problem, both curves, dashed verticals where each config
-    switches from the fused kernel to reconstruct + cuBLAS (its max_q_gemm_rows)."""
+PLOT_INSTALL_HINT = "pip install 'gemmtune[plot]'"
+
+
+def _matplotlib() -> Any:
+    """matplotlib with the file-only Agg backend, or CompareError with the install hint."""
     try:
         import matplotlib
     except ImportError:
-        raise CompareError("--plot needs matplotlib (pip install matplotlib)") from None
-
+        raise CompareError(f"--plot needs matplotlib, which is not installed: "
+                           f"{PLOT_INSTALL_HINT}") from None
     matplotlib.use("Agg")
+    return matplotlib
+
+
+def check_output(path: str | Path, what: str) -> None:
+    """Fail now, not after minutes of measuring, when `path` cannot become the output file:
+    it is a directory, or its nearest existing ancestor is not a writable folder."""
+    target = Path(path)
+    if target.is_dir():
+        raise CompareError(f"{what} {target} is a directory; give a file name")
+    ancestor = target.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CompareError(f"cannot write {what} {target}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CompareError(f"cannot write {what} {target}: folder {ancestor} is not writable")
+
+
+def check_plot(path: str | Path) -> None:
+    """Everything `plot` needs that can be checked before measuring: matplotlib is installed,
+    it can write the file's format (from its suffix), and the file can be written."""
+    _matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise CompareError(f"--plot {path}: the file name must end in one of "
+                           f"{', '.join('.' + f for f in sorted(formats))} (it picks the format)")
+    check_output(path, "--plot")
+
+
+def plot(c: Comparison, path: str | Path, title: str | None = None) -> None:
+    """Latency against M (log-x) per problem, both curves, dashed verticals where each config
+    switches from the fused kernel to reconstruct + cuBLAS (its max_q_gemm_rows)."""
+    check_plot(path)
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 

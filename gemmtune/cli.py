@@ -41,19 +41,32 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def _friendly(func: F) -> F:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except GemmtuneError as exc:
-            fail(str(exc))
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-            fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
+def _friendly_exit(code: int) -> Callable[[F], F]:
+    """Run a command body so that every error a user can cause is one line and exit `code`:
+    `GemmtuneError`, the database layer's `DatabaseError` / `ProfileError` (not GemmtuneErrors:
+    db may not import kernels), and the OS errors a bad path gives."""
 
-    return wrapper  # type: ignore[return-value]
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from gemmtune.db.errors import DatabaseError, ProfileError
+
+            try:
+                return func(*args, **kwargs)
+            except (GemmtuneError, DatabaseError, ProfileError) as exc:
+                fail(str(exc), code)
+            except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+                fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), code)
+            except KeyboardInterrupt:
+                fail("interrupted", 130)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+_friendly = _friendly_exit(1)
+"""Most commands: an error exits 1 (`compare` keeps 1 for "regression found" and exits 2)."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -143,24 +156,6 @@ def _db_option(func: F) -> F:
     return click.option("--db", "db_url", metavar="URL", default=None, help=_DB_HELP)(func)  # type: ignore[return-value]
 
 
-def _db_errors(func: F) -> F:
-    """Turn the database layer's typed errors (not GemmtuneErrors: db may not import kernels)
-    into the CLI's one red line."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from rich.markup import escape
-
-        from gemmtune.db.errors import DatabaseError, ProfileError
-
-        try:
-            return func(*args, **kwargs)
-        except (DatabaseError, ProfileError) as exc:
-            fail(escape(str(exc)))  # paths and URLs may hold [brackets]
-
-    return wrapper  # type: ignore[return-value]
-
-
 def _open_for_reading(db_url: str | None) -> Any:
     """Read-only open (nothing is created or changed); an older schema is upgraded when the file
     allows it, since every later command would do the same."""
@@ -230,7 +225,6 @@ def _table(title: str, *columns: str) -> Any:
 @click.option("--stale/--no-stale", "include_stale", default=True, show_default=True,
               help="Include stale entries (measured with another kernel build; never served).")
 @_friendly
-@_db_errors
 def show(db_url: str | None, device_spec: str | None, include_stale: bool) -> None:
     """Show what is tuned: device, shape, workload, config, speedup vs the default, age, stale."""
     from rich.markup import escape
@@ -296,7 +290,6 @@ def show(db_url: str | None, device_spec: str | None, include_stale: bool) -> No
               help="Export entries of this kernel hash (prefix). Default: this build's hash if the "
                    "device has entries for it, else the device's newest.")
 @_friendly
-@_db_errors
 def export(db_url: str | None, output: str | None, device_spec: str | None, fmt: str,
            kernel_hash_opt: str | None) -> None:
     """Export tuned configs as a profile (JSON) or a C header."""
@@ -346,7 +339,6 @@ def export(db_url: str | None, output: str | None, device_spec: str | None, fmt:
                    "and served (default: imported as stale, never served).")
 @click.option("--dry-run", is_flag=True, help="Validate the profile and report; write nothing.")
 @_friendly
-@_db_errors
 def import_cmd(file: str, db_url: str | None, replace: bool, force: bool, dry_run: bool) -> None:
     """Import a profile exported on an identical machine. Every field is validated before
     anything is written; the import is one transaction."""
@@ -774,8 +766,9 @@ source: the source is measured here on the file's shapes and Ms.
 
 \b
 Regression rule, per (shape, M):  B/A > 1 + threshold  and  B - A > spread A + spread B
-(spread = interquartile range of the repeats). Exit status: 0 no regression, 1 regression
-(or an error), 2 usage error: usable as a CI gate.
+(spread = interquartile range of the repeats). Exit status: 0 no regression, 1 regression,
+2 any error (bad option or file, unusable source or database, no GPU, --plot without
+matplotlib), reported before anything is measured: usable as a CI gate.
 
 \b
 Examples:
@@ -817,15 +810,15 @@ def _bench_problems(model: str | None, config_path: str | None, shapes: tuple[st
                                int(group) if group else None, act_order))
 
 
-def _require_gpu(device_index: int) -> None:
+def _require_gpu(device_index: int, code: int = 1) -> None:
     from gemmtune.autotune import study as st
 
     n = st.gpu_count()
     if n == 0:
         fail("no CUDA GPU is visible here: measuring a source needs one (results files compare "
-             "without a GPU)")
+             "without a GPU)", code)
     if device_index >= n:
-        fail(f"GPU {device_index} does not exist ({n} visible: 0..{n - 1})")
+        fail(f"GPU {device_index} does not exist ({n} visible: 0..{n - 1})", code)
 
 
 def _progress_fn(progress: Any, label: str) -> Any:
@@ -919,6 +912,10 @@ def bench(source: str, model: str | None, config_path: str | None, shapes: tuple
         console.print(f"results written to {escape(output)}", highlight=False)
 
 
+COMPARE_ERROR_EXIT = 2
+"""`compare`'s status for every error; 1 is reserved for "a regression was found"."""
+
+
 def _compare_table(c: Any) -> Any:
     from rich import box
     from rich.markup import escape
@@ -963,13 +960,18 @@ def _compare_table(c: Any) -> Any:
               default=None, metavar="FILE.md", help="Write the table as Markdown.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str), default=None,
               metavar="FILE.json", help="Write the comparison (rows and both results) as JSON.")
-@_friendly
+@_friendly_exit(COMPARE_ERROR_EXIT)
 def compare(a: str, b: str, model: str | None, config_path: str | None, shapes: tuple[str, ...],
             bits: str | None, group: str | None, act_order: bool | None, m_text: str | None,
             workload_text: str | None, tuned_workload: str | None, device_index: int,
             db_url: str | None, threshold_text: str, rounds: int, plot_path: str | None,
             report_path: str | None, json_path: str | None) -> None:
-    """Compare two configurations per layer shape and M; exit 1 on a regression of B vs A."""
+    """Compare two configurations per layer shape and M; exit 1 on a regression of B vs A.
+
+    Exit 1 means "regression found" and nothing else: every error exits 2, so a CI gate can
+    tell a slower build from a broken job. Everything that can fail is checked before the first
+    measurement (options, files, sources, the database, matplotlib for --plot, output paths)."""
+    from pathlib import Path
 
     from rich.markup import escape
 
@@ -977,6 +979,11 @@ def compare(a: str, b: str, model: str | None, config_path: str | None, shapes: 
     from gemmtune.autotune import study as st
 
     threshold = cmp.parse_threshold(threshold_text)
+    if plot_path:
+        cmp.check_plot(plot_path)
+    for what, out in (("--report", report_path), ("--json", json_path)):
+        if out:
+            cmp.check_output(out, what)
     problems = _bench_problems(model, config_path, shapes, bits, group, act_order)
     ms_given = bool(m_text or workload_text)
     ms = cmp.parse_ms(m_text, workload_text)
@@ -985,8 +992,9 @@ def compare(a: str, b: str, model: str | None, config_path: str | None, shapes: 
         ra, rb = loaded[0], loaded[1]
     else:
         if not problems:
-            fail("nothing to measure: give --model NAME, --config PATH/config.json or --shape KxN")
-        _require_gpu(device_index)
+            fail("nothing to measure: give --model NAME, --config PATH/config.json or --shape KxN",
+                 COMPARE_ERROR_EXIT)
+        _require_gpu(device_index, COMPARE_ERROR_EXIT)
         device, khash = st.device_identity(device_index)
         srcs = {}
         for i, (text, kind) in enumerate(zip((a, b), kinds, strict=True)):

@@ -1,6 +1,7 @@
 """`gemmtune bench` and `gemmtune compare` end to end on CPU: results files (no GPU), and the GPU
 seams of `autotune.study` replaced by a fake evaluator for the measuring paths. What a CI job
-relies on: the exit status (0 / 1 on regression / 2 usage), the one-line errors, the files."""
+relies on: the exit status (0 / 1 on regression only / 2 on any error), the one-line errors,
+reported before anything is measured, and the files."""
 
 from __future__ import annotations
 
@@ -75,7 +76,6 @@ def test_spread_decides(tmp_path: Path) -> None:
 
 
 def test_reports_are_written(pair: tuple[str, str, str], tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     base, slow, _ = pair
     md, png, js = tmp_path / "o" / "c.md", tmp_path / "o" / "c.png", tmp_path / "o" / "c.json"
     r = run("compare", base, slow, "--report", str(md), "--plot", str(png), "--json", str(js))
@@ -120,7 +120,7 @@ def test_bad_files_one_clear_line(tmp_path: Path, pair: tuple[str, str, str], co
     bad = tmp_path / "bad.json"
     bad.write_text(content)
     r = CliRunner().invoke(main, ["compare", pair[0], str(bad)])
-    assert r.exit_code == 1
+    assert r.exit_code == 2  # an error, never the "regression found" status
     assert "Traceback" not in r.output
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), r.output
@@ -135,9 +135,9 @@ def test_usage_errors_exit_2(pair: tuple[str, str, str]) -> None:
 
 def test_bad_threshold_and_unknown_source_are_one_line(pair: tuple[str, str, str]) -> None:
     r = CliRunner().invoke(main, ["compare", pair[0], pair[1], "--threshold", "lots"])
-    assert r.exit_code == 1 and "threshold 'lots'" in r.output
+    assert r.exit_code == 2 and "threshold 'lots'" in r.output
     r = CliRunner().invoke(main, ["compare", "exllamav2-0.0.11", "fastest", "--shape", "4096x4096"])
-    assert r.exit_code == 1 and "unknown source 'fastest'" in r.output
+    assert r.exit_code == 2 and "unknown source 'fastest'" in r.output
 
 
 def test_measuring_needs_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,9 +146,70 @@ def test_measuring_needs_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(st, "gpu_count", lambda: 0)
     r = CliRunner().invoke(main, ["compare", "exllamav2-0.0.11", "exllamav2-0.0.12",
                                   "--model", "llama-2-70b"])
-    assert r.exit_code == 1 and "no CUDA GPU" in r.output
+    assert r.exit_code == 2 and "no CUDA GPU" in r.output
     r = CliRunner().invoke(main, ["compare", "exllamav2-0.0.11", "exllamav2-0.0.12"])
-    assert r.exit_code == 1 and "nothing to measure" in r.output
+    assert r.exit_code == 2 and "nothing to measure" in r.output
+
+
+def _error_line(r: Any) -> str:
+    """The one `error:` line of a failed compare; exit 2 (1 would read as "regression")."""
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.output
+    return lines[0]
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`import matplotlib` fails, as on an install without the `plot` extra."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_plot_without_matplotlib_fails_before_measuring(fake_gpu: list[Any], no_matplotlib: None,
+                                                        tmp_path: Path) -> None:
+    png = tmp_path / "cmp.png"
+    r = CliRunner().invoke(main, ["compare", "exllamav2-0.0.11", "exllamav2-0.0.12",
+                                  "--model", "llama-2-70b", "--plot", str(png)])
+    line = _error_line(r)
+    assert "matplotlib" in line and "pip install 'gemmtune[plot]'" in line
+    assert fake_gpu == []  # nothing was measured
+    assert not png.exists()
+
+
+def test_plot_without_matplotlib_fails_before_comparing_files(pair: tuple[str, str, str],
+                                                              no_matplotlib: None,
+                                                              tmp_path: Path) -> None:
+    report = tmp_path / "c.md"
+    r = CliRunner().invoke(main, ["compare", pair[0], pair[1], "--plot", str(tmp_path / "c.png"),
+                                  "--report", str(report)])
+    assert "gemmtune[plot]" in _error_line(r)
+    assert "REGRESSION" not in r.output and not report.exists()
+
+
+@pytest.mark.parametrize("case", ["plot-format", "report-under-a-file",
+                                  "missing-file", "tuned-in-memory", "tuned-bare-word"])
+def test_every_error_exits_2_before_measuring(fake_gpu: list[Any], tmp_path: Path,
+                                              case: str) -> None:
+    (tmp_path / "afile").write_text("x")
+    args, words = {
+        "plot-format": (["--plot", str(tmp_path / "cmp.txt")], ".png"),
+        "report-under-a-file": (["--report", str(tmp_path / "afile" / "c.md")], "not a folder"),
+        "missing-file": (["--shape", "4096x4096", "--db", str(tmp_path / "none.db")],
+                         "no such file"),
+        "tuned-in-memory": (["--db", "sqlite://"], "in-memory"),
+        "tuned-bare-word": (["--db", "tuning"], "neither a URL nor a file path"),
+    }[case]
+    a, b = "exllamav2-0.0.11", ("tuned" if case.startswith("tuned") else "exllamav2-0.0.12")
+    if case == "missing-file":
+        b = str(tmp_path / "absent.json")
+    r = CliRunner().invoke(main, ["compare", a, b, "--model", "llama-3-8b", *args])
+    assert words in _error_line(r)
+    assert fake_gpu == []
 
 
 def test_compare_presets_measured_interleaved(fake_gpu: list[Any], tmp_path: Path) -> None:

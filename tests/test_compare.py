@@ -360,7 +360,6 @@ def test_markdown_report_has_table_geomeans_and_rule() -> None:
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     out = tmp_path / "plots" / "cmp.png"
     cmp.plot(_comparison(), out)
     data = out.read_bytes()
