@@ -15,9 +15,11 @@ A profile holds one device and one kernel hash (results are valid for exactly th
     }
 
 Import is the dangerous direction (files come from elsewhere), so `parse_profile` checks every
-field: exact key sets, types (a bool is not an int, NaN is not a number), ranges, duplicated keys
-and entries, a size limit; the domain objects are checked by the caller's `ProfileValidator`
-(the db layer may not import the kernel package). Nothing is written until the whole file
+field: exact key sets, types (a bool is not an int, NaN is not a number: named with its path),
+ranges, duplicated keys and entries, a size limit; the domain objects are checked by the
+caller's `ProfileValidator` (the db layer may not import the kernel package). Fields that
+derive from each other must agree: the fingerprint with the device fields, the latencies with
+the workload's Ms (no more, no fewer), each objective with the weighted sum of its latencies. Nothing is written until the whole file
 passed, and then in one transaction. Nothing in a profile is ever executed.
 """
 
@@ -68,6 +70,8 @@ class ProfileValidator(Protocol):
     def workload(self, data: dict[str, Any]) -> str: ...     # Workload(...).key()
     def config(self, data: dict[str, Any]) -> str: ...       # KernelConfig.from_dict(data).key()
     def device(self, data: dict[str, Any]) -> str: ...       # DeviceInfo.from_dict(data).fingerprint
+    def objective(self, workload: dict[str, Any],            # Workload(...).objective(latencies)
+                  latencies_us: dict[int, float]) -> float: ...
 
 
 @dataclass
@@ -184,8 +188,51 @@ def _entry_to_profile(e: TunedEntry) -> ProfileEntry:
 # --------------------------------------------------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a valid JSON number")
+OBJECTIVE_REL_TOL = 1e-6
+"""How closely a stored objective must equal the weighted sum of its latencies (the tuner stores
+exactly that sum; the slack only absorbs summation order in other writers)."""
+
+
+class _NonFinite:
+    """A `NaN`, `Infinity` or overflowing number (`1e999`) in the JSON text, kept as its
+    spelling. `json.loads` cannot say where it met one, so it is parsed into this marker and
+    the validator reports it with the field's path (`entries[3].latencies_us['16']`)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _parse_float(text: str) -> float | _NonFinite:
+    f = float(text)
+    return f if math.isfinite(f) else _NonFinite(text)
+
+
+def _child(path: str, key: str) -> str:
+    if key.isidentifier():
+        return f"{path}.{key}" if path else key
+    return f"{path}[{key!r}]"
+
+
+def _first_non_finite(doc: Any) -> tuple[str, str] | None:
+    """(path, spelling) of the first non-finite number in document order, else None. Iterative,
+    so that a deeply nested document built in Python cannot exhaust the stack."""
+    stack: list[tuple[str, Any]] = [("", doc)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, _NonFinite):
+            return path or "(top level)", value.text
+        if isinstance(value, float) and not math.isfinite(value):
+            return path or "(top level)", repr(value)
+        if isinstance(value, dict):
+            stack.extend(reversed([(_child(path, str(k)), v) for k, v in value.items()]))
+        elif isinstance(value, list):
+            stack.extend(reversed([(f"{path}[{i}]", v) for i, v in enumerate(value)]))
+    return None
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -224,7 +271,7 @@ def parse_profile(data: bytes | str, validator: ProfileValidator, *, name: str =
     except UnicodeDecodeError as exc:
         raise ProfileError(f"{name} is not UTF-8 text (byte {exc.start})") from None
     try:
-        doc = json.loads(text, parse_constant=_reject_constant,
+        doc = json.loads(text, parse_constant=_NonFinite, parse_float=_parse_float,
                          object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{name} is not valid JSON: {exc.msg} at line {exc.lineno} "
@@ -300,20 +347,34 @@ class _V:
         return str(key)
 
     def latencies(self, value: Any, path: str, ms: list[int]) -> dict[int, float]:
+        """Exactly one positive finite latency per M of the workload: a missing M was not
+        measured, and an M outside the workload was not part of what was tuned."""
         if not isinstance(value, dict):
             raise self.fail(path, f"must be an object of M -> microseconds, got {_tname(value)}")
         out: dict[int, float] = {}
         for k, v in value.items():
             if not _M_KEY.match(k) or int(k) > MAX_M:
                 raise self.fail(f"{path}[{k!r}]", f"key {k!r} is not an M in 1..{MAX_M}")
+            if int(k) not in ms:
+                raise self.fail(f"{path}[{k!r}]", f"M={k} is not one of the workload's Ms "
+                                f"({', '.join(map(str, ms))}): only measured Ms belong here")
             out[int(k)] = self.number(v, f"{path}[{k!r}]", 0.0, MAX_US)
         missing = [m for m in ms if m not in out]
         if missing:
             raise self.fail(path, f"no latency for workload M={missing[0]}")
         return out
 
+    def objective(self, value: float, path: str, derived: float, of: str) -> float:
+        """A stored objective must be what its latencies give (the workload's weighted sum)."""
+        if not math.isclose(value, derived, rel_tol=OBJECTIVE_REL_TOL, abs_tol=1e-9):
+            raise self.fail(path, f"{value:g} is not the workload's weighted sum of {of} "
+                            f"({derived:g})")
+        return value
+
 
 def _tname(value: Any) -> str:
+    if isinstance(value, _NonFinite):
+        return f"the non-finite number {value.text}"
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
             float: "number", type(None): "null"}.get(type(value), type(value).__name__)
 
@@ -334,6 +395,10 @@ def validate_profile(doc: Any, validator: ProfileValidator, *, name: str = "prof
     if sv not in SUPPORTED_SCHEMA_VERSIONS:
         raise v.fail("schema_version", f"version {sv} is not supported (this gemmtune reads "
                      f"{', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}; upgrade gemmtune)")
+    bad = _first_non_finite(doc)
+    if bad is not None:
+        raise v.fail(bad[0], f"{bad[1]} is not a finite number (JSON has no NaN or Infinity; "
+                     "a measurement is finite)")
     v.obj(doc, "", TOP_KEYS)
     tv = v.string(doc["tool_version"], "tool_version", min_len=1, max_len=64)
     created = v.timestamp(doc["created_at"], "created_at")
@@ -377,6 +442,16 @@ def validate_profile(doc: Any, validator: ProfileValidator, *, name: str = "prof
             raise v.fail(f"{at}.config", f"must be an object, got {_tname(config)}")
         config_key = v.domain(validator.config, config, f"{at}.config")
         ms = [int(m) for m in workload["ms"]]
+        objective_us = v.number(e["objective_us"], f"{at}.objective_us", 0.0, MAX_US)
+        default_objective_us = v.number(e["default_objective_us"], f"{at}.default_objective_us",
+                                        0.0, MAX_US)
+        latencies_us = v.latencies(e["latencies_us"], f"{at}.latencies_us", ms)
+        default_latencies_us = v.latencies(e["default_latencies_us"],
+                                           f"{at}.default_latencies_us", ms)
+        v.objective(objective_us, f"{at}.objective_us",
+                    validator.objective(workload, latencies_us), "latencies_us")
+        v.objective(default_objective_us, f"{at}.default_objective_us",
+                    validator.objective(workload, default_latencies_us), "default_latencies_us")
         entry = ProfileEntry(
             device=dict(dev), kernel_hash=kh,
             problem=dict(problem), problem_key=problem_key,
@@ -384,12 +459,8 @@ def validate_profile(doc: Any, validator: ProfileValidator, *, name: str = "prof
                       "weights": [float(w) for w in workload["weights"]]},
             workload_key=workload_key,
             config=dict(config), config_key=config_key,
-            objective_us=v.number(e["objective_us"], f"{at}.objective_us", 0.0, MAX_US),
-            default_objective_us=v.number(e["default_objective_us"],
-                                          f"{at}.default_objective_us", 0.0, MAX_US),
-            latencies_us=v.latencies(e["latencies_us"], f"{at}.latencies_us", ms),
-            default_latencies_us=v.latencies(e["default_latencies_us"],
-                                             f"{at}.default_latencies_us", ms),
+            objective_us=objective_us, default_objective_us=default_objective_us,
+            latencies_us=latencies_us, default_latencies_us=default_latencies_us,
             provenance=v.string(e["provenance"], f"{at}.provenance", max_len=2000),
             created_at=v.timestamp(e["created_at"], f"{at}.created_at"),
         )

@@ -262,6 +262,7 @@ def _store_entry(db: str, problem: Problem, config: KernelConfig, workload: str 
     from gemmtune.kernels.workload import WORKLOADS
 
     wl = WORKLOADS[workload]
+    lat, dlat = {m: 1.0 for m in wl.ms}, {m: 1.2 for m in wl.ms}
     with Store.open(db) as store:
         store.put_result(TunedEntry(
             device=FAKE_DEVICE.to_dict(), kernel_hash=kernel_hash,
@@ -269,9 +270,8 @@ def _store_entry(db: str, problem: Problem, config: KernelConfig, workload: str 
                      "group_size": problem.group_size, "act_order": problem.act_order},
             problem_key=problem.key(),
             workload={"name": wl.name, "ms": list(wl.ms), "weights": list(wl.weights)},
-            workload_key=wl.key(), config=config.to_dict(), objective_us=10.0,
-            default_objective_us=12.0, latencies_us={m: 1.0 for m in wl.ms},
-            default_latencies_us={m: 1.2 for m in wl.ms},
+            workload_key=wl.key(), config=config.to_dict(), objective_us=wl.objective(lat),
+            default_objective_us=wl.objective(dlat), latencies_us=lat, default_latencies_us=dlat,
             provenance="test", config_key=config.key()))
 
 

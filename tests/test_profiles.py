@@ -329,6 +329,128 @@ def test_cli_import_of_a_bad_profile_changes_nothing(tmp_path, valid_doc, make_e
     assert (tmp_path / "local.db").read_bytes() == raw
 
 
+# -- what this build can run, and what was actually measured ----------------------------------
+# Each rule: (mutation path, value, field named in the error, words the message must contain).
+# entries[0] is 4096x4096 / decode (Ms 1..8), entries[1] is 8192x4096 / mixed (Ms 1..512).
+
+MEASURED_RULES: list[tuple[str, Any, str, str]] = [
+    # bit widths the CUDA kernels do not build cannot have been tuned (KERNEL_BITS)
+    ("entries.0.problem.bits", 2, "entries[0].problem", "no CUDA kernel"),
+    ("entries.1.problem.bits", 3, "entries[1].problem", "no CUDA kernel"),
+    # latencies only at the workload's Ms: M=16 is not a decode M
+    ("entries.0.latencies_us.16", 3.0, "entries[0].latencies_us['16']", "not one of the workload"),
+    ("entries.0.default_latencies_us.512", 3.0, "entries[0].default_latencies_us['512']",
+     "not one of the workload"),
+    # objectives are derived: the workload's weighted sum of the latencies
+    ("entries.0.objective_us", 1.0, "entries[0].objective_us", "weighted sum of latencies_us"),
+    ("entries.1.default_objective_us", 123.0, "entries[1].default_objective_us",
+     "weighted sum of default_latencies_us"),
+    ("entries.0.latencies_us.1", 30.0, "entries[0].objective_us", "weighted sum"),
+    # a preset's name means the preset's Ms and weights
+    ("entries.0.workload.name", "prefill", "entries[0].workload", "preset"),
+    ("entries.1.workload.weights", [1, 1, 1, 1, 1, 1, 1, 1, 1], "entries[1].workload", "preset"),
+    ("entries.0.workload.ms", [1, 2, 3, 4, 5, 6, 7, 9], "entries[0].workload", "preset"),
+]
+
+_NUM = "@@number@@"
+
+# Non-finite numbers, spelled as JSON text (json.dumps cannot write 1e999): named with their path.
+NON_FINITE: list[tuple[str, str, str]] = [
+    ("entries.1.latencies_us.16", "NaN", "entries[1].latencies_us['16']"),
+    ("entries.0.objective_us", "Infinity", "entries[0].objective_us"),
+    ("entries.0.default_latencies_us.3", "-Infinity", "entries[0].default_latencies_us['3']"),
+    ("entries.1.workload.weights.3", "1e999", "entries[1].workload.weights[3]"),
+    ("device.sm_count", "NaN", "device.sm_count"),
+    ("entries.0.config.split_k", "Infinity", "entries[0].config.split_k"),
+]
+
+
+def _mutated(valid_doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(valid_doc)
+    _set(doc, path, value)
+    return doc
+
+
+def _non_finite_text(valid_doc: dict[str, Any], path: str, spelling: str) -> str:
+    return json.dumps(_mutated(valid_doc, path, _NUM)).replace(f'"{_NUM}"', spelling)
+
+
+def test_the_measured_rules_hold_for_a_valid_export(valid_doc):
+    """The rules below reject only the mutation: the unmutated export passes all of them."""
+    profile = parse_profile(json.dumps(valid_doc), _profile_validator())
+    assert [e.problem["bits"] for e in profile.entries] == [4, 4]
+    assert [e.workload_key for e in profile.entries] == ["decode", "mixed"]
+
+
+@pytest.mark.parametrize(("path", "value", "field", "words"),
+                         [pytest.param(*r, id=f"{r[0]}={r[1]}") for r in MEASURED_RULES])
+def test_only_what_this_build_runs_and_what_was_measured(valid_doc, path, value, field, words):
+    with pytest.raises(ProfileError) as info:
+        parse_profile(json.dumps(_mutated(valid_doc, path, value)), _profile_validator(),
+                      name="p.json")
+    assert info.value.field == field
+    msg = str(info.value)
+    assert msg.startswith(f"p.json: {field}: ") and words in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(("path", "spelling", "field"), NON_FINITE,
+                         ids=[f"{p}={t}" for p, t, _ in NON_FINITE])
+def test_non_finite_numbers_are_named_with_their_position(valid_doc, path, spelling, field):
+    with pytest.raises(ProfileError) as info:
+        parse_profile(_non_finite_text(valid_doc, path, spelling), _profile_validator(),
+                      name="p.json")
+    assert info.value.field == field
+    assert str(info.value) == (f"p.json: {field}: {spelling} is not a finite number (JSON has "
+                               "no NaN or Infinity; a measurement is finite)")
+
+
+def test_non_finite_numbers_from_python_are_named_too(valid_doc):
+    from gemmtune.db.profiles import validate_profile
+
+    doc = _mutated(valid_doc, "entries.1.latencies_us.64", float("nan"))
+    with pytest.raises(ProfileError) as info:
+        validate_profile(doc, _profile_validator())
+    assert info.value.field == "entries[1].latencies_us['64']"
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of the database and any -wal/-shm beside it: a write that sat in the WAL counts."""
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.glob("local.db*"))}
+
+
+_CLI_CASES = ([pytest.param("rule", i, id=f"{r[0]}={r[1]}") for i, r in enumerate(MEASURED_RULES)]
+              + [pytest.param("non-finite", i, id=f"{n[0]}={n[1]}")
+                 for i, n in enumerate(NON_FINITE)])
+
+
+@pytest.mark.parametrize(("kind", "index"), _CLI_CASES)
+def test_rejected_import_leaves_a_fresh_database_byte_for_byte(tmp_path, valid_doc, make_entry,
+                                                               kind, index):
+    folder = tmp_path / "db"
+    folder.mkdir()
+    db = f"sqlite:///{folder / 'local.db'}"
+    with Store.open(db) as s:  # fresh: the schema and one local entry
+        s.put_result(make_entry(2048, 2048))
+    before = _file_hashes(folder)
+    assert "local.db" in before
+    bad = tmp_path / "bad.json"
+    if kind == "rule":
+        path, value, field, _words = MEASURED_RULES[index]
+        bad.write_text(json.dumps(_mutated(valid_doc, path, value)))
+    else:
+        path, spelling, field = NON_FINITE[index]
+        bad.write_text(_non_finite_text(valid_doc, path, spelling))
+    result = CliRunner().invoke(main, ["import", str(bad), "--db", db, "--replace", "--force"])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"{field}: " in lines[0] and "Traceback" not in result.output
+    assert "imported" not in result.output
+    assert _file_hashes(folder) == before
+
+
 # -- C header ---------------------------------------------------------------------------------
 
 
