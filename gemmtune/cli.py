@@ -367,10 +367,18 @@ def import_cmd(file: str, db_url: str | None, replace: bool, force: bool, dry_ru
                       f"{'' if profile.kernel_hash == current else ' (differs from this build)'}; "
                       "nothing written (--dry-run)", highlight=False, soft_wrap=True)
         return
+    # "imported" counts only what was written: an entry that was already there and stayed
+    # (local entries win without --replace) is "kept", never "imported".
     r = report.result
-    console.print(f"imported {what} into {where}: {r.added} added, {r.replaced} replaced, "
-                  f"{r.kept} kept" + (" (local entries win; --replace overwrites them)"
-                                      if r.kept else ""), highlight=False, soft_wrap=True)
+    written = r.added + r.replaced
+    counts = f"{r.added} added, {r.replaced} replaced, {r.kept} kept"
+    kept_note = " (local entries win; --replace overwrites them)" if r.kept else ""
+    if written:
+        console.print(f"imported {written} of {what} into {where}: {counts}{kept_note}",
+                      highlight=False, soft_wrap=True)
+    else:
+        console.print(f"nothing imported into {where}: {counts} of {what}{kept_note}",
+                      highlight=False, soft_wrap=True)
     if report.stale:
         err_console.print(
             f"[yellow]warning:[/] the profile's kernel hash {report.profile_kernel_hash[:12]} is not "

@@ -110,6 +110,25 @@ def test_export_import_export_through_the_cli(filled, tmp_path, make_device):
     assert r.exit_code == 0 and "2 replaced" in r.output
 
 
+def test_import_says_imported_only_for_what_it_wrote(filled, tmp_path, make_device, make_entry):
+    p = tmp_path / "h100.json"
+    assert run("export", "--db", filled, "--device", make_device()["fingerprint"],
+               "-o", str(p)).exit_code == 0
+    fresh = f"sqlite:///{tmp_path / 'other.db'}"
+    with Store.open(fresh) as s:  # one of the two shapes is already tuned here
+        s.put_result(make_entry(4096, 4096, base_us=3.0))
+    r = run("import", str(p), "--db", fresh)
+    assert r.exit_code == 0, r.stderr
+    assert r.output.startswith("imported 1 of 2 entries") and "1 added, 0 replaced, 1 kept" in r.output
+    assert "local entries win" in r.output
+    r = run("import", str(p), "--db", fresh)  # everything is there now: nothing is written
+    assert r.exit_code == 0
+    assert r.output.startswith("nothing imported") and "imported 2" not in r.output
+    assert "0 added, 0 replaced, 2 kept" in r.output
+    r = run("import", str(p), "--db", fresh, "--replace")
+    assert r.output.startswith("imported 2 of 2 entries") and "2 replaced" in r.output
+
+
 def test_export_to_stdout_and_header(filled, make_device):
     r = run("export", "--db", filled, "--device", "A100")
     assert r.exit_code == 0
