@@ -279,12 +279,13 @@ def resolve(device: DeviceInfo | str | None, problem: Problem,
         hit = _CACHE.get(key)
         if hit is None:
             hit = _CACHE[key] = _resolve(fingerprint, problem.key(), wkey, split, profile,
-                                         db_env)
+                                         db_url)
         return hit
 
 
 def _resolve(fingerprint: str | None, pkey: str, wkey: str | None, split: bool, profile: str,
-             db_url: str) -> Resolution[KernelConfig]:
+             db_url: str | None) -> Resolution[KernelConfig]:
+    """`db_url` as the caller gave it: None reads ``GEMMTUNE_DB`` (and a refusal names it)."""
     default = PRESETS["default"]
     if _disabled():  # the runtime's own switch, not a rule of picking entries
         return Resolution((Band(1, None, default, "default", f"{DISABLE_ENV}=1"),))
@@ -298,9 +299,10 @@ def _resolve(fingerprint: str | None, pkey: str, wkey: str | None, split: bool, 
         from gemmtune.db.errors import DatabaseError
 
         try:
-            url: str | None = resolve_url(db_url or None)
+            url: str | None = resolve_url(db_url)
         except DatabaseError as exc:  # a value GEMMTUNE_DB cannot mean (paths.py lists them)
-            _warn_once(f"db-url:{db_url}", f"gemmtune: {exc}; using default kernel configs")
+            what = os.environ.get(DB_ENV, "") if db_url is None else db_url
+            _warn_once(f"db-url:{what}", f"gemmtune: {exc}; using default kernel configs")
             url = None
         got = _db_offer(url, fingerprint) if url is not None else None
         if got is not None:
