@@ -979,7 +979,6 @@ def compare(a: str, b: str, model: str | None, config_path: str | None, shapes: 
     Exit 1 means "regression found" and nothing else: every error exits 2, so a CI gate can
     tell a slower build from a broken job. Everything that can fail is checked before the first
     measurement (options, files, sources, the database, matplotlib for --plot, output paths)."""
-    from pathlib import Path
 
     from rich.markup import escape
 
