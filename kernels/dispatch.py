@@ -181,6 +181,15 @@ class Plan:
             torch.mm(a, w, out=c[:, n0 : n0 + cnt])
 
     def __call__(self, a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        # CuPy launches into the *current* CUDA context, and this plan's kernels and stream belong
+        # to the weight's device: a layer on cuda:1 called while torch's current device is 0 (a
+        # model split across cards) switches for the call. One int compare when they agree.
+        if torch.cuda.current_device() != self.device_index:
+            with torch.cuda.device(self.device_index):
+                return self._call(a, out)
+        return self._call(a, out)
+
+    def _call(self, a: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         k, n = self.k, self.n
         m = a.numel() // k
         a2 = a.view(m, k)
