@@ -37,8 +37,9 @@ SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 10240
 MS = [1, 2, 4, 8, 16, 32, 64]
 
 
-def candidates(m: int) -> list[KernelConfig]:
-    """Variants worth timing at M: rows per block that hold M (or 64), 1-2 warps of K."""
+def candidates(m: int, splits: tuple[int, ...] = (0,)) -> list[KernelConfig]:
+    """Variants worth timing at M: rows per block that hold M (or 64), 1-2 warps of K, the
+    given split_k values (0 = the dispatch's automatic choice)."""
     out = []
     mks = sorted({min(64, max(8, 1 << (m - 1).bit_length())), 64 if m > 8 else 8})
     for mk in mks:
@@ -48,8 +49,8 @@ def candidates(m: int) -> list[KernelConfig]:
                     tiles = -(-mk // 8)
                     if u * tiles > 8 or (u == 1 and mk == 8):
                         continue
-                    out.append(KernelConfig(max_q_gemm_rows=4096, max_q_gemm_rows_kernel=mk,
-                                            block_n=bn, threads=bn * wk, split_k=0, k_unroll=u))
+                    out += [KernelConfig(max_q_gemm_rows=4096, max_q_gemm_rows_kernel=mk, block_n=bn,
+                                         threads=bn * wk, split_k=sk, k_unroll=u) for sk in splits]
     return out
 
 
@@ -95,6 +96,7 @@ def main() -> int:
     ap.add_argument("--shapes", default="", help="comma list of KxN (default: the eight)")
     ap.add_argument("--ms", default="", help="comma list of M")
     ap.add_argument("--anchor", type=Path, help="peer timings JSON (shared/anchors)")
+    ap.add_argument("--splits", default="0", help="comma list of split_k values to time (0 = auto)")
     ap.add_argument("-o", "--output", default="fused-ab.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -125,7 +127,7 @@ def main() -> int:
             a = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = a.float() @ w_ref
             best: dict[str, tuple[float, str]] = {}
-            for cfg in candidates(m):
+            for cfg in candidates(m, tuple(int(x) for x in args.splits.split(","))):
                 for name, src in sources:
                     plans = [plan(w, cfg, src) for w in weights]
                     out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
