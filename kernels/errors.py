@@ -16,6 +16,17 @@ class InvalidProblemError(GemmtuneError, ValueError):
     """A layer shape / quantisation setting the format or the kernels do not allow."""
 
 
+class UnsupportedFormatError(InvalidProblemError):
+    """A checkpoint's `quantization_config` names a format gemmtune does not read (EXL2,
+    bitsandbytes, fp8, AWQ's gemv/marlin/exllama versions, mixed bit widths, ...).
+
+    The message is one line naming the field and its value. `exit_code` is 2 because, like a
+    usage error, retrying the same command cannot succeed; the CLI exits with it.
+    """
+
+    exit_code = 2
+
+
 class InvalidConfigError(GemmtuneError, ValueError):
     """A KernelConfig field outside the search space."""
 

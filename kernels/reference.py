@@ -1,4 +1,4 @@
-"""CPU reference math for GPTQ layers: the oracle of every GPU test and of the tuner's gate.
+"""CPU reference math for GPTQ and AWQ layers: the oracle of every GPU test and of the tuner's gate.
 
 Why it is shaped like this: a tuned variant is only stored if it agrees with this module on fresh
 random data, so the reference must be exact (no fp16 anywhere in :func:`gemm`) and quick enough to
@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from .awq import AWQTensors, unpack_awq
 from .errors import InvalidTensorError
 from .gptq import GPTQTensors, unpack_rows, zeros
 
@@ -44,6 +45,24 @@ def dequantize(t: GPTQTensors, dtype: torch.dtype = torch.float32) -> torch.Tens
     else:
         gi = t.g_idx.to(torch.int64)
         w = (q - z.index_select(0, gi)).to(work) * s.index_select(0, gi)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+def dequantize_awq(a: AWQTensors, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``W[k, n] = (q[k, n] - zero[k // group_size, n]) * scales[k // group_size, n]`` from AWQ's
+    own tensors (nibbles in AWQ's order, zeros as stored), as ``dtype[K, N]``.
+
+    Deliberately not via `awq.to_gptq`: this is the oracle that conversion is checked against.
+    Exact for the same reason as :func:`dequantize`.
+    """
+    a.validate(require_cpu=True)
+    if not dtype.is_floating_point:
+        raise InvalidTensorError(f"dequantize_awq needs a floating dtype, got {dtype}")
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    k, n, g = a.k, a.n, a.groups
+    q = unpack_awq(a.qweight).view(g, k // g, n).to(work)
+    z = unpack_awq(a.qzeros).to(work).unsqueeze(1)
+    w = ((q - z) * a.scales.to(work).unsqueeze(1)).view(k, n)
     return w if w.dtype == dtype else w.to(dtype)
 
 

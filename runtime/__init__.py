@@ -1,7 +1,7 @@
 """gemmtune.runtime: use tuned kernel configs in a torch model.
 
     from gemmtune.runtime import patch
-    patch(model)            # GPTQ layers -> QuantLinear, configs looked up per device + shape
+    patch(model)            # GPTQ / AWQ layers -> QuantLinear, configs looked up per device + shape
     model.cuda()            # prepares every layer: config lookup, kernels compiled, once
 
 Config resolution (`lookup`): explicit argument > GEMMTUNE_PROFILE > database (GEMMTUNE_DB or
@@ -10,6 +10,8 @@ gemmtune.kernels and gemmtune.db; CuPy is touched only when a layer is prepared 
 """
 
 from __future__ import annotations
+
+from gemmtune.kernels.formats import QuantFormat, read_format
 
 from .lookup import (
     DB_ENV,
@@ -33,6 +35,7 @@ __all__ = [
     "LookupResult",
     "PatchReport",
     "PatchedLayer",
+    "QuantFormat",
     "QuantLinear",
     "clear_cache",
     "describe",
@@ -41,4 +44,5 @@ __all__ = [
     "lookup_split",
     "patch",
     "quantize_model",
+    "read_format",
 ]

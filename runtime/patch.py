@@ -1,14 +1,17 @@
-"""Model-level helpers: swap GPTQ layers for `QuantLinear`, load GPTQ checkpoints, quantize.
+"""Model-level helpers: swap GPTQ / AWQ layers for `QuantLinear`, load checkpoints, quantize.
 
-`patch(model)` recognises GPTQ linear modules by their tensors (`qweight`, `qzeros`, `scales`,
-optional `g_idx` and `bias`), not by class, so the layers of Hugging Face / AutoGPTQ / GPTQModel
-models all qualify without importing those packages. It reports every replacement with the
-problem and the config it resolved to, because "which config did my model actually get" is the
-first question when a tuned model is not faster.
+`patch(model)` recognises quantized linear modules by their tensors (`qweight`, `qzeros`,
+`scales`, optional `g_idx` and `bias`), not by class, so the layers of Hugging Face / AutoGPTQ /
+GPTQModel / AutoAWQ models all qualify without importing those packages. The tensors' shapes
+say which format a module holds (`kernels.awq.is_awq_layout`: AWQ's qweight is [K, N/8], GPTQ's
+[K*bits/32, N]); AWQ layers are converted to the GPTQ layout as they are replaced. It reports
+every replacement with the problem and the config it resolved to, because "which config did my
+model actually get" is the first question when a tuned model is not faster.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,14 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gemmtune.kernels.awq import AWQTensors, is_awq_layout, to_gptq
 from gemmtune.kernels.config import KernelConfig
 from gemmtune.kernels.errors import InvalidProblemError, InvalidTensorError
+from gemmtune.kernels.formats import QuantFormat, read_format
 from gemmtune.kernels.gptq import GPTQTensors, ZeroFormat, quantize
 from gemmtune.kernels.problem import SUPPORTED_GROUPS
 from gemmtune.kernels.workload import Workload
 from torch import nn
 
-from .quant_linear import GPTQSpec, QuantLinear, _validate_sym
+from .quant_linear import QuantLinear, _validate_sym, check_layout
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ class PatchReport:
         """A rich Table with one row per distinct (problem, config, source)."""
         from rich.table import Table
 
-        t = Table(title=f"gemmtune: {len(self.layers)} GPTQ layers")
+        t = Table(title=f"gemmtune: {len(self.layers)} quantized layers")
         for col in ("problem", "layers", "config", "source"):
             t.add_column(col)
         for (pk, ck, src), n in sorted(self.configs().items()):
@@ -90,7 +95,7 @@ def describe(model: nn.Module) -> PatchReport:
     return PatchReport([_layer_row(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)])
 
 
-def _is_gptq_module(m: nn.Module) -> bool:
+def _is_quantized_module(m: nn.Module) -> bool:
     if isinstance(m, QuantLinear):
         return False
     return all(isinstance(getattr(m, n, None), torch.Tensor) for n in ("qweight", "qzeros", "scales"))
@@ -102,7 +107,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _zero_format_of(m: nn.Module, override: ZeroFormat | None, spec: GPTQSpec | None) -> ZeroFormat:
+def _zero_format_of(m: nn.Module, override: ZeroFormat | None, spec: QuantFormat | None) -> ZeroFormat:
     if override is not None:
         return override
     for attr in ("zero_format", "checkpoint_format"):
@@ -114,9 +119,31 @@ def _zero_format_of(m: nn.Module, override: ZeroFormat | None, spec: GPTQSpec | 
     return spec.zero_format if spec is not None else "v1"
 
 
-def _module_tensors(name: str, m: nn.Module, spec: GPTQSpec | None,
+def _awq_module_tensors(m: nn.Module) -> GPTQTensors:
+    """An AWQ module (AutoAWQ's `WQLinear_GEMM`: `w_bit`; GPTQModel's: `bits`) in the GPTQ layout.
+    The group size follows from the shapes (K / rows of scales), so no config is needed."""
+    qweight, qzeros, scales = m.qweight, m.qzeros, m.scales
+    bits = getattr(m, "w_bit", None) or getattr(m, "bits", None) or 4
+    k, g = qweight.shape[0], scales.shape[0]  # type: ignore[union-attr]
+    if g == 0 or k % g:
+        raise InvalidTensorError(f"AWQ qweight has K={k} rows, not a multiple of scales' {g} groups")
+    a = AWQTensors(qweight.contiguous(), qzeros.contiguous(),  # type: ignore[union-attr]
+                   scales.to(torch.float16).contiguous(), k // g, int(bits))  # type: ignore[union-attr]
+    return to_gptq(a.validate())
+
+
+def _module_tensors(name: str, m: nn.Module, spec: QuantFormat | None,
                     zero_format: ZeroFormat | None) -> tuple[GPTQTensors, torch.Tensor | None]:
     qweight: torch.Tensor = m.qweight  # type: ignore[assignment]
+    bias = getattr(m, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    if spec is not None:
+        check_layout(spec.method, qweight, m.qzeros, m.scales, name)  # type: ignore[arg-type]
+    if is_awq_layout(qweight, m.qzeros, m.scales):  # type: ignore[arg-type]
+        try:
+            return _awq_module_tensors(m), bias
+        except (InvalidProblemError, InvalidTensorError) as exc:
+            raise type(exc)(f"{name}: {exc}") from None
     bits = getattr(m, "bits", None) or (spec.bits if spec else None)
     group = getattr(m, "group_size", None) or (spec.group_size if spec else None)
     if bits is None or group is None:
@@ -127,7 +154,6 @@ def _module_tensors(name: str, m: nn.Module, spec: GPTQSpec | None,
     if group == k and group not in SUPPORTED_GROUPS:
         group = -1  # AutoGPTQ stores group_size=-1 as in_features
     g_idx = getattr(m, "g_idx", None)
-    bias = getattr(m, "bias", None)
     t = GPTQTensors(qweight.contiguous(), m.qzeros.contiguous(),  # type: ignore[union-attr]
                     m.scales.to(torch.float16).contiguous(),  # type: ignore[union-attr]
                     g_idx.to(torch.int32).contiguous() if isinstance(g_idx, torch.Tensor) else None,
@@ -138,7 +164,7 @@ def _module_tensors(name: str, m: nn.Module, spec: GPTQSpec | None,
             _validate_sym(t)
     except (InvalidProblemError, InvalidTensorError) as exc:
         raise type(exc)(f"{name}: {exc}") from None
-    return t, bias if isinstance(bias, torch.Tensor) else None
+    return t, bias
 
 
 def patch(model: nn.Module, quantization_config: Mapping[str, Any] | Any | None = None, *,
@@ -146,16 +172,20 @@ def patch(model: nn.Module, quantization_config: Mapping[str, Any] | Any | None 
           zero_format: ZeroFormat | None = None, verbose: bool = False) -> PatchReport:
     """Replace every GPTQ linear module of `model` (in place) with a `QuantLinear`.
 
-    Modules qualify by having `qweight`, `qzeros` and `scales` tensors; `bits` / `group_size`
-    come from the module or `quantization_config` (the checkpoint's HF GPTQ config, which also
-    gives the zero convention; `zero_format` overrides it, e.g. "v2" for GPTQModel modules that
-    converted their zeros in memory). Layers on CUDA are prepared (config looked up, kernels
+    Modules qualify by having `qweight`, `qzeros` and `scales` tensors. AWQ GEMM modules
+    (AutoAWQ's `WQLinear_GEMM`, transformers' and GPTQModel's AWQ layers) are told apart by
+    their shapes and converted to the GPTQ layout; their group size follows from the shapes.
+    For GPTQ modules `bits` / `group_size` come from the module or `quantization_config` (the
+    checkpoint's, which also gives the zero convention; `zero_format` overrides it, e.g. "v2"
+    for GPTQModel modules that converted their zeros in memory). A `quantization_config` whose
+    format contradicts a module's shapes raises InvalidTensorError; an unsupported one,
+    UnsupportedFormatError. Layers on CUDA are prepared (config looked up, kernels
     compiled) now; CPU layers run the reference path and resolve their config when moved to
     CUDA (see `describe`). `config` pins one config for every layer. Prints nothing unless
     `verbose`, which prints a rich table of the configs used.
     """
-    spec = None if quantization_config is None else GPTQSpec.from_config(quantization_config)
-    found = [(n, m) for n, m in model.named_modules() if n and _is_gptq_module(m)]
+    spec = None if quantization_config is None else read_format(quantization_config)
+    found = [(n, m) for n, m in model.named_modules() if n and _is_quantized_module(m)]
     report = PatchReport()
     for name, m in found:
         t, bias = _module_tensors(name, m, spec, zero_format)
@@ -169,20 +199,40 @@ def patch(model: nn.Module, quantization_config: Mapping[str, Any] | Any | None 
     return report
 
 
-def load_quantized(model: nn.Module, path: str | Path, quantization_config: Mapping[str, Any] | Any,
+def checkpoint_quantization_config(path: str | Path) -> Mapping[str, Any]:
+    """The `quantization_config` of the `config.json` beside a safetensors file."""
+    cfg_path = Path(path).parent / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidProblemError(
+            f"no quantization_config given and {cfg_path} cannot be read: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidProblemError(f"{cfg_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    qc = cfg.get("quantization_config") if isinstance(cfg, Mapping) else None
+    if not isinstance(qc, Mapping):
+        raise InvalidProblemError(f"{cfg_path} has no quantization_config: is this a quantized checkpoint?")
+    return qc
+
+
+def load_quantized(model: nn.Module, path: str | Path,
+                   quantization_config: Mapping[str, Any] | Any | None = None,
                    *, config: KernelConfig | str | None = None,
                    workload: Workload | str | None = None, strict: bool = True,
                    verbose: bool = False) -> PatchReport:
-    """Load a GPTQ safetensors checkpoint into a plain (nn.Linear) model.
+    """Load a GPTQ or AWQ (GEMM) safetensors checkpoint into a plain (nn.Linear) model.
 
     Every `nn.Linear` whose `<name>.qweight` is in the file becomes a `QuantLinear` built from the
-    file's tensors; all other tensors (embeddings, norms, unquantized heads) are loaded with
-    `load_state_dict`. With `strict`, tensors of the file the model does not have, or model
-    tensors the file lacks, raise InvalidTensorError.
+    file's tensors (AWQ layers converted to the GPTQ layout); all other tensors (embeddings,
+    norms, unquantized heads) are loaded with `load_state_dict`. `quantization_config` defaults
+    to the one in the `config.json` beside `path`. With `strict`, tensors of the file the model
+    does not have, or model tensors the file lacks, raise InvalidTensorError.
     """
     from safetensors import safe_open
 
-    spec = GPTQSpec.from_config(quantization_config)
+    if quantization_config is None:
+        quantization_config = checkpoint_quantization_config(path)
+    spec = read_format(quantization_config, str(path))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     report = PatchReport()
     with safe_open(str(path), framework="pt", device="cpu") as f:

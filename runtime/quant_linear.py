@@ -4,6 +4,8 @@ Why it is shaped like this:
 
 - The checkpoint tensors (`qweight`, `qzeros`, `scales`, `g_idx`, `bias`) are registered buffers
   under the names AutoGPTQ / GPTQModel use, so `state_dict()` round-trips with GPTQ checkpoints.
+  AWQ layers are repacked into this layout once, when built (`from_awq_tensors`): their
+  `state_dict()` is then GPTQ's (`gptq_v2` zeros), not the AWQ file's.
 - Everything expensive happens once, at preparation (on `.to(cuda)` / `.cuda()`, an explicit
   `prepare()`, or the first CUDA forward): the kernel-ready `QuantizedWeight`, the config
   lookup, and the dispatch plan with every kernel it may launch compiled. `forward` then does a
@@ -18,62 +20,39 @@ Why it is shaped like this:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gemmtune.kernels.awq import AWQTensors, is_awq_layout, to_gptq
 from gemmtune.kernels.config import KernelConfig
 from gemmtune.kernels.errors import InvalidProblemError, InvalidTensorError
-from gemmtune.kernels.gptq import SUPPORTED_BITS, GPTQTensors, ZeroFormat, zeros
-from gemmtune.kernels.problem import KERNEL_BITS, SUPPORTED_GROUPS, Problem
+from gemmtune.kernels.formats import QuantFormat, read_format
+from gemmtune.kernels.gptq import GPTQTensors, ZeroFormat, zeros
+from gemmtune.kernels.problem import KERNEL_BITS, Problem
 from gemmtune.kernels.workload import Workload
 from torch import nn
 
 from .lookup import LookupResult, device_info, resolve
 
-CHECKPOINT_FORMATS: dict[str, ZeroFormat] = {"gptq": "v1", "gptq_v2": "v2"}
+GPTQSpec = QuantFormat
+"""The former name of `QuantFormat` (GPTQ only then); same fields, same positional order."""
 
 
-@dataclass(frozen=True)
-class GPTQSpec:
-    """The parts of a Hugging Face `quantization_config` (GPTQ) that the tensors do not carry.
-
-    `sym` is only used to validate the zeros (symmetric GPTQ stores zero = 2**(bits-1)); the
-    math is the same either way. `desc_act` requires a `g_idx` tensor; whether rows are really
-    act-ordered is read from `g_idx` itself.
-    """
-
-    bits: int = 4
-    group_size: int = 128
-    desc_act: bool = False
-    sym: bool = True
-    zero_format: ZeroFormat = "v1"
-
-    @classmethod
-    def from_config(cls, qc: Mapping[str, Any] | Any) -> GPTQSpec:
-        """From a dict (`config.json`'s `quantization_config`) or an object with `to_dict()`
-        (transformers' `GPTQConfig`)."""
-        if not isinstance(qc, Mapping):
-            qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
-        method = str(qc.get("quant_method", "gptq")).lower()
-        if method != "gptq":
-            raise InvalidProblemError(f"quantization_config.quant_method={method!r}: only 'gptq' is supported")
-        fmt = str(qc.get("checkpoint_format", qc.get("format", "gptq")) or "gptq").lower()
-        if fmt not in CHECKPOINT_FORMATS:
-            raise InvalidProblemError(
-                f"quantization_config.checkpoint_format={fmt!r}: supported are "
-                f"{', '.join(CHECKPOINT_FORMATS)}")
-        bits = qc.get("bits", 4)
-        group = qc.get("group_size", 128)
-        if bits not in SUPPORTED_BITS:
-            raise InvalidProblemError(f"quantization_config.bits={bits!r} is not supported {SUPPORTED_BITS}")
-        if group not in SUPPORTED_GROUPS:
-            raise InvalidProblemError(
-                f"quantization_config.group_size={group!r} is not supported {SUPPORTED_GROUPS}")
-        return cls(int(bits), int(group), bool(qc.get("desc_act", False)),
-                   bool(qc.get("sym", True)), CHECKPOINT_FORMATS[fmt])
+def check_layout(method: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 name: str = "") -> None:
+    """Refuse tensors whose shapes contradict the format the config names: AWQ's qweight is
+    [K, N/8], GPTQ's [K*bits/32, N] (`kernels.awq.is_awq_layout` tells them apart). Reading one
+    as the other would permute the weights silently."""
+    awq = is_awq_layout(qweight, qzeros, scales)
+    if awq == (method == "awq"):
+        return
+    where = f"{name}: " if name else ""
+    found, said = ("AWQ's", "gptq") if awq else ("not AWQ's", "awq")
+    raise InvalidTensorError(
+        f"{where}quantization_config says quant_method={said} but the tensors have {found} shapes "
+        f"(qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)})")
 
 
 def _validate_sym(t: GPTQTensors) -> None:
@@ -148,10 +127,10 @@ class QuantLinear(nn.Module):
                          workload: Workload | str | None = None,
                          device: str | torch.device = "cpu") -> QuantLinear:
         """Load layer `prefix` (e.g. `model.layers.0.mlp.down_proj`) from a safetensors file,
-        reading only its tensors. `quantization_config` is the checkpoint's HF GPTQ config."""
+        reading only its tensors. `quantization_config` is the checkpoint's (GPTQ or AWQ)."""
         from safetensors import safe_open
 
-        spec = GPTQSpec.from_config(quantization_config)
+        spec = read_format(quantization_config)
         names = {n: f"{prefix}.{n}" for n in ("qweight", "qzeros", "scales", "g_idx", "bias")}
         got: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -161,15 +140,22 @@ class QuantLinear(nn.Module):
                     got[short] = f.get_tensor(full)
         missing = [n for n in ("qweight", "qzeros", "scales") if n not in got]
         if missing:
-            raise InvalidTensorError(f"{path}: no tensor {prefix}.{missing[0]} (is {prefix!r} a GPTQ layer?)")
+            raise InvalidTensorError(f"{path}: no tensor {prefix}.{missing[0]} (is {prefix!r} a quantized layer?)")
         return cls.from_checkpoint_tensors(got, spec, config=config, workload=workload)
 
     @classmethod
-    def from_checkpoint_tensors(cls, tensors: Mapping[str, torch.Tensor], spec: GPTQSpec,
+    def from_checkpoint_tensors(cls, tensors: Mapping[str, torch.Tensor], spec: QuantFormat,
                                 config: KernelConfig | str | None = None,
                                 workload: Workload | str | None = None) -> QuantLinear:
         """From a layer's checkpoint tensors by name (`qweight`, `qzeros`, `scales`, optional
-        `g_idx`, `bias`) and the checkpoint's GPTQ settings."""
+        `g_idx`, `bias`) and the checkpoint's format (`read_format` of its quantization_config).
+        AWQ layers are converted to the GPTQ layout here, once."""
+        check_layout(spec.method, tensors["qweight"], tensors["qzeros"], tensors["scales"])
+        if spec.method == "awq":
+            a = AWQTensors(tensors["qweight"].contiguous(), tensors["qzeros"].contiguous(),
+                           tensors["scales"].to(torch.float16).contiguous(), spec.group_size,
+                           spec.bits).validate()
+            return cls.from_awq_tensors(a, tensors.get("bias"), config=config, workload=workload)
         g_idx = tensors.get("g_idx")
         if spec.desc_act and g_idx is None:
             raise InvalidTensorError("quantization_config says desc_act=True but the layer has no g_idx")
@@ -180,6 +166,14 @@ class QuantLinear(nn.Module):
         if spec.sym:
             _validate_sym(t)
         return cls.from_gptq_tensors(t, tensors.get("bias"), config=config, workload=workload)
+
+    @classmethod
+    def from_awq_tensors(cls, a: AWQTensors, bias: torch.Tensor | None = None,
+                         config: KernelConfig | str | None = None,
+                         workload: Workload | str | None = None) -> QuantLinear:
+        """Wrap one AWQ GEMM layer: repacked to the GPTQ layout (zeros as stored, `v2`), so the
+        module's buffers and `state_dict` are GPTQ's from here on."""
+        return cls.from_gptq_tensors(to_gptq(a), bias, config=config, workload=workload)
 
     # -- the GPTQ view -------------------------------------------------------------------------
     def gptq_tensors(self) -> GPTQTensors:

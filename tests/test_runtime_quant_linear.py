@@ -133,8 +133,10 @@ def test_checkpoint_config_is_validated(tmp_path: Path) -> None:
     good = {"bits": 4, "group_size": 64, "desc_act": True, "sym": False}
     with pytest.raises(InvalidTensorError, match="sym=True"):
         QuantLinear.from_safetensors(path, "layers.0.proj", {**good, "sym": True})
-    with pytest.raises(InvalidProblemError, match="quant_method"):
+    with pytest.raises(InvalidTensorError, match="quant_method=awq but the tensors have not AWQ's"):
         QuantLinear.from_safetensors(path, "layers.0.proj", {**good, "quant_method": "awq"})
+    with pytest.raises(InvalidProblemError, match="quant_method='exl2'"):
+        QuantLinear.from_safetensors(path, "layers.0.proj", {**good, "quant_method": "exl2"})
     with pytest.raises(InvalidProblemError, match="checkpoint_format"):
         GPTQSpec.from_config({**good, "checkpoint_format": "marlin"})
     with pytest.raises(InvalidTensorError, match="layers.1.proj.qweight"):
@@ -181,7 +183,7 @@ def test_patch_replaces_foreign_gptq_modules_and_reports_them(capsys: pytest.Cap
     torch.testing.assert_close(model(x).double(), _oracle(h.float(), t2), rtol=1e-4, atol=1e-4)
     assert len(describe(model)) == 2
     patch(model, verbose=True)  # nothing left to patch, but the table prints
-    assert "GPTQ layers" in capsys.readouterr().out
+    assert "quantized layers" in capsys.readouterr().out
 
 
 def test_patch_needs_bits_from_the_module_or_the_config() -> None:
