@@ -3,7 +3,8 @@
 Why: a tuning result is only useful for the shapes an engine runs, and engines fuse projections
 (q/k/v into one `qkv` GEMM, gate and up into one `gate_up`), so the tuned problems must be the
 fused ones. Shapes come from built-in presets (published Hugging Face configs) or from a model's
-own `config.json`, whose `quantization_config` also supplies bits / group size / act-order.
+own `config.json`, whose `quantization_config` (GPTQ or AWQ, read by `kernels.formats`, which
+refuses what gemmtune cannot run) also supplies bits / group size / act-order.
 
 Shapes (K = in_features, N = out_features, `W[K, N]`):
   qkv     K = hidden,             N = (heads + 2 * kv_heads) * head_dim
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gemmtune.kernels.errors import InvalidProblemError
+from gemmtune.kernels.formats import read_format
 from gemmtune.kernels.problem import Problem
 
 
@@ -40,6 +42,8 @@ class ModelSpec:
     bits: int | None = None
     group_size: int | None = None
     act_order: bool | None = None
+    quant_format: str | None = None
+    """`QuantFormat.name` of the config's quantization_config ("gptq", "gptq_v2", "awq"), if any."""
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads",
@@ -79,10 +83,6 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
     )
 }
 
-GPTQ_METHODS = ("gptq", "gptq_v2")
-"""`quantization_config.quant_method` values whose bits/group_size/desc_act we adopt."""
-
-
 def _int_field(cfg: Mapping[str, Any], key: str, source: str) -> int:
     if key not in cfg:
         raise InvalidProblemError(f"{source}: missing field {key!r}")
@@ -110,17 +110,11 @@ def spec_from_config(cfg: Mapping[str, Any], source: str = "config.json") -> Mod
                 "and no head_dim is given"
             )
         head_dim = hidden // heads
-    bits = group = act = None
+    bits = group = act = fmt_name = None
     q = cfg.get("quantization_config")
-    if isinstance(q, Mapping) and q.get("quant_method", "gptq") in GPTQ_METHODS:
-        if q.get("bits") is not None:
-            bits = _int_field(q, "bits", f"{source} quantization_config")
-        if q.get("group_size") is not None:
-            group = q["group_size"]
-            if isinstance(group, bool) or not isinstance(group, int):
-                raise InvalidProblemError(f"{source}: quantization_config.group_size must be an int, got {group!r}")
-        if q.get("desc_act") is not None:
-            act = bool(q["desc_act"])
+    if q is not None:
+        fmt = read_format(q, source)  # refuses EXL2, bitsandbytes, AWQ gemv, mixed bits, ...
+        bits, group, act, fmt_name = fmt.bits, fmt.group_size, fmt.act_order, fmt.name
     name = str(cfg.get("_name_or_path") or cfg.get("model_type") or source)
     return ModelSpec(
         name=name,
@@ -133,6 +127,7 @@ def spec_from_config(cfg: Mapping[str, Any], source: str = "config.json") -> Mod
         bits=bits,
         group_size=group,
         act_order=act,
+        quant_format=fmt_name,
     )
 
 
@@ -178,7 +173,8 @@ def spec_layers(
     """The fused GEMMs of one decoder layer of `spec`, each counted once per decoder layer.
 
     Explicit arguments win over the spec's quantization settings, which win over 4-bit,
-    group 128, no act-order.
+    group 128, no act-order. An AWQ checkpoint's layers are the same problems as GPTQ's (they
+    are converted to the GPTQ layout at load and run the same kernels), never act-order.
     """
     b = bits if bits is not None else (spec.bits if spec.bits is not None else 4)
     g = group_size if group_size is not None else (spec.group_size if spec.group_size is not None else 128)
@@ -208,7 +204,7 @@ def model_layers(
 ) -> list[Layer]:
     """Fused GEMM layers (qkv, o, gate_up, down) of a preset or a config.json.
 
-    `None` means: from the config's GPTQ `quantization_config` if present, else 4 bits,
+    `None` means: from the config's `quantization_config` (GPTQ or AWQ) if present, else 4 bits,
     group 128, no act-order.
     """
     return spec_layers(model_spec(name_or_path), bits, group_size, act_order)

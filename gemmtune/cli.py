@@ -54,7 +54,8 @@ def _friendly_exit(code: int) -> Callable[[F], F]:
             try:
                 return func(*args, **kwargs)
             except (GemmtuneError, DatabaseError, ProfileError) as exc:
-                fail(str(exc), code)
+                # An error may carry its own exit code (UnsupportedFormatError: 2).
+                fail(str(exc), getattr(exc, "exit_code", code))
             except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
                 fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), code)
             except KeyboardInterrupt:

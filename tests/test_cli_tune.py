@@ -182,3 +182,46 @@ def test_worker_pins_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert wk.physical_gpu(1) == "1"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert wk.physical_gpu(1) == "3"
+
+
+def _checkpoint_dir(tmp_path: Path, qc: dict[str, Any]) -> Path:
+    import json
+
+    d = tmp_path / "ckpt"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816,
+        "num_attention_heads": 16, "num_key_value_heads": 4, "num_hidden_layers": 2,
+        "quantization_config": qc}))
+    return d
+
+
+@pytest.mark.parametrize("flag", ["--config", "--model"])
+def test_an_awq_checkpoint_is_tuned_with_its_own_group_size(monkeypatch: pytest.MonkeyPatch, db: str,
+                                                            tmp_path: Path, flag: str) -> None:
+    gpu = FakeGPU(monkeypatch)
+    d = _checkpoint_dir(tmp_path, {"quant_method": "awq", "bits": 4, "group_size": 64,
+                                   "zero_point": True, "version": "gemm"})
+    target = str(d / "config.json") if flag == "--config" else str(d)
+    result = run(flag, target, "--workload", "decode", "--trials", "3", "--db", db)
+    assert result.exit_code == 0, result.output
+    assert {ev.problem.key() for ev in gpu.evaluators} == {
+        "1024x1536-b4-g64", "1024x1024-b4-g64", "1024x5632-b4-g64", "2816x1024-b4-g64"}
+
+
+@pytest.mark.parametrize("qc, field", [
+    ({"quant_method": "exl2", "bits": 4.65}, "quant_method='exl2'"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "version='gemv'"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128,
+      "dynamic": {r".*down_proj": {"bits": 8}}}, "bits=8: mixed bit widths"),
+])
+def test_an_unsupported_checkpoint_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, db: str,
+                                                          tmp_path: Path, qc: dict[str, Any],
+                                                          field: str) -> None:
+    gpu = FakeGPU(monkeypatch)
+    d = _checkpoint_dir(tmp_path, qc)
+    result = run("--config", str(d / "config.json"), "--db", db)
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert field in result.stderr and "quantization_config" in result.stderr
+    assert "Traceback" not in result.output and gpu.evaluators == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from gemmtune.autotune.models import (
     unique_problems,
 )
 from gemmtune.kernels import InvalidProblemError, Problem
+from gemmtune.kernels.errors import UnsupportedFormatError
 
 # Published Hugging Face config.json values: hidden, intermediate, heads, kv heads, layers.
 PUBLISHED = {
@@ -121,11 +123,42 @@ def test_config_defaults_kv_heads_and_honours_explicit_head_dim(tmp_path: Path) 
     assert got["o"] == (32 * 128, 5120) and got["qkv"] == (5120, 48 * 128)
 
 
-def test_config_ignores_non_gptq_quantization(tmp_path: Path) -> None:
-    path = write_config(tmp_path, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                        num_hidden_layers=32,
-                        quantization_config={"quant_method": "awq", "bits": 8, "group_size": 64})
-    assert {lay.problem.bits for lay in model_layers(path)} == {4}
+LLAMA_2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+              "num_hidden_layers": 32}
+
+
+def test_config_reads_awq_quantization(tmp_path: Path) -> None:
+    # Before, "awq" was ignored and the layers tuned as GPTQ g128: the group size must be AWQ's.
+    path = write_config(tmp_path, **LLAMA_2_7B, quantization_config={
+        "quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"})
+    layers = model_layers(path)
+    assert {(lay.problem.bits, lay.problem.group_size, lay.problem.act_order) for lay in layers} == {
+        (4, 64, False)}
+    assert shapes(layers) == shapes(model_layers("llama-2-7b"))
+
+
+def test_config_desc_act_with_static_groups_is_not_act_order(tmp_path: Path) -> None:
+    # static_groups stores g_idx = k // group_size: no row permutation, so a plain problem.
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True,
+          "static_groups": True, "sym": False, "checkpoint_format": "gptq_v2"}
+    path = write_config(tmp_path, **LLAMA_2_7B, quantization_config=qc)
+    assert {lay.problem.act_order for lay in model_layers(path)} == {False}
+    path = write_config(tmp_path, **LLAMA_2_7B, quantization_config={**qc, "static_groups": False})
+    assert {lay.problem.act_order for lay in model_layers(path)} == {True}
+
+
+@pytest.mark.parametrize("qc, field", [
+    ({"quant_method": "exl2", "bits": 4.65}, "quant_method='exl2'"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method='bitsandbytes'"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "quant_method='fp8'"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "version='gemv'"),
+    ({"quant_method": "awq", "bits": 8, "group_size": 128}, "bits=8"),
+])
+def test_config_refuses_unsupported_quantization(tmp_path: Path, qc: dict, field: str) -> None:
+    path = write_config(tmp_path, **LLAMA_2_7B, quantization_config=qc)
+    with pytest.raises(UnsupportedFormatError, match=re.escape(f"quantization_config.{field}")) as info:
+        model_layers(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_config_errors_are_clear(tmp_path: Path) -> None:
