@@ -1,18 +1,23 @@
-"""A real client: a tiny transformers Llama, GPTQ-quantized, saved, loaded, patched and run.
+"""A real client: a tiny transformers Llama, GPTQ- or AWQ-quantized, saved, loaded, patched, run.
 
 The quantized model's logits must equal those of the same model whose nn.Linear weights are the
-dequantized GPTQ weights (the oracle), whichever way the checkpoint is loaded: into a plain model
-with `load_quantized`, or into AutoGPTQ-style modules that `patch` then replaces.
+dequantized weights (the oracle), whichever way the checkpoint is loaded: into a plain model
+with `load_quantized`, or into AutoGPTQ / AutoAWQ-style modules that `patch` then replaces.
+The AWQ checkpoint is made here (the project's RTN quantizer to AWQ's GEMM format) and saved as
+AutoAWQ saves one: `model.safetensors` with AWQ-packed qweight/qzeros/scales, and a config.json
+whose quantization_config says awq/gemm.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from gemmtune.kernels import reference
+from gemmtune.kernels import InvalidTensorError, reference
+from gemmtune.kernels.awq import AWQTensors, quantize_awq
 from gemmtune.kernels.gptq import GPTQTensors
 from gemmtune.runtime import QuantLinear, describe, load_quantized, patch, quantize_model
 from safetensors.torch import load_file, save_file
@@ -143,5 +148,139 @@ def test_gpu_fp16_logits_match_the_dequantized_fp16_model(checkpoint: tuple[Path
     assert reference.relative_error(got, want) < 1e-2
     # Decode-sized steps (M = 1 token) take the fused kernel and agree too.
     with torch.no_grad():
+        got1, want1 = client(ids[:, :1]).logits, ref(ids[:, :1]).logits
+    assert reference.relative_error(got1, want1) < 1e-2
+
+
+# -- AWQ ------------------------------------------------------------------------------------------
+
+AWQ_QC = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
+          "modules_to_not_convert": None}
+
+
+@pytest.fixture(scope="module")
+def awq_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """(model.safetensors path, oracle): a random Llama whose 14 linears (not lm_head) are
+    quantized to AWQ GEMM, g32, saved with a config.json; the oracle is the same model with
+    nn.Linear weights dequantized from the AWQ tensors by the AWQ reference."""
+    model = _fresh(11)
+    oracle = _fresh(11)  # same seed: embeddings, norms and lm_head equal the checkpoint's
+    state: dict[str, torch.Tensor] = {}
+    quantized = []
+    for name, lin in model.named_modules():
+        if isinstance(lin, nn.Linear) and not name.endswith("lm_head"):
+            a = quantize_awq(lin.weight.detach().t().float(), group_size=32)
+            state |= {f"{name}.qweight": a.qweight, f"{name}.qzeros": a.qzeros, f"{name}.scales": a.scales}
+            with torch.no_grad():
+                oracle.get_submodule(name).weight.copy_(reference.dequantize_awq(a).t())
+            quantized.append(name)
+    assert len(quantized) == 14
+    state |= {k: v.contiguous() for k, v in model.state_dict().items()
+              if not any(k.startswith(n + ".") for n in quantized)}
+    folder = tmp_path_factory.mktemp("awq")
+    save_file(state, str(folder / "model.safetensors"))
+    config = json.loads(_config().to_json_string())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": AWQ_QC}))
+    return folder / "model.safetensors", oracle
+
+
+def test_awq_checkpoint_holds_awq_shapes(awq_checkpoint: tuple[Path, Any]) -> None:
+    sd = load_file(str(awq_checkpoint[0]))
+    # down_proj: K=256 in, N=128 out -> qweight [K, N/8], qzeros [K/32, N/8], scales [K/32, N].
+    assert tuple(sd["model.layers.0.mlp.down_proj.qweight"].shape) == (256, 16)
+    assert tuple(sd["model.layers.0.mlp.down_proj.qzeros"].shape) == (8, 16)
+    assert tuple(sd["model.layers.0.mlp.down_proj.scales"].shape) == (8, 128)
+
+
+def test_load_quantized_reads_an_awq_checkpoint_and_its_config(awq_checkpoint: tuple[Path, Any]) -> None:
+    path, oracle = awq_checkpoint
+    client = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig.from_pretrained(str(path.parent))).eval()
+    report = load_quantized(client, path)  # quantization_config from the config.json beside it
+    assert len(report) == 14 and all(isinstance(client.get_submodule(r.name), QuantLinear) for r in report)
+    assert {r.problem_key for r in report} == {"128x128-b4-g32", "128x64-b4-g32", "128x256-b4-g32",
+                                               "256x128-b4-g32"}
+    ids = _ids(3)
+    with torch.no_grad():
+        got, want = client(ids).logits, oracle(ids).logits
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+class WQLinearGEMMStyle(nn.Module):
+    """Stand-in for AutoAWQ's WQLinear_GEMM (`w_bit`) or GPTQModel's AWQ GEMM layer (`bits`),
+    which transformers uses for AWQ models: AWQ-shaped buffers that load_state_dict fills, and
+    no usable forward of its own."""
+
+    def __init__(self, k: int, n: int, group: int, bits_attr: str) -> None:
+        super().__init__()
+        setattr(self, bits_attr, 4)
+        self.group_size, self.in_features, self.out_features = group, k, n
+        self.register_buffer("qweight", torch.empty(k, n // 8, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.empty(k // group, n // 8, dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(k // group, n, dtype=torch.float16))
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the foreign AWQ module ran: patch() missed it")
+
+
+def _awq_model(path: Path, bits_attr: str) -> Any:
+    model = _fresh(13)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and not name.endswith("lm_head"):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child,
+                    WQLinearGEMMStyle(m.in_features, m.out_features, 32, bits_attr))
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model
+
+
+@pytest.mark.parametrize("bits_attr", ["w_bit", "bits"])
+@pytest.mark.parametrize("qc", [None, AWQ_QC])
+def test_patched_awq_modules_give_the_same_logits(awq_checkpoint: tuple[Path, Any], bits_attr: str,
+                                                  qc: dict[str, Any] | None) -> None:
+    path, oracle = awq_checkpoint
+    client = _awq_model(path, bits_attr)
+    report = patch(client, qc)  # found by their tensors: no config needed
+    assert len(report) == 14 and not any(isinstance(m, WQLinearGEMMStyle) for m in client.modules())
+    assert {r.problem_key for r in report} == {"128x128-b4-g32", "128x64-b4-g32", "128x256-b4-g32",
+                                               "256x128-b4-g32"}
+    ids = _ids(4)
+    with torch.no_grad():
+        torch.testing.assert_close(client(ids).logits, oracle(ids).logits, rtol=1e-4, atol=1e-4)
+    # Converted, not reinterpreted: the layer's GPTQ view dequantizes to the AWQ file's weights.
+    sd = load_file(str(path))
+    name = "model.layers.1.mlp.down_proj"
+    a = AWQTensors(sd[f"{name}.qweight"], sd[f"{name}.qzeros"], sd[f"{name}.scales"], 32)
+    q = client.get_submodule(name)
+    assert torch.equal(reference.dequantize(q.gptq_tensors()), reference.dequantize_awq(a))
+
+
+def test_patch_refuses_awq_modules_under_a_gptq_config(awq_checkpoint: tuple[Path, Any]) -> None:
+    client = _awq_model(awq_checkpoint[0], "w_bit")
+    with pytest.raises(InvalidTensorError, match="model.layers.0.self_attn.q_proj: quantization_config "
+                                                 "says quant_method=gptq but the tensors have AWQ's"):
+        patch(client, {**QC, "desc_act": False})
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_awq_fp16_logits_match_the_dequantized_fp16_model(awq_checkpoint: tuple[Path, Any]) -> None:
+    path, oracle = awq_checkpoint
+    client = _fresh(14)
+    load_quantized(client, path)
+    client.half().cuda()
+    ref = _fresh(15)
+    ref.load_state_dict(oracle.state_dict())
+    ref.half().cuda()
+    report = describe(client)
+    assert len(report) == 14 and all(r.source in ("default", "database", "profile") for r in report)
+    ids = _ids(5, "cuda")
+    with torch.no_grad():
+        got, want = client(ids).logits, ref(ids).logits
+    assert got.dtype == want.dtype == torch.float16 and got.shape == want.shape
+    assert reference.relative_error(got, want) < 1e-2
+    with torch.no_grad():  # M = 1 per sequence: the fused kernel
         got1, want1 = client(ids[:, :1]).logits, ref(ids[:, :1]).logits
     assert reference.relative_error(got1, want1) < 1e-2

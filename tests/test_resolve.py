@@ -291,3 +291,25 @@ def test_resolve_without_a_gpu_needs_a_card_it_can_name(tmp_path: Path, make_ent
     assert json.loads(r.stdout)["layers"][0]["bands"][0]["config_key"] == MIXED_CFG.key()
     r = _resolve_cli("--db", db)
     assert r.exit_code == 1 and "nothing to resolve: give --model" in r.output
+
+
+def test_resolve_reads_an_awq_checkpoint_and_refuses_exl2_in_one_line(tmp_path: Path) -> None:
+    import json
+
+    def config(qc: dict[str, Any]) -> str:
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({"hidden_size": 4096, "intermediate_size": 11008,
+                                    "num_attention_heads": 32, "num_hidden_layers": 32,
+                                    "quantization_config": qc}))
+        return str(path)
+
+    db = str(tmp_path / "none.db")
+    awq = config({"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm"})
+    r = _resolve_cli("--config", awq, "--db", db, "--fingerprint", "0123456789abcdef", "--json")
+    assert r.exit_code == 0, r.output
+    assert {x["problem_key"] for x in json.loads(r.stdout)["layers"]} == {
+        "4096x12288-b4-g64", "4096x4096-b4-g64", "4096x22016-b4-g64", "11008x4096-b4-g64"}
+    exl2 = config({"quant_method": "exl2", "bits": 4.65})
+    r = _resolve_cli("--config", exl2, "--db", db, "--fingerprint", "0123456789abcdef")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+    assert "quantization_config.quant_method='exl2' is not supported" in r.output
