@@ -1,4 +1,4 @@
-"""gemmtune.kernels: GPTQ format, CPU reference math, CUDA sources, compile + launch, dispatch.
+"""gemmtune.kernels: GPTQ and AWQ formats, CPU reference math, CUDA sources, compile + launch, dispatch.
 
 Imports nothing from the other gemmtune areas. CuPy and the GPU are touched lazily, so this
 package imports on machines without either.
@@ -13,6 +13,7 @@ from .errors import (
     InvalidProblemError,
     InvalidTensorError,
     KernelBuildError,
+    UnsupportedFormatError,
 )
 from .problem import Problem
 from .workload import WORKLOADS, Workload
@@ -30,6 +31,7 @@ __all__ = [
     "KernelBuildError",
     "KernelConfig",
     "Problem",
+    "UnsupportedFormatError",
     "Workload",
     "preset",
 ]

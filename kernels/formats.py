@@ -36,11 +36,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import InvalidProblemError, UnsupportedFormatError
-from .gptq import ZeroFormat
 from .problem import SUPPORTED_BITS, SUPPORTED_GROUPS
+
+if TYPE_CHECKING:  # gptq imports torch; reading a config.json should not need it
+    from .gptq import ZeroFormat
 
 Method = Literal["gptq", "awq"]
 

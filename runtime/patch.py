@@ -119,14 +119,18 @@ def _zero_format_of(m: nn.Module, override: ZeroFormat | None, spec: QuantFormat
     return spec.zero_format if spec is not None else "v1"
 
 
-def _awq_module_tensors(m: nn.Module) -> GPTQTensors:
+def _awq_module_tensors(m: nn.Module, spec: QuantFormat | None) -> GPTQTensors:
     """An AWQ module (AutoAWQ's `WQLinear_GEMM`: `w_bit`; GPTQModel's: `bits`) in the GPTQ layout.
-    The group size follows from the shapes (K / rows of scales), so no config is needed."""
+    The group size follows from the shapes (K / rows of scales), so no config is needed; one
+    given must agree."""
     qweight, qzeros, scales = m.qweight, m.qzeros, m.scales
     bits = getattr(m, "w_bit", None) or getattr(m, "bits", None) or 4
     k, g = qweight.shape[0], scales.shape[0]  # type: ignore[union-attr]
     if g == 0 or k % g:
         raise InvalidTensorError(f"AWQ qweight has K={k} rows, not a multiple of scales' {g} groups")
+    if spec is not None and spec.group_size != k // g:
+        raise InvalidTensorError(f"quantization_config says group_size={spec.group_size} but the "
+                                 f"tensors have {g} groups of {k // g} rows")
     a = AWQTensors(qweight.contiguous(), qzeros.contiguous(),  # type: ignore[union-attr]
                    scales.to(torch.float16).contiguous(), k // g, int(bits))  # type: ignore[union-attr]
     return to_gptq(a.validate())
@@ -141,7 +145,7 @@ def _module_tensors(name: str, m: nn.Module, spec: QuantFormat | None,
         check_layout(spec.method, qweight, m.qzeros, m.scales, name)  # type: ignore[arg-type]
     if is_awq_layout(qweight, m.qzeros, m.scales):  # type: ignore[arg-type]
         try:
-            return _awq_module_tensors(m), bias
+            return _awq_module_tensors(m, spec), bias
         except (InvalidProblemError, InvalidTensorError) as exc:
             raise type(exc)(f"{name}: {exc}") from None
     bits = getattr(m, "bits", None) or (spec.bits if spec else None)
@@ -170,7 +174,7 @@ def _module_tensors(name: str, m: nn.Module, spec: QuantFormat | None,
 def patch(model: nn.Module, quantization_config: Mapping[str, Any] | Any | None = None, *,
           config: KernelConfig | str | None = None, workload: Workload | str | None = None,
           zero_format: ZeroFormat | None = None, verbose: bool = False) -> PatchReport:
-    """Replace every GPTQ linear module of `model` (in place) with a `QuantLinear`.
+    """Replace every GPTQ or AWQ linear module of `model` (in place) with a `QuantLinear`.
 
     Modules qualify by having `qweight`, `qzeros` and `scales` tensors. AWQ GEMM modules
     (AutoAWQ's `WQLinear_GEMM`, transformers' and GPTQModel's AWQ layers) are told apart by

@@ -284,3 +284,9 @@ def test_gpu_awq_fp16_logits_match_the_dequantized_fp16_model(awq_checkpoint: tu
     with torch.no_grad():  # M = 1 per sequence: the fused kernel
         got1, want1 = client(ids[:, :1]).logits, ref(ids[:, :1]).logits
     assert reference.relative_error(got1, want1) < 1e-2
+
+
+def test_patch_refuses_a_group_size_the_awq_tensors_do_not_have(awq_checkpoint: tuple[Path, Any]) -> None:
+    client = _awq_model(awq_checkpoint[0], "bits")
+    with pytest.raises(InvalidTensorError, match="says group_size=128 but the tensors have 4 groups of 32"):
+        patch(client, {**AWQ_QC, "group_size": 128})
