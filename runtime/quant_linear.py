@@ -15,6 +15,9 @@ Why it is shaped like this:
   the same module works in CI and gives the oracle's numbers.
 - Output shape and dtype are those of `nn.Linear` for the same input: the CUDA kernels compute in
   fp16, so bf16/fp32 CUDA inputs are cast to fp16 for the kernel and the output cast back.
+- Under `torch.compile` the call is one custom op, `gemmtune::quant_linear` (runtime/ops.py),
+  that runs `forward_eager`: no graph break, the same numbers. Eager calls skip the op (the
+  dispatcher would only add host time to the hot path).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from gemmtune.kernels.problem import KERNEL_BITS, Problem
 from gemmtune.kernels.workload import Workload
 from torch import nn
 
+from . import ops
 from .lookup import LookupResult, device_info, resolve
 
 GPTQSpec = QuantFormat
@@ -99,6 +103,7 @@ class QuantLinear(nn.Module):
         rows = torch.arange(in_features, dtype=torch.int32, **kw)
         self.register_buffer("g_idx", torch.zeros_like(rows) if group_size == -1 else rows // group_size)
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, **kw) if bias else None)
+        self._op_handle = ops.register(self)
         self._invalidate()
 
     # -- construction --------------------------------------------------------------------------
@@ -221,6 +226,12 @@ class QuantLinear(nn.Module):
                 self.prepare()
         return self
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Copies (`copy.deepcopy`, pickling) are other layers: each gets its own op handle, or a
+        compiled copy would run the original's weights."""
+        super().__setstate__(state)
+        self._op_handle = ops.register(self)
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         was_prepared = self._qw is not None
@@ -280,6 +291,13 @@ class QuantLinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # dynamo cannot trace the kernel launch or the dense cache: one opaque op instead.
+            return ops.quant_linear(x, self._op_handle, self.out_features)
+        return self.forward_eager(x)
+
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's computation (what `gemmtune::quant_linear` runs when compiled)."""
         if x.shape[-1] != self.in_features:
             raise InvalidTensorError(
                 f"input last dimension must be in_features={self.in_features}, got shape {tuple(x.shape)}")
@@ -296,13 +314,13 @@ class QuantLinear(nn.Module):
                 if self._bias16 is not None:
                     out.add_(self._bias16)
                 return out
-            out = self.forward(x.to(torch.float16))
+            out = self.forward_eager(x.to(torch.float16))
             return out.to(x.dtype)
         if x.is_cuda and self.qweight.is_cuda and self.bits in KERNEL_BITS:
             if x.device != self.qweight.device:
                 raise InvalidTensorError(f"input is on {x.device}, layer on {self.qweight.device}")
             self.prepare()
-            return self.forward(x)
+            return self.forward_eager(x)
         return self._forward_dense(x)
 
     def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tests.gpu_util import requires_gpu
+from tests.tiny_llama import tiny_llama, tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,31 +32,19 @@ QC = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sy
       "checkpoint_format": "gptq"}
 
 
-def _config() -> Any:
-    return transformers.LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
-        tie_word_embeddings=False)
-
-
-def _fresh(seed: int) -> Any:
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(_config()).eval()
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """(safetensors path, oracle model): a random Llama quantized with the project quantizer
     (act-order, group 32), its state dict saved as a GPTQ checkpoint, and the same model with
     dequantized nn.Linear weights."""
-    model = _fresh(1)
+    model = tiny_llama(1)
     names = quantize_model(model, bits=4, group_size=32, act_order=True,
                            generator=torch.Generator().manual_seed(2))
     assert len(names) == 14 and "lm_head" not in names  # q k v o gate up down x 2 layers
     path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
-    oracle = _fresh(3)
+    oracle = tiny_llama(3)
     plain = {k: v for k, v in model.state_dict().items()
              if not any(k.startswith(n + ".") for n in names)}
     missing = oracle.load_state_dict(plain, strict=False).missing_keys
@@ -90,7 +79,7 @@ class AutoGPTQStyleLinear(nn.Module):
 
 
 def _autogptq_model(path: Path) -> Any:
-    model = _fresh(4)
+    model = tiny_llama(4)
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and not name.endswith("lm_head"):
             parent, _, child = name.rpartition(".")
@@ -102,7 +91,7 @@ def _autogptq_model(path: Path) -> Any:
 
 def test_load_quantized_logits_match_the_dequantized_model(checkpoint: tuple[Path, Any]) -> None:
     path, oracle = checkpoint
-    client = _fresh(5)
+    client = tiny_llama(5)
     report = load_quantized(client, path, QC)
     assert len(report) == 14 and all(isinstance(client.get_submodule(r.name), QuantLinear) for r in report)
     assert {r.problem_key for r in report} == {"128x128-b4-g32-act", "128x64-b4-g32-act",
@@ -133,10 +122,10 @@ def test_patched_autogptq_modules_give_the_same_logits(checkpoint: tuple[Path, A
 @requires_gpu
 def test_gpu_fp16_logits_match_the_dequantized_fp16_model(checkpoint: tuple[Path, Any]) -> None:
     path, oracle = checkpoint
-    client = _fresh(6)
+    client = tiny_llama(6)
     load_quantized(client, path, QC)
     client.half().cuda()
-    ref = _fresh(7)
+    ref = tiny_llama(7)
     ref.load_state_dict(oracle.state_dict())
     ref.half().cuda()
     report = describe(client)
@@ -163,8 +152,8 @@ def awq_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]
     """(model.safetensors path, oracle): a random Llama whose 14 linears (not lm_head) are
     quantized to AWQ GEMM, g32, saved with a config.json; the oracle is the same model with
     nn.Linear weights dequantized from the AWQ tensors by the AWQ reference."""
-    model = _fresh(11)
-    oracle = _fresh(11)  # same seed: embeddings, norms and lm_head equal the checkpoint's
+    model = tiny_llama(11)
+    oracle = tiny_llama(11)  # same seed: embeddings, norms and lm_head equal the checkpoint's
     state: dict[str, torch.Tensor] = {}
     quantized = []
     for name, lin in model.named_modules():
@@ -179,7 +168,7 @@ def awq_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]
               if not any(k.startswith(n + ".") for n in quantized)}
     folder = tmp_path_factory.mktemp("awq")
     save_file(state, str(folder / "model.safetensors"))
-    config = json.loads(_config().to_json_string())
+    config = json.loads(tiny_llama_config().to_json_string())
     (folder / "config.json").write_text(json.dumps({**config, "quantization_config": AWQ_QC}))
     return folder / "model.safetensors", oracle
 
@@ -226,7 +215,7 @@ class WQLinearGEMMStyle(nn.Module):
 
 
 def _awq_model(path: Path, bits_attr: str) -> Any:
-    model = _fresh(13)
+    model = tiny_llama(13)
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and not name.endswith("lm_head"):
             parent, _, child = name.rpartition(".")
@@ -268,10 +257,10 @@ def test_patch_refuses_awq_modules_under_a_gptq_config(awq_checkpoint: tuple[Pat
 @requires_gpu
 def test_gpu_awq_fp16_logits_match_the_dequantized_fp16_model(awq_checkpoint: tuple[Path, Any]) -> None:
     path, oracle = awq_checkpoint
-    client = _fresh(14)
+    client = tiny_llama(14)
     load_quantized(client, path)
     client.half().cuda()
-    ref = _fresh(15)
+    ref = tiny_llama(15)
     ref.load_state_dict(oracle.state_dict())
     ref.half().cuda()
     report = describe(client)
