@@ -1,0 +1,504 @@
+#!/usr/bin/env python3
+"""Tokens per second of real generation: full-depth transformers Llamas, compiled, torch fp16
+against gemmtune's configs.
+
+Why: `bench/decode.py` times the GEMMs of a decode step; what a user gains is tokens per second
+of a whole model (attention, norms, the LM head and the host included), run the way users run
+models now: `torch.compile(fullgraph=True)` with a static KV cache and CUDA graphs.
+
+Models: `LlamaForCausalLM` of the Llama-2-13B and Llama-3-8B architectures (dims from
+`gemmtune.autotune.models.MODEL_PRESETS`, full depth), random weights, nothing downloaded. The
+fp16 model is built on the GPU; the quantized one is the same model whose every linear except
+the LM head is replaced by a `QuantLinear` holding random 4-bit g128 GPTQ weights drawn on the
+GPU, so both share embeddings, norms and head.
+
+Rows, the same run for each (same prompts, batches, steps, cache length, repeats):
+  fp16               the model with its fp16 nn.Linear weights
+  default, exllamav2-0.0.12   every QuantLinear pinned to that preset
+  tuned              what the runtime serves from a database holding a `decode` and a `mixed`
+                     tune of the model's own linear shapes (q, k/v, o, gate/up, down: a
+                     transformers Llama does not fuse them); by default tuned now into a fresh
+                     database (`--trials` per shape), or `--db URL` of an existing tune
+Measured:
+  prefill            one compiled forward of a [1, PROMPT] prompt into an empty static cache
+                     (CUDA events, median of --repeats)
+  decode             at each batch B: B prompts are prefilled (eager, untimed), then one greedy
+                     decode step (compiled forward of [B, 1] + argmax into the next input) is
+                     captured as a CUDA graph and replayed --steps times; tokens/s = B * steps /
+                     time, median of --repeats (every repeat restarts at the prompt's end)
+  peak memory        torch.cuda.max_memory_allocated over the row's run (weights, cache,
+                     workspace, graphs)
+
+Switching between the quantized rows re-prepares the layers; the compiled graph is reused (the
+op names the layer, not its plan: runtime/ops.py) and only the CUDA graphs are captured again.
+
+    python bench/generate.py -o out/generate.json                       # both models, every row
+    python bench/generate.py --model llama-2-13b --batches 1 --repeats 3 --steps 16 -o g.json
+    python bench/generate.py --db ./tuning.db --no-tune -o g.json       # tuned = that database
+    python bench/generate.py --report out/13b.json out/8b.json          # the BENCHMARKS.md tables
+
+Each model costs one compile per phase (prefill, and decode per batch size) for fp16 and one
+for the quantized model (shared by its rows): about 20-40 s each for a 40-layer model, so run
+one model per command when time is short, and `--layers 2 --batches 1 --steps 4 --repeats 1`
+for a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import inspect
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "gemmtune-generate"
+SCHEMA_VERSION = 1
+QUANT_ROWS = ("default", "exllamav2-0.0.12", "tuned")
+ROWS = ("fp16", *QUANT_ROWS)
+ROW_LABELS = {"fp16": "torch fp16"}
+TUNE_WORKLOADS = ("decode", "mixed")  # the pair the runtime splits at M <= 8 (README)
+GROUP_SIZE = 128
+
+# What the presets do not hold (published config.json values); speed does not depend on them
+# except the vocabulary, which sizes the embedding and the LM head.
+ARCH_EXTRA: dict[str, dict[str, Any]] = {
+    "llama-2-13b": {"vocab_size": 32000, "max_position_embeddings": 4096, "rope_theta": 10000.0},
+    "llama-3-8b": {"vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0},
+}
+
+# Random GPTQ scales: (q - 8) * scale with q uniform in 0..15 has a standard deviation near
+# 0.02, transformers' initializer_range, so activations stay finite through 40 layers.
+SCALE = 0.004
+
+
+# -- models ------------------------------------------------------------------------------------
+
+def llama_config(name: str, layers: int | None = None) -> Any:
+    """A `transformers.LlamaConfig` of the named architecture (`--layers` shortens it)."""
+    import transformers
+    from gemmtune.autotune.models import MODEL_PRESETS
+
+    if name not in ARCH_EXTRA:
+        raise SystemExit(f"unknown model {name!r}: choose from {', '.join(ARCH_EXTRA)}")
+    spec, extra = MODEL_PRESETS[name], ARCH_EXTRA[name]
+    return transformers.LlamaConfig(
+        hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim, num_hidden_layers=layers or spec.num_hidden_layers,
+        vocab_size=extra["vocab_size"], max_position_embeddings=extra["max_position_embeddings"],
+        rope_parameters={"rope_type": "default", "rope_theta": extra["rope_theta"]},
+        rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=True)
+
+
+def build_model(config: Any, device: torch.device | str, dtype: torch.dtype = torch.float16) -> Any:
+    """The model with random weights, built directly on `device` ("meta": no memory)."""
+    import transformers
+
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval()
+
+
+def quantizable(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The linears GPTQ checkpoints quantize: all but the LM head."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
+
+
+def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """Distinct (K, N) of the quantized linears, in model order: what `tuned` tunes."""
+    return list(dict.fromkeys((m.in_features, m.out_features) for _, m in quantizable(model)))
+
+
+def random_gptq_on(k: int, n: int, device: torch.device | str, generator: torch.Generator,
+                   group_size: int = GROUP_SIZE) -> Any:
+    """Random symmetric 4-bit GPTQ tensors drawn on `device` (a 13B model's worth would take
+    minutes on the host): uniform packed words, zeros 8 (stored as 7, GPTQ v1), scales near
+    SCALE, no act-order."""
+    from gemmtune.kernels.gptq import GPTQTensors, pack_cols
+
+    g = k // group_size
+    qweight = torch.randint(-(1 << 31), 1 << 31, (k // 8, n), dtype=torch.int64, device=device,
+                            generator=generator).to(torch.int32)
+    qzeros = pack_cols(torch.full((g, n), 7, dtype=torch.int32, device=device), 4)
+    scales = ((torch.rand((g, n), device=device, generator=generator) + 0.5) * SCALE).to(torch.float16)
+    g_idx = torch.arange(k, dtype=torch.int32, device=device) // group_size
+    return GPTQTensors(qweight, qzeros, scales, g_idx, 4, group_size, "v1")
+
+
+def quantize_random(model: nn.Module, config: str | None = "default", seed: int = 0) -> int:
+    """Replace every quantizable linear (in place, freeing its fp16 weight) by a QuantLinear
+    with random GPTQ weights on the linear's device. Returns the number replaced."""
+    from gemmtune.runtime import QuantLinear
+
+    targets = quantizable(model)
+    device = targets[0][1].weight.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, lin in targets:
+        q = QuantLinear.from_gptq_tensors(random_gptq_on(lin.in_features, lin.out_features, device, gen),
+                                          None, config=config)
+        if q.qweight.is_cuda:
+            q.prepare()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+    return len(targets)
+
+
+def set_config(model: nn.Module, config: str | None) -> dict[str, str]:
+    """Re-prepare every QuantLinear under `config` (None: what the runtime resolves).
+    Returns problem key -> 'config-key (source)'."""
+    from gemmtune.runtime import QuantLinear
+
+    used: dict[str, str] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.requested_config = config
+            m._invalidate()
+            res = m.prepare()
+            used[m.problem.key()] = res.label if res is not None else "cpu reference"
+            if m.small_lookup_result is not None:
+                used[m.problem.key()] += f"; M<={m._small_max}: {m.small_lookup_result.label}"
+    return used
+
+
+# -- static cache and the two compiled functions -------------------------------------------------
+
+def _cache_keyword(model: Any) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); take what this one calls it."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def static_cache(model: Any, max_len: int) -> Any:
+    """A StaticCache; its tensors are allocated (and marked static) by the first, eager forward."""
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def rewind(cache: Any, length: int) -> None:
+    """Set every layer's filled length to `length` in place (the tensors keep their addresses,
+    so captured graphs stay valid); later writes overwrite what lay beyond."""
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(length)
+
+
+def prefill_fn(model: Any, cache: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`ids [B, P]` -> next-token logits [B, 1, vocab], writing the prompt into `cache`."""
+    kw = _cache_keyword(model)
+
+    def prefill(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
+    return prefill
+
+
+def decode_step_fn(model: Any, cache: Any) -> Callable[[torch.Tensor], None]:
+    """One greedy step: `ids [B, 1]` -> the next token written back into `ids` (so a captured
+    step replays as real generation, the cache growing by one each replay)."""
+    kw = _cache_keyword(model)
+
+    def step(ids: torch.Tensor) -> None:
+        logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
+        ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+    return step
+
+
+# -- measuring (GPU) ----------------------------------------------------------------------------
+
+def _events_ms(fn: Callable[[], None]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def time_prefill(prefill: Callable[[torch.Tensor], Any], ids: torch.Tensor, cache: Any,
+                 repeats: int) -> list[float]:
+    """ms per compiled prefill of `ids` (first two calls compile and warm up, untimed)."""
+    out = []
+    for i in range(repeats + 2):
+        rewind(cache, 0)
+        ms = _events_ms(lambda: prefill(ids))
+        if i >= 2:
+            out.append(ms)
+    return out
+
+
+def time_decode(step: Callable[[torch.Tensor], None], first: torch.Tensor, cache: Any, prompt: int,
+                steps: int, repeats: int) -> list[float]:
+    """tokens/s of `steps` replays of the captured decode step, per repeat, the cache holding
+    `prompt` tokens at the start of each."""
+    ids = first.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compile and warm up outside the capture
+            step(ids)
+    torch.cuda.current_stream().wait_stream(side)
+    rewind(cache, prompt)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(ids)
+
+    def run() -> None:
+        for _ in range(steps):
+            graph.replay()
+
+    out = []
+    for i in range(repeats + 1):
+        rewind(cache, prompt)
+        ids.copy_(first)
+        ms = _events_ms(run)
+        if i:
+            out.append(first.shape[0] * steps / ms * 1e3)
+    return out  # the graph (and its memory pool) goes with this frame
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def run_row(model: Any, caches: dict[int, Any], prompts: dict[int, torch.Tensor],
+            compiled: dict[str, Any], args: argparse.Namespace, log: Callable[[str], None],
+            row: str) -> dict[str, Any]:
+    """Prefill and decode of one row on `model` as it is now configured."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        b1 = min(caches)
+        rewind(caches[b1], 0)
+        prefill_fn(model, caches[b1])(prompts[b1])  # eager: allocates the cache tensors
+        if "prefill" not in compiled:
+            compiled["prefill"] = torch.compile(prefill_fn(model, caches[b1]), fullgraph=True)
+        prefill_ms = time_prefill(compiled["prefill"], prompts[b1][:1], caches[b1], args.repeats)
+        log(f"  {row:18s} prefill {args.prompt} tokens: {_median(prefill_ms):8.2f} ms")
+        decode: dict[str, Any] = {}
+        for b in args.batches:
+            cache = caches[b]
+            rewind(cache, 0)
+            prefill_fn(model, cache)(prompts[b])  # eager, untimed: the cache holds B prompts
+            key = f"decode{b}"
+            if key not in compiled:
+                compiled[key] = torch.compile(decode_step_fn(model, cache), fullgraph=True)
+            first = prompts[b][:, -1:].clone()
+            tps = time_decode(compiled[key], first, cache, args.prompt, args.steps, args.repeats)
+            decode[str(b)] = {"tokens_per_s": _median(tps), "step_ms": b / _median(tps) * 1e3,
+                              "all_tokens_per_s": tps}
+            log(f"  {row:18s} decode B={b:<3d} {_median(tps):10.1f} tok/s")
+    torch.cuda.synchronize()
+    return {"row": row, "prefill_ms": _median(prefill_ms), "all_prefill_ms": prefill_ms,
+            "decode": decode, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "seconds": time.perf_counter() - t0}
+
+
+def tune_shapes(shapes: Sequence[tuple[int, int]], db_url: str, trials: int,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    """`gemmtune tune` of `shapes` for the decode and mixed workloads into `db_url` (shapes
+    tuned there before are skipped by the tuner itself)."""
+    t0 = time.perf_counter()
+    for workload in TUNE_WORKLOADS:
+        cmd = [sys.executable, "-c", "from gemmtune.cli import main; main()", "tune",
+               *[a for k, n in shapes for a in ("--shape", f"{k}x{n}")],
+               "--workload", workload, "--trials", str(trials), "--db", db_url]
+        log(f"  tuning {len(shapes)} shapes for {workload}: {' '.join(cmd[3:])}")
+        subprocess.run(cmd, check=True)
+    return {"db": db_url, "trials": trials, "workloads": list(TUNE_WORKLOADS),
+            "shapes": [f"{k}x{n}" for k, n in shapes], "seconds": time.perf_counter() - t0}
+
+
+def run_model(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from gemmtune.runtime import clear_cache
+
+    config = llama_config(name, args.layers)
+    shapes = linear_shapes(build_model(config, "meta"))
+    result: dict[str, Any] = {"model": name, "layers": config.num_hidden_layers,
+                              "vocab_size": config.vocab_size, "shapes": [f"{k}x{n}" for k, n in shapes],
+                              "rows": []}
+    if "tuned" in args.rows:
+        if not args.no_tune:
+            result["tune"] = tune_shapes(shapes, args.db, args.trials, log)
+        os.environ["GEMMTUNE_DB"] = args.db
+        os.environ.pop("GEMMTUNE_PROFILE", None)
+        clear_cache()
+    log(f"{name}: {config.num_hidden_layers} layers, shapes {', '.join(result['shapes'])}")
+    dev = torch.device("cuda")
+    model = build_model(config, dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    max_len = args.prompt + args.steps + 8
+    batches = sorted(set(args.batches) | {1})
+    prompts = {b: torch.randint(0, config.vocab_size, (b, args.prompt), device=dev, generator=gen)
+               for b in batches}
+    caches = {b: static_cache(model, max_len) for b in batches}
+    compiled: dict[str, Any] = {}
+    if "fp16" in args.rows:
+        result["rows"].append(run_row(model, caches, prompts, compiled, args, log, "fp16"))
+    torch._dynamo.reset()
+    compiled.clear()
+    quantize_random(model, "default")
+    torch.cuda.empty_cache()
+    for row in (r for r in QUANT_ROWS if r in args.rows):
+        used = set_config(model, None if row == "tuned" else row)
+        res = run_row(model, caches, prompts, compiled, args, log, row)
+        res["configs"] = used
+        if row == "tuned":
+            res["tuned_found"] = any("(default)" not in u for u in used.values())
+        result["rows"].append(res)
+    del model, caches, compiled
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return result
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+    import transformers
+    from gemmtune.kernels.device import query_device
+    from gemmtune.kernels.sources import kernel_hash
+
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, 64)  # one frame compiles per batch size and phase
+    if args.db is None:
+        args.db = f"sqlite:///{Path(tempfile.mkdtemp(prefix='gemmtune-generate-')) / 'tuning.db'}"
+    res: dict[str, Any] = {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python bench/generate.py " + " ".join(argv),
+        "device": query_device().to_dict(), "kernel_hash": kernel_hash(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "settings": {"prompt": args.prompt, "batches": args.batches, "steps": args.steps,
+                     "repeats": args.repeats, "rows": args.rows},
+        "models": [],
+    }
+    for name in args.model:
+        res["models"].append(run_model(name, args, log))
+    return res
+
+
+# -- report -----------------------------------------------------------------------------------
+
+def render(res: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section: one table per model, card, date and command above."""
+    s = res["settings"]
+    lines = [f"Generation on {res['device']['name']}, {res['created_at'][:10]} "
+             f"(torch {res['torch']}, transformers {res['transformers']}):",
+             "", f"    {res['command']}", "",
+             f"Random weights, full depth, `torch.compile(fullgraph=True)`, static KV cache. Prefill: "
+             f"one {s['prompt']}-token prompt, ms. Decode: greedy, {s['steps']} steps after the "
+             f"prompt, each step one CUDA graph, tokens/s (× torch fp16). Medians of {s['repeats']} "
+             "repeats; peak memory over the row's run. Quantized rows: 4-bit, group 128.", ""]
+    for m in res["models"]:
+        rows = {r["row"]: r for r in m["rows"]}
+        base = rows.get("fp16")
+        batches = [str(b) for b in s["batches"]]
+        lines += [f"| {m['model']} ({m['layers']} layers) | prefill (ms) | "
+                  + " | ".join(f"decode B={b}" for b in batches) + " | peak memory (GiB) |",
+                  "|---|---:|" + "---:|" * len(batches) + "---:|"]
+        for name, r in rows.items():
+            label = ROW_LABELS.get(name, name)
+            if name == "tuned" and not r.get("tuned_found", True):
+                label += " (nothing tuned: default)"
+            cells = []
+            for b in batches:
+                tps = r["decode"][b]["tokens_per_s"]
+                ratio = "" if base is None or name == "fp16" else \
+                    f" ({tps / base['decode'][b]['tokens_per_s']:.2f}×)"
+                cells.append(f"{tps:.1f}{ratio}")
+            lines.append(f"| {label} | {r['prefill_ms']:.1f} | " + " | ".join(cells)
+                         + f" | {r['peak_memory_gib']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def _ints(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return out
+
+
+def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        out = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in out if x not in choices]
+        if bad or not out:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}")
+        return out
+    return parse
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join((__doc__ or "").split("\n\n")[1:]))
+    ap.add_argument("--model", type=_names(tuple(ARCH_EXTRA)), default=list(ARCH_EXTRA),
+                    help="comma-separated architectures (default: %(default)s)")
+    ap.add_argument("--rows", type=_names(ROWS), default=list(ROWS),
+                    help="comma-separated rows (default: all: %(default)s)")
+    ap.add_argument("--batches", type=_ints, default=[1, 4, 16], help="decode batch sizes (default 1,4,16)")
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps per repeat (default 32)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default 5)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's; "
+                    "fewer for a quick check, reported in the table)")
+    ap.add_argument("--db", default=None, help="tuning database for the tuned row (default: a fresh "
+                    "temporary one); shapes not tuned there are tuned into it unless --no-tune")
+    ap.add_argument("--no-tune", action="store_true", help="do not tune: tuned = what --db holds")
+    ap.add_argument("--trials", type=int, default=40, help="tuner trials per shape and workload (default 40)")
+    ap.add_argument("-o", "--output", help="write the results JSON here")
+    ap.add_argument("--report", metavar="JSON", nargs="+", help="render the BENCHMARKS.md tables of "
+                    "results files (e.g. one per model) and exit (no GPU needed)")
+    args = ap.parse_args(argv)
+    if min(args.prompt, args.steps, args.repeats) < 1:
+        ap.error("--prompt, --steps and --repeats must be positive")
+    if args.no_tune and "tuned" in args.rows and args.db is None:
+        ap.error("--no-tune needs --db (the database of an existing tune)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.report:
+        for path in args.report:
+            res = json.loads(Path(path).read_text())
+            if res.get("format") != FORMAT:
+                raise SystemExit(f"{path}: not a {FORMAT} results file")
+            print(render(res))
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/generate.py needs a CUDA GPU (--report renders a results file anywhere)")
+    res = run(args, argv)
+    text = json.dumps(res, indent=1)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+    print(render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
