@@ -98,8 +98,8 @@ def test_lookup_from_a_profile_picks_the_tuned_config(tmp_path: Path, monkeypatc
         problem={"k": p.k, "n": p.n, "bits": p.bits, "group_size": p.group_size, "act_order": p.act_order},
         problem_key=p.key(), workload={"name": "custom", "ms": [1, 2], "weights": [1.0, 1.0]},
         workload_key="1:1,2:1", config=TUNED.to_dict(), config_key=TUNED.key(),
-        objective_us=10.5, default_objective_us=12.0, latencies_us=lat,
-        default_latencies_us={m: v * 1.1 for m, v in lat.items()},
+        objective_us=sum(lat.values()), default_objective_us=sum(v * 1.1 for v in lat.values()),
+        latencies_us=lat, default_latencies_us={m: v * 1.1 for m, v in lat.items()},
         provenance="test", created_at=datetime.now(UTC))
     prof = Profile(device=query_device().to_dict(), kernel_hash=kernel_hash(), entries=[entry])
     path = tmp_path / "p.json"
