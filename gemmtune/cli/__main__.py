@@ -1,0 +1,5 @@
+"""`python -m gemmtune.cli`: the same as the `gemmtune` executable."""
+
+from gemmtune.cli import main
+
+main()

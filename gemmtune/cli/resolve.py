@@ -1,0 +1,116 @@
+"""`gemmtune resolve`: the M bands a model gets on a card and where each band's config comes from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from gemmtune.cli._common import (
+    _age,
+    _config_short,
+    _db_option,
+    _friendly,
+    _shape_options,
+    _table,
+    _tune_problems,
+    console,
+    err_console,
+)
+
+_RESOLVE_EPILOG = """\b
+Examples:
+  gemmtune resolve --model llama-2-13b                   # this GPU, or the one tuned card
+  gemmtune resolve --model llama-2-70b --fingerprint 2c0ad6e0 --db tuning.db
+  gemmtune resolve --shape 4096x4096 --profile h100.json --json
+
+\b
+As a model load would (QuantLinear without a workload): explicit config > profile
+($GEMMTUNE_PROFILE or --profile) > database > default; a decode-tuned entry serves M up to 8
+beside a larger workload's entry. Stale entries (another kernel build) are listed, never used.
+"""
+
+
+def _band_source(band: Any) -> str:
+    """Where a band's config came from, in words."""
+    if band.source == "default":
+        return f"default ({band.detail})"
+    if band.entry is None:
+        return f"{band.source} ({band.detail})"
+    e = band.entry
+    return f"{band.source} {band.detail}: {e.workload_key} entry, {_age(e.created_at)} old"
+
+
+def _resolve_json(ex: Any) -> dict[str, Any]:
+    def band(b: Any) -> dict[str, Any]:
+        e = b.entry
+        return {"m_lo": b.m_lo, "m_hi": b.m_hi, "config": b.config.to_dict(),
+                "config_key": b.config.key(), "source": b.source, "detail": b.detail,
+                "workload": b.workload_key,
+                "created_at": e.created_at.isoformat() if e is not None and e.created_at else None}
+
+    def skip(s: Any) -> dict[str, Any]:
+        return {"source": s.kind, "where": s.where, "reason": s.reason, "detail": s.detail,
+                "workload": None if s.entry is None else s.entry.workload_key}
+
+    return {"format": "gemmtune-resolve", "card": {"fingerprint": ex.card.fingerprint,
+                                                   "name": ex.card.name, "found": ex.card.found},
+            "kernel_hash": ex.kernel_hash, "workload": ex.workload,
+            "layers": [{"problem": a.problem.to_dict(), "problem_key": a.problem.key(),
+                        "layers": list(a.layers), "bands": [band(b) for b in a.resolution.bands],
+                        "skipped": [skip(s) for s in a.resolution.skipped]}
+                       for a in ex.answers],
+            "warnings": list(ex.warnings)}
+
+
+@click.command("resolve", epilog=_RESOLVE_EPILOG)
+@_shape_options
+@click.option("--workload", "workload_text", default=None, metavar="decode|prefill|mixed|M:W,…",
+              help="Resolve for layers loaded with this workload [default: none, as `patch` loads "
+                   "them: the M bands of the decode/larger split].")
+@click.option("--fingerprint", "fingerprint_spec", metavar="F",
+              help="The card: a fingerprint, its prefix or part of a tuned card's name [default: "
+                   "GPU 0 here, else the one card the database and profile know].")
+@click.option("--profile", "profile_path", metavar="PATH", envvar="GEMMTUNE_PROFILE",
+              default="", help="A profile to consult before the database [default: "
+                               "$GEMMTUNE_PROFILE].")
+@_db_option
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+@_friendly
+def resolve_cmd(model: str | None, config_path: str | None, shapes: tuple[str, ...],
+                bits: str | None, group: str | None, act_order: bool | None,
+                workload_text: str | None, fingerprint_spec: str | None, profile_path: str,
+                db_url: str | None, as_json: bool) -> None:
+    """Show, per layer shape, the M bands a model gets on a card and where each band's config
+    comes from: profile, database entry (workload, age), or the default, and any stale entry
+    skipped. No GPU needed."""
+    import json
+
+    from rich.markup import escape
+
+    from gemmtune.kernels.workload import Workload
+    from gemmtune.runtime.explain import explain, find_card
+
+    problems = _tune_problems(model, config_path, shapes, int(bits) if bits else None,
+                              int(group) if group else None, act_order, "resolve")
+    workload = Workload.parse(workload_text) if workload_text else None
+    card = find_card(fingerprint_spec, db_url, profile_path)
+    ex = explain(problems, card, workload=workload, profile=profile_path, db_url=db_url)
+    if as_json:
+        click.echo(json.dumps(_resolve_json(ex), indent=2))
+        return
+    table = _table(f"{card.name or 'card'} · fingerprint {card.fingerprint} ({card.found}) · "
+                   f"kernel {ex.kernel_hash[:12]}", "shape (layers)", "M", "config~", "from~")
+    for a in ex.answers:
+        for i, b in enumerate(a.resolution.bands):
+            name = a.problem.key() + (f"\n[dim]{escape(', '.join(a.layers))}[/]" if a.layers else "")
+            table.add_row(name if i == 0 else "", b.span, _config_short(b.config),
+                          escape(_band_source(b)))
+        for sk in a.resolution.skipped:
+            what = f"{sk.entry.workload_key} entry" if sk.entry is not None else "profile"
+            table.add_row("", "", "[yellow]skipped[/]",
+                          escape(f"{sk.kind} {sk.where}: {what} {sk.detail}"
+                                 if sk.entry is None else f"{sk.kind} {sk.where}: {sk.detail}"))
+    console.print(table)
+    for w in ex.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
