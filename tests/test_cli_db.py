@@ -150,6 +150,16 @@ def test_export_of_an_empty_database_is_an_error(tmp_path):
         run("export", "--db", str(tmp_path / "empty.db")))
 
 
+def test_error_lines_show_bracketed_paths_as_they_are(tmp_path):
+    """fail() escapes rich markup once: a path with brackets must not come out as `\\[`."""
+    folder = tmp_path / "runs[red]"
+    folder.mkdir()
+    for args in (("export", "--db", str(folder / "empty.db")),
+                 ("show", "--db", str(folder / "empty.db"), "--device", "nope")):
+        line = one_error_line(run(*args))
+        assert "runs[red]" in line and "\\[" not in line, line
+
+
 def test_export_selects_the_stale_hash_explicitly(filled, tmp_path, make_device):
     out = tmp_path / "old.json"
     r = run("export", "--db", filled, "--device", make_device()["fingerprint"],

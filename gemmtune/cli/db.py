@@ -77,7 +77,7 @@ def show(db_url: str | None, device_spec: str | None, include_stale: bool) -> No
         if device_spec is not None:
             fps = {d["fingerprint"] for d in select_device(store, device_spec)}
             if not fps:
-                fail(f"no tuned device matches {escape(repr(device_spec))} in {where}")
+                fail(f"no tuned device matches {device_spec!r} in {display_url(store.url)}")
             entries = [e for e in entries if e.device_fingerprint in fps]
     if not include_stale:
         entries = [e for e in entries if not e.stale]
@@ -137,13 +137,13 @@ def export(db_url: str | None, output: str | None, device_spec: str | None, fmt:
 
     current = kernel_hash()
     with _open_for_reading(db_url) as store:
-        where = escape(display_url(store.url))
         devices = select_device(store, device_spec)
         if not devices:
-            fail(f"nothing to export: no tuned device in {where}"
-                 + (f" matches {escape(repr(device_spec))}" if device_spec else ""))
+            # fail() escapes rich markup itself: give it the plain text.
+            fail(f"nothing to export: no tuned device in {display_url(store.url)}"
+                 + (f" matches {device_spec!r}" if device_spec else ""))
         if fmt == "json" and len(devices) > 1:
-            names = escape("; ".join(f"{d['name']} {d['fingerprint']}" for d in devices))
+            names = "; ".join(f"{d['name']} {d['fingerprint']}" for d in devices)
             fail(f"{len(devices)} devices match ({names}): pick one with --device")
         profiles = [build_profile(store, d, current_kernel_hash=current,
                                   kernel_hash=kernel_hash_opt) for d in devices]
