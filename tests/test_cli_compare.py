@@ -242,6 +242,15 @@ def test_bench_writes_results_then_compare_against_a_live_source(fake_gpu: list[
     assert r.exit_code == 0 and "4096x4096" in r.output
 
 
+def test_bench_refuses_an_unwritable_output_before_measuring(fake_gpu: list[Any],
+                                                             tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    r = run("bench", "default", "--shape", "4096x4096", "--m", "1",
+            "-o", str(tmp_path / "a-file" / "out.json"))
+    assert r.exit_code == 1 and "error:" in r.output and "not a folder" in r.output, r.output
+    assert fake_gpu == []  # nothing was measured
+
+
 def test_bench_tuned_without_entries_fails_clearly(fake_gpu: list[Any], tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'empty.db'}"
     r = CliRunner().invoke(main, ["bench", "tuned", "--model", "llama-3-8b", "--db", db])

@@ -161,6 +161,8 @@ def bench(source: str, model: str | None, config_path: str | None, shapes: tuple
     from gemmtune.autotune import compare as cmp
     from gemmtune.autotune import study as st
 
+    if output:
+        cmp.check_output(output, "-o")  # before minutes of measuring, not after
     problems = _bench_problems(model, config_path, shapes, bits, group, act_order)
     ms = cmp.parse_ms(m_text, workload_text)
     if cmp.classify_source(source) == "results":
