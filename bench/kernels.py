@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from gemmtune.autotune import timing
-from gemmtune.kernels.config import KernelConfig, registers_fit
+from gemmtune.kernels.config import TILED, TILES, KernelConfig, registers_fit, tiled_violation
 from gemmtune.kernels.device import query_device
 from gemmtune.kernels.dispatch import plan_for
 from gemmtune.kernels.gptq import random_gptq
@@ -43,6 +43,8 @@ SHAPES = [
 ]
 MS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512]
 STAGE1_MS = (1, 8, 16, 64)
+TILED_STAGE1_MS = (16, 64, 256)
+TILED_MIN_M = 8  # the tiled kernel is not measured below this M (the decode band)
 FUSED_LIMIT = 512  # max_q_gemm_rows that forces the fused path at every benchmarked M
 
 
@@ -57,6 +59,18 @@ def candidates() -> list[KernelConfig]:
                         continue
                     out.append(KernelConfig(max_q_gemm_rows=FUSED_LIMIT, max_q_gemm_rows_kernel=mk,
                                             block_n=bn, threads=bn * wk, split_k=0, k_unroll=u))
+    return out
+
+
+def tiled_candidates() -> list[KernelConfig]:
+    """Every built tile with both stage lengths and 3 or 4 stages (2 only where 3 does not fit)."""
+    out = []
+    for (tm, tn) in TILES:
+        for tk in (64, 128):
+            for st in (3, 4):
+                if tiled_violation(4, tm, tn, tk, st) is None:
+                    out.append(KernelConfig(max_q_gemm_rows=FUSED_LIMIT, kernel=TILED, tile_m=tm,
+                                            tile_n=tn, tile_k=tk, stages=st))
     return out
 
 
@@ -105,6 +119,24 @@ def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float
         for m in ms:
             if m not in fused[c.variant_key()]:
                 fused[c.variant_key()][m] = run_cfg(c, acts[m]).median_us
+    # the tiled family the same way, from M = TILED_MIN_M up
+    tms = [m for m in ms if m >= TILED_MIN_M]
+    tcands = tiled_candidates() if tms else []
+    t1 = [m for m in TILED_STAGE1_MS if m in tms] or tms[:1]
+    for c in tcands:
+        fused[c.variant_key()] = {m: run_cfg(c, acts[m]).median_us for m in t1}
+    def tscore(c: KernelConfig) -> float:
+        return sum(math.log(fused[c.variant_key()][m]) for m in t1)
+    ttop = sorted(tcands, key=tscore)[:6]
+    for m in t1:
+        best_m = min(tcands, key=lambda c: fused[c.variant_key()][m])
+        if best_m not in ttop:
+            ttop.append(best_m)
+    for c in ttop:
+        for m in tms:
+            if m not in fused[c.variant_key()]:
+                fused[c.variant_key()][m] = run_cfg(c, acts[m]).median_us
+    top += ttop
     recon: dict[int, dict[int, float]] = {}
     for chunk in (0, 1024, 4096):
         if chunk >= n:
@@ -119,6 +151,8 @@ def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float
         fv = fused[c.variant_key()]
         for chunk, rv in recon.items():
             for r in [0, *ms]:
+                if any(m not in fv for m in ms if m <= r):
+                    continue  # the tiled family is not measured at decode Ms
                 obj = sum(math.log(fv[m] if m <= r else rv[m]) for m in ms)
                 if obj < best_obj:
                     best_obj, best_cfg = obj, c.replace(max_q_gemm_rows=r, recon_chunk_n=chunk)
@@ -127,11 +161,17 @@ def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float
     for m in ms:
         d = run_cfg(best_cfg, acts[m]).median_us
         fbest_key = min(fused, key=lambda key: fused[key].get(m, math.inf))
+        dbest = min((d[m] for key, d in fused.items() if not key.startswith("tiled") and m in d),
+                    default=math.inf)
+        tbest = min((d[m] for key, d in fused.items() if key.startswith("tiled") and m in d),
+                    default=math.inf)
         rows.append({
             "model": model, "layer": layer, "K": k, "N": n, "M": m,
             "fp16_us": round(fp16[m], 2),
             "fused_best_us": round(fused[fbest_key][m], 2),
             "fused_best_variant": fbest_key,
+            "decode_best_us": round(dbest, 2) if math.isfinite(dbest) else None,
+            "tiled_best_us": round(tbest, 2) if math.isfinite(tbest) else None,
             "recon_us": round(min(rv[m] for rv in recon.values()), 2),
             "dispatch_us": round(d, 2),
             "dispatch_config": best_cfg.key(),

@@ -50,6 +50,54 @@ class FusedVariant:
 
 
 @dataclass(frozen=True)
+class TiledVariant:
+    """One compiled instance of the tiled kernel (`kernels/cuda/gptq_tiled_gemm.cu`)."""
+
+    bits: int
+    warps_m: int
+    mt: int
+    warps_n: int
+    nw: int
+    ks: int
+    stages: int
+    split: bool
+
+    source = "gptq_tiled_gemm.cu"
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+    @property
+    def tile_m(self) -> int:
+        return 8 * self.mt * self.warps_m
+
+    @property
+    def tile_n(self) -> int:
+        return 32 * self.nw * self.warps_n
+
+    @property
+    def tile_k(self) -> int:
+        return self.ks * 4 * (32 // self.bits)
+
+    @property
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory of one block (the launch asks for exactly this)."""
+        from .config import tiled_smem_bytes
+
+        return tiled_smem_bytes(self.bits, self.tile_m, self.tile_n, self.tile_k, self.stages)
+
+    def expression(self) -> str:
+        return (
+            f"gemmtune::gptq_tiled_gemm<{self.bits},{self.warps_m},{self.mt},{self.warps_n},"
+            f"{self.nw},{self.ks},{self.stages},{'true' if self.split else 'false'}>"
+        )
+
+    def signature(self) -> str:
+        return "const half*, const uint32_t*, const half2*, half*, float*, int*, int, int, int, int"
+
+
+@dataclass(frozen=True)
 class ReconVariant:
     """One compiled instance of the reconstruct kernel (`kernels/cuda/gptq_reconstruct.cu`)."""
 
@@ -82,7 +130,10 @@ class StreamReadVariant:
         return "const uint4*, long long, uint32_t*"
 
 
-Variant = FusedVariant | ReconVariant | StreamReadVariant
+Variant = FusedVariant | TiledVariant | ReconVariant | StreamReadVariant
+
+_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+"""CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (the CUDA driver API's enum value)."""
 
 _lock = threading.Lock()
 _functions: dict[tuple[str, int], Any] = {}
@@ -103,7 +154,8 @@ def _cupy() -> Any:
 
 
 def get_kernel(variant: Variant, device: int = 0) -> Any:
-    """The launchable `cupy.cuda.Function` of `variant` on `device` (compiled on first use)."""
+    """The launchable `cupy.cuda.Function` of `variant` on `device` (compiled on first use).
+    A variant that asks for more than 48 KB of dynamic shared memory is opted into it here."""
     key = (variant.expression(), device)
     fn = _functions.get(key)
     if fn is not None:
@@ -122,6 +174,10 @@ def get_kernel(variant: Variant, device: int = 0) -> Any:
                 )
                 kernel = module.get_function(variant.expression())
                 fn = getattr(kernel, "kernel", kernel)  # RawKernel -> cupy.cuda.Function
+                smem = int(getattr(variant, "smem_bytes", 0))
+                if smem > 48 * 1024:
+                    cupy.cuda.driver.funcSetAttribute(
+                        fn.ptr, _MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
         except cupy.cuda.compiler.CompileException as exc:
             raise KernelBuildError(f"{variant.expression()} failed to compile:\n{exc}") from exc
         except cupy.cuda.driver.CUDADriverError as exc:
@@ -150,21 +206,23 @@ def stream_ref(handle: int) -> StreamRef:
 
 
 def launch(fn: Any, grid: tuple[int, int, int], block: int, args: tuple[Any, ...],
-           stream: int) -> None:
-    """Launch on the CUDA stream `stream` (a raw handle, e.g. torch's `cuda_stream`)."""
-    fn(grid, (block, 1, 1), args, stream=stream_ref(stream))
+           stream: int, shared_mem: int = 0) -> None:
+    """Launch on the CUDA stream `stream` (a raw handle, e.g. torch's `cuda_stream`) with
+    `shared_mem` bytes of dynamic shared memory."""
+    fn(grid, (block, 1, 1), args, shared_mem=shared_mem, stream=stream_ref(stream))
 
 
-def blocks_per_sm(fn: Any, threads: int) -> int:
-    """Resident blocks per SM for `fn` at `threads` threads (driver occupancy query, or an
-    estimate from the register and shared-memory use when the driver API is not exposed)."""
+def blocks_per_sm(fn: Any, threads: int, shared_mem: int = 0) -> int:
+    """Resident blocks per SM for `fn` at `threads` threads and `shared_mem` bytes of dynamic
+    shared memory (driver occupancy query, or an estimate from the register and shared-memory
+    use when the driver API is not exposed)."""
     try:
         from cupy.cuda import driver
 
-        return max(1, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, 0)))
+        return max(1, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, shared_mem)))
     except Exception:
         regs = max(1, int(getattr(fn, "num_regs", 64)))
-        smem = int(getattr(fn, "shared_size_bytes", 0))
+        smem = int(getattr(fn, "shared_size_bytes", 0)) + shared_mem
         warps = -(-threads // 32)
         by_regs = 65536 // (((regs * 32 + 255) // 256) * 256 * warps)
         by_smem = (228 * 1024) // smem if smem else 32

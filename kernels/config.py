@@ -48,9 +48,84 @@ TUNABLES: tuple[Tunable, ...] = (
     Tunable("recon_chunk_n", "reconstruct path: columns dequantized per cuBLAS call so the fp16 "
             "chunk stays in L2 (0 = whole matrix at once)", (0, 1024, 2048, 4096, 8192, 16384),
             0, 1 << 20, affects_kernel=False),
+    # The tiled kernel (kernels/cuda/gptq_tiled_gemm.cu) and its knobs; appended, so every key
+    # written before it existed still parses (as a decode-kernel config, see LATE_FIELDS).
+    Tunable("kernel", "fused kernel family: 0 = decode (each warp streams its own columns and "
+            "reads its rows of A itself; small M), 1 = tiled (A and weight tiles staged through a "
+            "shared-memory pipeline and shared by the block's warps; M past decode sizes)",
+            (0, 1), 0, 1),
+    Tunable("tile_m", "tiled kernel: rows of A per block (TILES lists the built tiles)",
+            (16, 32, 64, 128), 16, 128),
+    Tunable("tile_n", "tiled kernel: output columns per block", (64, 128, 256), 64, 256),
+    Tunable("tile_k", "tiled kernel: K per pipeline stage", (64, 128), 64, 128),
+    Tunable("stages", "tiled kernel: pipeline depth (stages of loads in flight + the one computed)",
+            (2, 3, 4), 2, 8),
 )
 
+DECODE, TILED = 0, 1
+"""Values of `kernel`."""
+
+TILES: dict[tuple[int, int], tuple[int, int, int, int]] = {
+    # (tile_m, tile_n): (warps_m, 8-row tiles per warp, warps_n, 32-column blocks per warp).
+    # Four warps up to 32 rows (the memory-bound band: many small blocks keep loads in flight),
+    # eight above; a warp holds at most 4 x 2 x 8 row tiles of accumulators (128 registers:
+    # 128x256 at 4-bit uses 255 registers without spilling, sm_90).
+    (16, 64): (1, 2, 2, 1),
+    (16, 128): (1, 2, 4, 1),
+    (16, 256): (1, 2, 4, 2),
+    (32, 64): (1, 4, 2, 1),
+    (32, 128): (1, 4, 4, 1),
+    (32, 256): (1, 4, 4, 2),
+    (64, 64): (2, 4, 2, 1),
+    (64, 128): (2, 4, 4, 1),
+    (64, 256): (2, 4, 4, 2),
+    (128, 64): (4, 4, 2, 1),
+    (128, 128): (4, 4, 2, 2),
+    (128, 256): (2, 8, 4, 2),
+}
+"""The tiled kernel's block tiles, an explicit list for compile time: each is one template
+instance per (bits, tile_k, stages, split), and `gemmtune kernels check` builds all of them."""
+
+SMEM_OPT_IN_SM90 = 227 * 1024
+"""Largest dynamic shared memory a block may opt into on sm_90 (H100/H200): the cap a tiled
+config is checked against before anything is built. A smaller card's own limit is checked when a
+weight is bound to the config (`dispatch.Plan`)."""
+
+
+def tiled_shape(bits: int, tile_m: int, tile_n: int, tile_k: int) -> tuple[int, int]:
+    """(K steps per stage, bytes of shared memory per stage) of a tiled instance: weights (16 bytes
+    per lane, 32 columns and step), the A tile, and one (scale, zero) row per step. Mirrors
+    `TiledStage` in gptq_tiled_gemm.cu."""
+    kstep = 4 * (32 // bits)
+    ks = tile_k // kstep
+    vecs = tile_n * ks + tile_m * tile_k // 8 + ks * tile_n // 4
+    return ks, 16 * vecs
+
+
+def tiled_smem_bytes(bits: int, tile_m: int, tile_n: int, tile_k: int, stages: int) -> int:
+    return stages * tiled_shape(bits, tile_m, tile_n, tile_k)[1]
+
+
+def tiled_violation(bits: int, tile_m: int, tile_n: int, tile_k: int, stages: int,
+                    smem_limit: int = SMEM_OPT_IN_SM90) -> str | None:
+    """Why a tiled-kernel instance cannot be built or launched with `smem_limit` bytes of shared
+    memory per block, or None: the one statement of the tiled kernel's rules."""
+    if (tile_m, tile_n) not in TILES:
+        return (f"tile {tile_m}x{tile_n} is not a built tile (built: "
+                f"{', '.join(f'{m}x{n}' for m, n in TILES)})")
+    need = tiled_smem_bytes(bits, tile_m, tile_n, tile_k, stages)
+    if need > smem_limit:
+        return (f"tiled {tile_m}x{tile_n}x{tile_k} with {stages} stages needs {need // 1024} KB of "
+                f"shared memory at {bits}-bit, more than the {smem_limit // 1024} KB a block may use")
+    return None
+
 _BY_NAME = {t.name: t for t in TUNABLES}
+
+DECODE_FIELDS = ("max_q_gemm_rows_kernel", "block_n", "threads", "k_unroll")
+"""Fields only the decode kernel reads."""
+
+TILED_FIELDS = ("tile_m", "tile_n", "tile_k", "stages")
+"""Fields only the tiled kernel reads."""
 
 
 MAX_THREADS = 1024
@@ -111,6 +186,11 @@ class KernelConfig:
     split_k: int = 0
     k_unroll: int = 2
     recon_chunk_n: int = 0
+    kernel: int = DECODE
+    tile_m: int = 64
+    tile_n: int = 128
+    tile_k: int = 64
+    stages: int = 4
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -124,6 +204,19 @@ class KernelConfig:
                                self.k_unroll)
         if why is not None:
             raise InvalidConfigError(why)
+        why = tiled_violation(4, self.tile_m, self.tile_n, self.tile_k, self.stages)
+        if why is not None:
+            raise InvalidConfigError(why)
+        # One variant, one key: the family a config does not run keeps its fields at the
+        # defaults, so two configs that launch the same kernel never differ in key.
+        unused = DECODE_FIELDS if self.kernel == TILED else TILED_FIELDS
+        moved = [f for f in unused if getattr(self, f) != _DEFAULTS[f]]
+        if moved:
+            family = "tiled" if self.kernel == TILED else "decode"
+            raise InvalidConfigError(
+                f"{', '.join(moved)} {'is' if len(moved) == 1 else 'are'} not read by the {family} "
+                f"kernel (kernel={self.kernel}) and must stay at "
+                f"{', '.join(f'{f}={_DEFAULTS[f]}' for f in moved)}")
         if self.recon_chunk_n and self.recon_chunk_n % 256:
             raise InvalidConfigError(f"recon_chunk_n={self.recon_chunk_n} must be 0 or a multiple of 256")
 
@@ -136,16 +229,31 @@ class KernelConfig:
     def warps_k(self) -> int:
         return self.threads // self.block_n
 
+    @property
+    def tiled(self) -> bool:
+        return self.kernel == TILED
+
+    @property
+    def tile_layout(self) -> tuple[int, int, int, int]:
+        """(warps_m, row tiles per warp, warps_n, column blocks per warp) of the tiled kernel."""
+        return TILES[(self.tile_m, self.tile_n)]
+
     def key(self) -> str:
-        """Stable, human-readable identity (field order is part of the format: append only)."""
-        return (
+        """Stable, human-readable identity (field order is part of the format: append only).
+        Decode-kernel configs keep the spelling they had before the tiled kernel existed."""
+        base = (
             f"r{self.max_q_gemm_rows}-mk{self.max_q_gemm_rows_kernel}-bn{self.block_n}"
             f"-t{self.threads}-sk{self.split_k}-u{self.k_unroll}-rc{self.recon_chunk_n}"
         )
+        if not self.tiled:
+            return base
+        return f"{base}-tiled{self.tile_m}x{self.tile_n}x{self.tile_k}-st{self.stages}"
 
     def variant_key(self) -> str:
         """Identity of the fused-kernel launch alone: configs equal here time identically at any
         M the fused kernel handles (so measurements are memoised per (variant, M))."""
+        if self.tiled:
+            return f"tiled{self.tile_m}x{self.tile_n}x{self.tile_k}-st{self.stages}-sk{self.split_k}"
         return (
             f"mk{self.max_q_gemm_rows_kernel}-bn{self.block_n}-t{self.threads}"
             f"-sk{self.split_k}-u{self.k_unroll}"
@@ -161,7 +269,7 @@ class KernelConfig:
             raise InvalidConfigError(f"config must be an object, got {type(data).__name__}")
         names = {f.name for f in fields(cls)}
         extra = set(data) - names
-        missing = names - set(data)
+        missing = names - set(data) - set(LATE_FIELDS)
         if extra:
             raise InvalidConfigError(f"unknown config field(s): {', '.join(sorted(extra))}")
         if missing:
@@ -174,6 +282,12 @@ class KernelConfig:
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
+
+_DEFAULTS: dict[str, int] = {f.name: f.default for f in fields(KernelConfig)}  # type: ignore[misc]
+
+LATE_FIELDS = ("kernel", *TILED_FIELDS)
+"""Fields added after configs were first stored: a stored config without them is a decode-kernel
+config (what it was when written), so `from_dict` fills them with their defaults."""
 
 PRESETS: dict[str, KernelConfig] = {
     "default": KernelConfig(),

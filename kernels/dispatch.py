@@ -12,8 +12,8 @@ import math
 import torch
 
 from . import compile as ck
-from .config import KernelConfig
-from .errors import InvalidTensorError
+from .config import KernelConfig, tiled_shape, tiled_violation
+from .errors import InvalidConfigError, InvalidTensorError
 from .weights import QuantizedWeight
 from .workspace import Workspace, workspace
 
@@ -56,8 +56,23 @@ class Plan:
         self.recon_variant = ck.ReconVariant(p.bits, p.act_order)
         self.chunk = config.recon_chunk_n if 0 < config.recon_chunk_n < p.n else p.n
         self.ws: Workspace = workspace(weight.device)
+        self.tiled = config.tiled
+        if self.tiled:
+            why = tiled_violation(p.bits, config.tile_m, config.tile_n, config.tile_k, config.stages,
+                                  props.shared_memory_per_block_optin)
+            if why is not None:
+                raise InvalidConfigError(f"{why} ({props.name})")
+            wm, mt, wn, nw = config.tile_layout
+            ks = tiled_shape(p.bits, config.tile_m, config.tile_n, config.tile_k)[0]
+            self.tile_m, self.stage_steps = config.tile_m, ks
+            self.grid_x = _cdiv(p.n, config.tile_n)
+            self.threads = 32 * wm * wn
+            self._tiled = {split: ck.TiledVariant(p.bits, wm, mt, wn, nw, ks, config.stages, split)
+                           for split in (False, True)}
+            self.smem = self._tiled[False].smem_bytes
+            self.perm_index = weight.perm if p.act_order else None
         split_rows = min(self.max_rows, SPLIT_MAX_ROWS)
-        tiles = self.grid_x * _cdiv(max(split_rows, 1), self.m_count)
+        tiles = self.grid_x * _cdiv(max(split_rows, 1), self.tile_m if self.tiled else self.m_count)
         self.ws.ensure(split_rows * p.n, tiles, p.k * self.chunk)
         self._fns: dict[tuple[int, bool], object] = {}
         self._slots: dict[int, int] = {}
@@ -65,6 +80,13 @@ class Plan:
         self._launch_cache: dict[int, tuple[tuple[int, int, int], object]] = {}
 
     # -- variants and grid ----------------------------------------------------------------------
+    def tiled_fn(self, split: bool) -> object:
+        key = (0, split)  # the tiled kernel has one instance per split flag
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = ck.get_kernel(self._tiled[split], self.device_index)
+        return fn
+
     def rows_for(self, m: int) -> int:
         """Rows per block at M: the config's `max_q_gemm_rows_kernel`, or fewer when M itself is
         smaller (8, 16 or 32, the next that holds M). A block holds all M rows either way; the
@@ -97,7 +119,11 @@ class Plan:
         """Blocks of this variant resident on the whole GPU at once."""
         got = self._slots.get(rows)
         if got is None:
-            got = self._slots[rows] = self.sm_count * ck.blocks_per_sm(self.fused_fn(rows, True), self.threads)
+            if self.tiled:
+                per_sm = ck.blocks_per_sm(self.tiled_fn(True), self.threads, self.smem)
+            else:
+                per_sm = ck.blocks_per_sm(self.fused_fn(rows, True), self.threads)
+            got = self._slots[rows] = self.sm_count * per_sm
         return got
 
     def split_for(self, m: int) -> int:
@@ -106,9 +132,13 @@ class Plan:
         No split above SPLIT_MAX_ROWS rows."""
         if m > SPLIT_MAX_ROWS:
             return 1
-        rows = self.rows_for(m)
+        if self.tiled:
+            rows = self.tile_m
+            max_split = max(1, self.total_steps // self.stage_steps)  # a slice holds a stage
+        else:
+            rows = self.rows_for(m)
+            max_split = max(1, self.total_steps // self.config.warps_k)
         base = self.grid_x * _cdiv(m, rows)
-        max_split = max(1, self.total_steps // self.config.warps_k)
         split = self.config.split_k
         if split == 0:
             slots = self.slots(rows)
@@ -128,6 +158,11 @@ class Plan:
     def prepare(self, ms: tuple[int, ...] = ()) -> None:
         """Compile every kernel this plan launches at the given Ms (default: every fused row
         count), so a timed or captured call compiles nothing."""
+        if self.tiled:
+            self.tiled_fn(False)
+            self.tiled_fn(True)
+            self.recon_fn()
+            return
         rows = {self.rows_for(m) for m in ms if m <= self.max_rows} if ms else \
             {self.rows_for(m) for m in range(1, min(self.max_rows, self.m_count) + 1)}
         for r in rows:
@@ -136,7 +171,32 @@ class Plan:
         self.recon_fn()
 
     # -- paths ---------------------------------------------------------------------------------
+    def run_tiled(self, a: torch.Tensor, c: torch.Tensor, m: int, stream: int) -> None:
+        w = self.weight
+        cached = self._launch_cache.get(m)
+        if cached is None:
+            gy = self.split_for(m)
+            cached = ((_cdiv(m, self.tile_m), gy, self.grid_x), self.tiled_fn(gy > 1))
+            self._launch_cache[m] = cached
+        grid, fn = cached
+        if self.perm_index is not None:
+            # Act-order: A's columns into stored-row order, once per call (the kernel stages A
+            # with 16-byte copies, which cannot gather). The one allocation of a call besides the
+            # output, M x K halves from torch's caching allocator (a graph's own pool when
+            # captured).
+            a = torch.index_select(a, 1, self.perm_index)
+        ws = self.ws
+        args = (
+            ck.ptr(a.data_ptr()), ck.ptr(w.qweight.data_ptr()), ck.ptr(w.sz.data_ptr()),
+            ck.ptr(c.data_ptr()), ck.ptr(ws.partials.data_ptr()), ck.ptr(ws.counters.data_ptr()),
+            ck.i32(m), ck.i32(self.k), ck.i32(self.n), ck.i32(self.group_shift),
+        )
+        ck.launch(fn, grid, self.threads, args, stream, self.smem)
+
     def run_fused(self, a: torch.Tensor, c: torch.Tensor, m: int, stream: int) -> None:
+        if self.tiled:
+            self.run_tiled(a, c, m, stream)
+            return
         w = self.weight
         cached = self._launch_cache.get(m)
         if cached is None:

@@ -1,0 +1,312 @@
+// gemmtune: tiled GPTQ GEMM  C[M,N] = A[M,K] @ dequant(W)[K,N]  for M past decode sizes.
+//
+// Why a second kernel: the decode kernel (gptq_gemm.cu) gives every warp its own 32 columns and
+// lets each warp read its rows of A itself. Past ~16 rows those private activation reads cost
+// more L1/L2 traffic than the weights, and the warp's registers bound how many rows it can hold.
+// Here a block stages a tile of A (TILE_M rows x TILE_K) and of the weights (TILE_N columns x
+// TILE_K) through shared memory in a STAGES-deep cp.async pipeline; every weight byte is read
+// from DRAM once per block and reused by all WARPS_M warps, every activation by all WARPS_N
+// warps.
+//
+// Same orientation, weight layout and dequantisation as the decode kernel: C^T = W^T A^T on
+// mma.m16n8k16, the weight the 16-row operand (16 columns of N), the activations the 8-column
+// one (8 rows of M), fp32 accumulators. The load-time tiled layout (weights.py) already puts the
+// 16 bytes a lane dequantises into one MMA fragment side by side, so the weights need no second
+// layout: shared memory holds them exactly as they arrive, and one 16-byte read gives a lane its
+// 4 columns x one packed word row. A lane's activations for one K step are one 16-byte (4-bit)
+// or 8-byte (8-bit) read of the A tile, stored with an XOR swizzle so the warp's reads hit
+// distinct banks.
+//
+// Template parameters (one compiled variant each; kernels/config.py lists the tiles built):
+//   BITS     4 or 8. V = 32 / BITS values of K per packed word; a K step is 4 words (4 V).
+//   WARPS_M  warps along M; each covers MT 8-row MMA tiles (TILE_M = 8 MT WARPS_M). More warps
+//            along M reuse each staged weight more (the mid-M band is memory-bound).
+//   MT       8-row tiles per warp: each dequantised weight fragment feeds MT MMAs, so larger MT
+//            amortises the dequantisation (the compute-bound band), at MT x 16 accumulators.
+//   WARPS_N  warps along N; each covers NW 32-column blocks (TILE_N = 32 NW WARPS_N).
+//   NW       32-column blocks per warp: a staged activation fragment feeds NW x 2 MMAs.
+//   KS       K steps per pipeline stage (TILE_K = KS x 4V: 64 or 128). Longer stages mean
+//            fewer barriers; shorter ones less shared memory per stage.
+//   STAGES   pipeline depth: STAGES - 1 stages of loads are in flight while one is computed,
+//            which is what keeps HBM busy when a block has little to compute.
+//   SPLIT    gridDim.y > 1 K slices: fp32 partials are added into `ws`, the last block of an
+//            output tile converts them to C and leaves `ws` and its counter at zero (no memset
+//            per call, graph-capturable; the decode kernel's scheme).
+// Act-order weights are stored sorted by group (weights.py); the dispatch gathers A's columns
+// into that order once per call, so this kernel always reads A contiguously.
+// Grid: x = M tiles (fastest, so the blocks that share a weight tile run together and all but the
+// first read it from L2), y = K slices, z = N tiles. Dynamic shared memory: STAGES x stage bytes.
+#include "common.cuh"
+
+namespace gemmtune {
+
+template <int BITS, int KS, int TILE_M, int TILE_N>
+struct TiledStage {
+  static constexpr int V = 32 / BITS;
+  static constexpr int KSTEP = 4 * V;
+  static constexpr int TILE_K = KS * KSTEP;
+  static constexpr int NB = TILE_N / 32;         // 32-column blocks in the tile
+  static constexpr int A_CHUNKS = TILE_K / 8;    // 16-byte chunks per A row
+  static constexpr int W_VECS = NB * KS * 32;    // 16 bytes per lane per step per column block
+  static constexpr int A_VECS = TILE_M * A_CHUNKS;
+  static constexpr int SZ_VECS = KS * TILE_N / 4; // one (scale, zero) row per step, 4 columns a vector
+  static constexpr int VECS = W_VECS + A_VECS + SZ_VECS;
+  static constexpr int BYTES = VECS * 16;
+  // Chunks of one row a warp's lanes read per step (4-bit: 16 bytes each of 4 lanes; 8-bit: 8
+  // bytes each, two lanes a chunk), and the XOR that spreads neighbouring rows over the banks.
+  static constexpr int CPS = KSTEP * 2 / 16;
+  static constexpr int SWZ_ROWS = 8 / CPS;
+  __device__ static __forceinline__ int swizzle(int row, int chunk) {
+    return chunk ^ ((row % SWZ_ROWS) * CPS);
+  }
+};
+
+// body(i) for thread `tid`'s share of COUNT items (i = tid, tid + THREADS, ...), fully unrolled.
+template <int COUNT, int THREADS, typename F>
+__device__ __forceinline__ void for_share(const int tid, F&& body) {
+#pragma unroll
+  for (int it = 0; it < (COUNT + THREADS - 1) / THREADS; ++it) {
+    const int i = tid + it * THREADS;
+    if (COUNT % THREADS == 0 || i < COUNT) body(i);
+  }
+}
+
+template <int BITS, int WARPS_M, int MT, int WARPS_N, int NW, int KS, int STAGES, bool SPLIT>
+__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, 1)
+gptq_tiled_gemm(const half* __restrict__ a,           // [M, K], columns in stored-row order
+                const uint32_t* __restrict__ qweight,  // tiled, see weights.py
+                const half2* __restrict__ sz,          // [G, N]: (scale, 1024 + zero)
+                half* __restrict__ c,                  // [M, N]
+                float* __restrict__ ws,                // [M, N] fp32, all zero between calls (SPLIT)
+                int* __restrict__ counters,            // [gridDim.x * gridDim.z], zero between calls
+                int M, int K, int N, int group_shift) {
+  static_assert(BITS == 4 || BITS == 8, "tiled kernel handles 4- and 8-bit weights");
+  constexpr int THREADS = WARPS_M * WARPS_N * 32;
+  constexpr int TILE_M = 8 * MT * WARPS_M;
+  constexpr int TILE_N = 32 * NW * WARPS_N;
+  using S = TiledStage<BITS, KS, TILE_M, TILE_N>;
+  constexpr int V = S::V;
+  constexpr int KSTEP = S::KSTEP;
+  constexpr int TILE_K = S::TILE_K;
+  constexpr int KS_PER_WORD = V / 4;  // MMA k16 steps per K step
+  constexpr int AWORDS = V / 2;       // 32-bit words of activations per lane per tile and step
+  static_assert(S::A_CHUNKS >= 8, "the A swizzle spans 8 chunks: TILE_K >= 64");
+
+  extern __shared__ uint4 smem[];
+  auto w_at = [&](int slot, int nb, int ks, int ln) -> uint4* {
+    return smem + slot * S::VECS + (nb * KS + ks) * 32 + ln;
+  };
+  auto a_at = [&](int slot, int row, int chunk) -> uint4* {
+    return smem + slot * S::VECS + S::W_VECS + row * S::A_CHUNKS + S::swizzle(row, chunk);
+  };
+  auto sz_at = [&](int slot, int ks, int quad) -> uint4* {
+    return smem + slot * S::VECS + S::W_VECS + S::A_VECS + ks * (TILE_N / 4) + quad;
+  };
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp % WARPS_M;
+  const int wn = warp / WARPS_M;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int m0 = blockIdx.x * TILE_M;
+  const int n0 = blockIdx.z * TILE_N;
+
+  const int total_steps = K / KSTEP;
+  const int s_begin = (int)(((long long)total_steps * blockIdx.y) / gridDim.y);
+  const int s_end = (int)(((long long)total_steps * (blockIdx.y + 1)) / gridDim.y);
+  const int n_stages = (s_end - s_begin + KS - 1) / KS;
+
+  // Producer: every thread copies its share of one stage (weights, activations, then one
+  // (scale, zero) row per step); what lies past M, N or this slice's K is zero-filled. Zero
+  // activations past the slice make whatever the weights there dequantise to add nothing.
+  auto issue = [&](const int st) {
+    const int slot = st % STAGES;
+    const int s0 = s_begin + st * KS;
+    const bool live = st < n_stages;
+    for_share<S::W_VECS, THREADS>(tid, [&](const int i) {
+      const int nb = i / (KS * 32);
+      const int ks = (i / 32) % KS;
+      const int ln = i % 32;
+      const int cb = blockIdx.z * S::NB + nb;
+      const bool ok = live && cb * 32 < N && s0 + ks < s_end;
+      copy16_async(w_at(slot, nb, ks, ln), qweight + ((size_t)cb * total_steps + s0 + ks) * 128 + ln * 4, ok);
+    });
+    for_share<S::A_VECS, THREADS>(tid, [&](const int i) {
+      const int row = i / S::A_CHUNKS;
+      const int ch = i % S::A_CHUNKS;
+      const int kk = s0 * KSTEP + ch * 8;
+      const bool ok = live && m0 + row < M && kk < s_end * KSTEP;
+      copy16_async<true>(a_at(slot, row, ch), a + (size_t)(m0 + row) * K + kk, ok);
+    });
+    for_share<S::SZ_VECS, THREADS>(tid, [&](const int i) {
+      const int ks = i / (TILE_N / 4);
+      const int quad = i % (TILE_N / 4);
+      const int col = n0 + 4 * quad;
+      const int grp = ((s0 + ks) * KSTEP) >> group_shift;
+      const bool ok = live && col < N && s0 + ks < s_end;
+      copy16_async<true>(sz_at(slot, ks, quad), sz + (size_t)grp * N + col, ok);
+    });
+    copy_async_commit();  // one group per stage, empty ones too: the wait count stays uniform
+  };
+
+  float acc[NW][2][MT][4];
+#pragma unroll
+  for (int nb = 0; nb < NW; ++nb)
+#pragma unroll
+    for (int x = 0; x < 2; ++x)
+#pragma unroll
+      for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nb][x][j][e] = 0.f;
+
+  // Pair p of a packed word as (q - zero) * scale in a half2 (the decode kernel's exact integer
+  // trick: the value OR-ed into the mantissa of 1024; 4-bit odd pairs masked in place and
+  // brought back by x/16 - (64 + zero) in one FMA).
+  auto dequant = [&](const uint32_t w, const uint32_t w8, const int p, const half2 s2, const half2 z2,
+                     const half2 nz2) -> uint32_t {
+    half2 d;
+    if constexpr (BITS == 4) {
+      const uint32_t src = p < 2 ? w : w8;
+      if (p % 2 == 0) {
+        d = __hsub2(u32_as_h2(and_or<0x000F000Fu, 0x64006400u>(src)), z2);
+      } else {
+        d = __hfma2(u32_as_h2(and_or<0x00F000F0u, 0x64006400u>(src)), __float2half2_rn(0.0625f), nz2);
+      }
+    } else {
+      const uint32_t src = p == 0 ? w : w8;
+      d = __hsub2(u32_as_h2(and_or<0x00FF00FFu, 0x64006400u>(src)), z2);
+    }
+    return h2_as_u32(__hmul2(d, s2));
+  };
+
+  // Consumer: one stage. Per K step, the lane's activation words of its MT row tiles are read
+  // once and reused for every column block; each column block's 16 bytes of weights become the
+  // two 16x16 fragments of one or two k16 steps and meet every row tile.
+  auto compute = [&](const int slot) {
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t av[MT][AWORDS];
+#pragma unroll
+      for (int j = 0; j < MT; ++j) {
+        const int row = wm * 8 * MT + 8 * j + g;
+        if constexpr (AWORDS == 4) {
+          const uint4 v = *a_at(slot, row, ks * 4 + t);
+          av[j][0] = v.x; av[j][1] = v.y; av[j][2] = v.z; av[j][3] = v.w;
+        } else {
+          const uint2 v = reinterpret_cast<const uint2*>(a_at(slot, row, ks * 2 + t / 2))[t % 2];
+          av[j][0] = v.x; av[j][1] = v.y;
+        }
+      }
+#pragma unroll
+      for (int nb = 0; nb < NW; ++nb) {
+        const int cbl = wn * NW + nb;  // column block within the tile
+        const uint4 wq = *w_at(slot, cbl, ks, lane);
+        const uint4 szv = *sz_at(slot, ks, cbl * 8 + g);
+        const uint32_t szc[4] = {szv.x, szv.y, szv.z, szv.w};
+        half2 s2[4], z2[4], nz2[4];
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+          const half2 v = u32_as_h2(szc[cc]);
+          s2[cc] = __low2half2(v);
+          z2[cc] = __high2half2(v);
+          nz2[cc] = __hsub2(__float2half2_rn(960.f), z2[cc]);
+        }
+        const uint32_t wcol[4] = {wq.x, wq.y, wq.z, wq.w};
+#pragma unroll
+        for (int kw = 0; kw < KS_PER_WORD; ++kw) {
+          uint32_t p0[4], p1[4];
+#pragma unroll
+          for (int cc = 0; cc < 4; ++cc) {
+            const uint32_t w8 = wcol[cc] >> 8;
+            p0[cc] = dequant(wcol[cc], w8, 2 * kw, s2[cc], z2[cc], nz2[cc]);
+            p1[cc] = dequant(wcol[cc], w8, 2 * kw + 1, s2[cc], z2[cc], nz2[cc]);
+          }
+          // MMA row g <-> column 4g + 2x, row g + 8 <-> column 4g + 2x + 1 of the block.
+          const uint32_t fa0[4] = {p0[0], p0[1], p1[0], p1[1]};
+          const uint32_t fa1[4] = {p0[2], p0[3], p1[2], p1[3]};
+#pragma unroll
+          for (int j = 0; j < MT; ++j) {
+            const uint32_t lo = av[j][kw];
+            const uint32_t hi = av[j][kw + V / 4];
+            const uint32_t fb[2] = {__byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632)};
+            mma_16816(acc[nb][0][j], fa0, fb);
+            mma_16816(acc[nb][1][j], fa1, fb);
+          }
+        }
+      }
+    }
+  };
+
+  // Pipeline: STAGES - 1 stages issued ahead; one barrier per stage, after which every thread
+  // has finished computing the previous stage, so its slot can be refilled.
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) issue(st);
+  for (int st = 0; st < n_stages; ++st) {
+    copy_async_wait<STAGES - 2>();
+    __syncthreads();
+    issue(st + STAGES - 1);
+    compute(st % STAGES);
+  }
+  copy_async_wait<0>();
+
+  // Lane (g, t) holds C[row 8j + 2t + e][column 4g + 2x + h of its block nb] = acc[nb][x][j][2h + e].
+#pragma unroll
+  for (int nb = 0; nb < NW; ++nb) {
+    const int col = n0 + (wn * NW + nb) * 32 + 4 * g;
+    if (col >= N) continue;
+#pragma unroll
+    for (int j = 0; j < MT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int m = m0 + wm * 8 * MT + 8 * j + 2 * t + e;
+        if (m >= M) continue;
+        const float v0 = acc[nb][0][j][e], v1 = acc[nb][0][j][2 + e];
+        const float v2 = acc[nb][1][j][e], v3 = acc[nb][1][j][2 + e];
+        if constexpr (SPLIT) {
+          float* dst = ws + (size_t)m * N + col;
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && !defined(__HIPCC__)
+          atomicAdd(reinterpret_cast<float4*>(dst), make_float4(v0, v1, v2, v3));
+#else
+          atomicAdd(dst + 0, v0); atomicAdd(dst + 1, v1);
+          atomicAdd(dst + 2, v2); atomicAdd(dst + 3, v3);
+#endif
+        } else {
+          const half2 h01 = __floats2half2_rn(v0, v1);
+          const half2 h23 = __floats2half2_rn(v2, v3);
+          *reinterpret_cast<uint2*>(c + (size_t)m * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
+        }
+      }
+    }
+  }
+
+  if constexpr (SPLIT) {
+    // Last block of this output tile converts the fp32 sums and leaves ws/counter at zero.
+    __shared__ int is_last;
+    __threadfence();
+    __syncthreads();
+    const int tile = blockIdx.z * gridDim.x + blockIdx.x;
+    if (tid == 0) is_last = atomicAdd(counters + tile, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (is_last) {
+      __threadfence();
+      const int rows = min(TILE_M, M - m0);
+      // Four columns at a time (N is a multiple of 4: qzeros pack 8 or 4 columns a word).
+      for (int i = tid; i < rows * (TILE_N / 4); i += THREADS) {
+        const int r = i / (TILE_N / 4);
+        const int n = n0 + 4 * (i % (TILE_N / 4));
+        if (n >= N) continue;
+        float4* p = reinterpret_cast<float4*>(ws + (size_t)(m0 + r) * N + n);
+        const float4 v = __ldcg(p);
+        const half2 h01 = __floats2half2_rn(v.x, v.y);
+        const half2 h23 = __floats2half2_rn(v.z, v.w);
+        *reinterpret_cast<uint2*>(c + (size_t)(m0 + r) * N + n) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
+        *p = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+      if (tid == 0) counters[tile] = 0;
+    }
+  }
+}
+
+}  // namespace gemmtune
