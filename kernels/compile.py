@@ -155,7 +155,8 @@ def _cupy() -> Any:
 
 def get_kernel(variant: Variant, device: int = 0) -> Any:
     """The launchable `cupy.cuda.Function` of `variant` on `device` (compiled on first use).
-    A variant that asks for more than 48 KB of dynamic shared memory is opted into it here."""
+    A variant with dynamic shared memory is opted into exactly what it asks for here (past
+    48 KB, static shared memory included, a launch fails without it)."""
     key = (variant.expression(), device)
     fn = _functions.get(key)
     if fn is not None:
@@ -175,7 +176,7 @@ def get_kernel(variant: Variant, device: int = 0) -> Any:
                 kernel = module.get_function(variant.expression())
                 fn = getattr(kernel, "kernel", kernel)  # RawKernel -> cupy.cuda.Function
                 smem = int(getattr(variant, "smem_bytes", 0))
-                if smem > 48 * 1024:
+                if smem:
                     cupy.cuda.driver.funcSetAttribute(
                         fn.ptr, _MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
         except cupy.cuda.compiler.CompileException as exc:
