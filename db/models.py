@@ -145,7 +145,8 @@ class TuningRun(Base):
 
 
 class TunedConfig(Base):
-    """The answer: for this device, kernel build, problem and workload, use `config`."""
+    """The answer: for this device, kernel build, problem and workload, use `config` (or, when
+    `bands` is set, that plan over M bands, whose last band's config `config` is)."""
 
     __tablename__ = "gemmtune_tuned_configs"
     __table_args__ = (
@@ -161,6 +162,9 @@ class TunedConfig(Base):
         ForeignKey("gemmtune_tuning_runs.id", ondelete="SET NULL"), nullable=True
     )
     config: Mapped[dict[str, int]] = mapped_column(JSON)
+    bands: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    """The plan over M bands (`entry.bands_to_json`) when it has more than one band; NULL: one
+    band of `config` (rows from before revision 0002, and every one-band answer since)."""
     config_key: Mapped[str] = mapped_column(String(256))
     objective_us: Mapped[float] = mapped_column(Float)
     default_objective_us: Mapped[float] = mapped_column(Float)

@@ -14,7 +14,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .entry import TunedEntry, config_key, lat_from_json, lat_to_json
+from .entry import (
+    TunedEntry,
+    bands_from_json,
+    bands_to_json,
+    config_key,
+    lat_from_json,
+    lat_to_json,
+)
 from .errors import DatabaseError
 from .models import Device, KernelBuild, ProblemRow, TunedConfig, WorkloadRow, utcnow
 
@@ -98,6 +105,7 @@ def upsert_entry(session: Session, entry: TunedEntry, *, replace: bool) -> str:
     now = utcnow()
     values = {
         "config": dict(entry.config),
+        "bands": bands_to_json(entry.bands) if len(entry.bands) > 1 else None,
         "config_key": entry.config_key or config_key(entry.config),
         "objective_us": float(entry.objective_us),
         "default_objective_us": float(entry.default_objective_us),
@@ -149,6 +157,7 @@ def to_entry(row: TunedConfig, current_kernel_hash: str | None) -> TunedEntry:
         workload=workload,
         workload_key=w.key,
         config=dict(row.config),
+        bands=bands_from_json(row.bands),
         objective_us=row.objective_us,
         default_objective_us=row.default_objective_us,
         latencies_us=lat_from_json(row.latencies_us),

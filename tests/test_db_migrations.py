@@ -3,6 +3,7 @@ of newer ones, and migrations that produce exactly the models the code uses."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import textwrap
 from pathlib import Path
@@ -19,18 +20,27 @@ def _engine(url: str) -> sa.Engine:
     return sa.create_engine(url)
 
 
-def test_migrations_create_exactly_the_models(db_url):
+def _schema_diff(url: str) -> list:
+    """What autogenerate would change to make the database the models (empty: identical)."""
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    Store.open(db_url).close()
-    engine = _engine(db_url)
+    engine = _engine(url)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={
             "compare_type": True, "version_table": VERSION_TABLE,
             "include_name": lambda name, type_, _p: type_ != "table" or name.startswith("gemmtune_"),
         })
         diff = compare_metadata(ctx, Base.metadata)
+    engine.dispose()
+    return diff
+
+
+def test_migrations_create_exactly_the_models(db_url):
+    Store.open(db_url).close()
+    diff = _schema_diff(db_url)
+    engine = _engine(db_url)
+    with engine.connect() as conn:
         tables = set(sa.inspect(conn).get_table_names())
         rev = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
     engine.dispose()
@@ -160,3 +170,98 @@ def test_developer_alembic_ini_runs_the_same_migrations(tmp_path, monkeypatch):
     command.upgrade(Config(str(ini)), "head")
     with Store.open(str(path)) as store:
         assert store.revision == migrate.head_revision()
+
+
+# -- 0002: the plan over M bands -----------------------------------------------------------------
+
+
+def _alembic(url: str, verb: str, revision: str) -> None:
+    """`alembic upgrade|downgrade REVISION` on `url`, as the store's own migration runs it."""
+    from alembic import command
+
+    engine = _engine(url)
+    with engine.begin() as conn:
+        cfg = migrate.alembic_config()
+        cfg.attributes["connection"] = conn
+        getattr(command, verb)(cfg, revision)
+    engine.dispose()
+
+
+def _insert_at_0001(url: str, e) -> None:
+    """One tuned row written the way the 0001 code wrote it (its tables, no `bands` column)."""
+    engine = _engine(url)
+    meta = sa.MetaData()
+    meta.reflect(engine, only=lambda name, _m: name.startswith("gemmtune_"))
+    t = meta.tables
+    assert "bands" not in t["gemmtune_tuned_configs"].c
+    now = e.created_at
+    d = e.device
+    with engine.begin() as conn:
+        dev = conn.execute(t["gemmtune_devices"].insert().values(
+            fingerprint=d["fingerprint"], vendor=d["vendor"], name=d["name"],
+            compute_capability=d["compute_capability"], sm_count=d["sm_count"],
+            memory_bytes=d["memory_bytes"], driver_version=d["driver_version"],
+            runtime_version=d["runtime_version"], first_seen=now, last_seen=now)).inserted_primary_key[0]
+        kb = conn.execute(t["gemmtune_kernel_builds"].insert().values(
+            kernel_hash=e.kernel_hash, first_seen=now)).inserted_primary_key[0]
+        prob = conn.execute(t["gemmtune_problems"].insert().values(
+            key=e.problem_key, **e.problem)).inserted_primary_key[0]
+        wl = conn.execute(t["gemmtune_workloads"].insert().values(
+            key=e.workload_key, **e.workload)).inserted_primary_key[0]
+        conn.execute(t["gemmtune_tuned_configs"].insert().values(
+            device_id=dev, kernel_build_id=kb, problem_id=prob, workload_id=wl, run_id=None,
+            config=e.config, config_key="k", objective_us=e.objective_us,
+            default_objective_us=e.default_objective_us,
+            latencies_us={str(m): v for m, v in e.latencies_us.items()},
+            default_latencies_us={str(m): v for m, v in e.default_latencies_us.items()},
+            source="tuned", provenance=e.provenance, origin="", created_at=now, updated_at=now))
+    engine.dispose()
+
+
+def _bands_column(url: str) -> bool:
+    engine = _engine(url)
+    with engine.connect() as conn:
+        cols = {c["name"] for c in sa.inspect(conn).get_columns("gemmtune_tuned_configs")}
+    engine.dispose()
+    return "bands" in cols
+
+
+def test_0002_upgrades_an_0001_database_with_its_rows_and_downgrades_back(db_url, make_entry):
+    from gemmtune.kernels import KernelConfig
+
+    old = make_entry(workload="mixed", config=KernelConfig(max_q_gemm_rows=32))
+    _alembic(db_url, "upgrade", "0001")
+    _insert_at_0001(db_url, old)
+
+    # upgrade: the old row reads as one band of its config, nothing else changed
+    with Store.open(db_url) as store:
+        assert store.revision == "0002" and _bands_column(db_url)
+        (got,) = store.list_results()
+        assert got.bands == () and got.plan == ((None, old.config),)
+        assert (got.config, got.latencies_us, got.objective_us) == (
+            old.config, old.latencies_us, old.objective_us)
+        top = KernelConfig(max_q_gemm_rows=64, block_n=128, threads=128).to_dict()
+        small = KernelConfig(max_q_gemm_rows=8, max_q_gemm_rows_kernel=8).to_dict()
+        store.put_result(dataclasses.replace(
+            make_entry(workload="decode", config=KernelConfig.from_dict(top)),
+            bands=((4, small), (None, top))))
+        banded = store.get_result(old.device_fingerprint, old.kernel_hash, old.problem_key,
+                                  "decode")
+        assert banded is not None and banded.bands == ((4, small), (None, top))
+
+    # downgrade: the column goes, every row stays and keeps `config` (the last band's)
+    _alembic(db_url, "downgrade", "0001")
+    assert not _bands_column(db_url)
+    engine = _engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT config FROM gemmtune_tuned_configs")).all()
+        rev = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+    engine.dispose()
+    assert rev == "0001" and len(rows) == 2
+
+    # and up again: both entries served, the banded one now as its last band alone
+    with Store.open(db_url) as store:
+        got = {e.workload_key: e for e in store.list_results()}
+    assert got["mixed"].config == old.config and got["decode"].config == top
+    assert got["decode"].bands == () and got["decode"].plan == ((None, top),)
+    assert _schema_diff(db_url) == []  # the batch copy of SQLite kept every name and index
