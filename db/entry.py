@@ -77,6 +77,7 @@ class TunedEntry:
             "problem": dict(self.problem),
             "workload": dict(self.workload),
             "config": dict(self.config),
+            "bands": bands_to_json(self.plan),
             "objective_us": self.objective_us,
             "default_objective_us": self.default_objective_us,
             "latencies_us": {str(m): v for m, v in sorted(self.latencies_us.items())},

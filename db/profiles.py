@@ -3,11 +3,12 @@
 A profile holds one device and one kernel hash (results are valid for exactly that pair):
 
     {
-      "format": "gemmtune-profile", "schema_version": 1,
+      "format": "gemmtune-profile", "schema_version": 2,
       "tool_version": "0.1.0", "created_at": "2025-05-01T12:00:00+00:00",
       "kernel_hash": "<64 hex>",
       "device": {DeviceInfo.to_dict(), incl. "fingerprint"},
       "entries": [{"problem": {...}, "workload": {...}, "config": {...},
+                   "bands": [{"m_hi": 8, "config": {...}}, {"m_hi": null, "config": {...}}],
                    "objective_us": 41.2, "default_objective_us": 55.0,
                    "latencies_us": {"1": 4.1, ...}, "default_latencies_us": {...},
                    "provenance": "tuned here by gemmtune 0.1.0, tpe, 60 trials",
@@ -21,6 +22,11 @@ caller's `ProfileValidator` (the db layer may not import the kernel package). Fi
 derive from each other must agree: the fingerprint with the device fields, the latencies with
 the workload's Ms (no more, no fewer), each objective with the weighted sum of its latencies. Nothing is written until the whole file
 passed, and then in one transaction. Nothing in a profile is ever executed.
+
+Schema 2 added `bands` to every entry: the plan over M bands (`entry.Bands`; one band of
+`config` for a one-config answer), checked by the one band rule (`entry.bands_problem`) and each
+band's config by the domain validator. Schema 1 files (no `bands`) still import, each entry as
+one band of its `config`. Export always writes the current schema.
 """
 
 from __future__ import annotations
@@ -34,13 +40,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from .entry import ImportResult, ProfileEntry, TunedEntry, iso_utc
+from .entry import ImportResult, ProfileEntry, TunedEntry, bands_problem, iso_utc
 from .errors import ProfileError
 from .store import Store, tool_version
 
 PROFILE_FORMAT = "gemmtune-profile"
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 MAX_PROFILE_BYTES = 16 * 2**20
 MAX_ENTRIES = 50_000
 MAX_M = 65536
@@ -50,8 +56,11 @@ TOP_KEYS = ("format", "schema_version", "tool_version", "created_at", "kernel_ha
             "entries")
 DEVICE_KEYS = ("vendor", "name", "compute_capability", "sm_count", "memory_bytes",
                "driver_version", "runtime_version", "fingerprint")
-ENTRY_KEYS = ("problem", "workload", "config", "objective_us", "default_objective_us",
-              "latencies_us", "default_latencies_us", "provenance", "created_at")
+ENTRY_KEYS_V1 = ("problem", "workload", "config", "objective_us", "default_objective_us",
+                 "latencies_us", "default_latencies_us", "provenance", "created_at")
+ENTRY_KEYS = (*ENTRY_KEYS_V1[:3], "bands", *ENTRY_KEYS_V1[3:])
+"""Schema 2's entry fields: schema 1's plus `bands`."""
+BAND_KEYS = ("m_hi", "config")
 PROBLEM_KEYS = ("k", "n", "bits", "group_size", "act_order")
 WORKLOAD_KEYS = ("name", "ms", "weights")
 
@@ -82,6 +91,7 @@ class Profile:
     tool_version: str = field(default_factory=tool_version)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     schema_version: int = SCHEMA_VERSION
+    """The schema the profile was read as (`to_json` always writes SCHEMA_VERSION)."""
 
     def __post_init__(self) -> None:
         # A profile's entries are of its device and kernel build.
@@ -97,7 +107,7 @@ class Profile:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": PROFILE_FORMAT,
-            "schema_version": self.schema_version,
+            "schema_version": SCHEMA_VERSION,
             "tool_version": self.tool_version,
             "created_at": iso_utc(self.created_at),
             "kernel_hash": self.kernel_hash,
@@ -176,7 +186,8 @@ def _entry_to_profile(e: TunedEntry) -> ProfileEntry:
         e, problem=dict(e.problem),
         workload={"name": e.workload["name"], "ms": list(e.workload["ms"]),
                   "weights": [float(w) for w in e.workload["weights"]]},
-        config=dict(e.config), objective_us=float(e.objective_us),
+        config=dict(e.config), bands=tuple((m, dict(c)) for m, c in e.bands),
+        objective_us=float(e.objective_us),
         default_objective_us=float(e.default_objective_us),
         latencies_us=dict(e.latencies_us), default_latencies_us=dict(e.default_latencies_us),
         provenance=provenance, created_at=e.created_at or datetime.now(UTC),
@@ -364,6 +375,28 @@ class _V:
             raise self.fail(path, f"no latency for workload M={missing[0]}")
         return out
 
+    def bands(self, value: Any, path: str, config: dict[str, Any], ms: list[int],
+              check_config: Any) -> tuple[tuple[int | None, dict[str, int]], ...]:
+        """The plan over M bands of a schema-2 entry (the rule is `entry.bands_problem`); one
+        band reads as no bands (the entry's `config` alone)."""
+        if not isinstance(value, list):
+            raise self.fail(path, f"must be an array of bands, got {_tname(value)}")
+        out: list[tuple[int | None, dict[str, int]]] = []
+        for i, raw in enumerate(value):
+            at = f"{path}[{i}]"
+            b = self.obj(raw, at, BAND_KEYS)
+            m_hi = b["m_hi"]
+            if m_hi is not None:
+                m_hi = self.integer(m_hi, f"{at}.m_hi", 1, MAX_M)
+            if not isinstance(b["config"], dict):
+                raise self.fail(f"{at}.config", f"must be an object, got {_tname(b['config'])}")
+            self.domain(check_config, b["config"], f"{at}.config")
+            out.append((m_hi, dict(b["config"])))
+        why = bands_problem(tuple(out), config, ms)
+        if why is not None:
+            raise self.fail(path if why[0] is None else f"{path}[{why[0]}]", why[1])
+        return tuple(out) if len(out) > 1 else ()
+
     def objective(self, value: float, path: str, derived: float, of: str) -> float:
         """A stored objective must be what its latencies give (the workload's weighted sum)."""
         if not math.isclose(value, derived, rel_tol=OBJECTIVE_REL_TOL, abs_tol=1e-9):
@@ -425,9 +458,10 @@ def validate_profile(doc: Any, validator: ProfileValidator, *, name: str = "prof
         raise v.fail("entries", f"{len(raw_entries)} entries, over the limit of {MAX_ENTRIES}")
     entries: list[ProfileEntry] = []
     seen: dict[tuple[str, str], int] = {}
+    entry_keys = ENTRY_KEYS_V1 if sv == 1 else ENTRY_KEYS
     for i, raw in enumerate(raw_entries):
         at = f"entries[{i}]"
-        e = v.obj(raw, at, ENTRY_KEYS)
+        e = v.obj(raw, at, entry_keys)
         problem = v.obj(e["problem"], f"{at}.problem", PROBLEM_KEYS)
         problem_key = v.domain(validator.problem, problem, f"{at}.problem")
         workload = v.obj(e["workload"], f"{at}.workload", WORKLOAD_KEYS)
@@ -442,6 +476,8 @@ def validate_profile(doc: Any, validator: ProfileValidator, *, name: str = "prof
             raise v.fail(f"{at}.config", f"must be an object, got {_tname(config)}")
         config_key = v.domain(validator.config, config, f"{at}.config")
         ms = [int(m) for m in workload["ms"]]
+        bands = (v.bands(e["bands"], f"{at}.bands", config, ms, validator.config)
+                 if "bands" in entry_keys else ())
         objective_us = v.number(e["objective_us"], f"{at}.objective_us", 0.0, MAX_US)
         default_objective_us = v.number(e["default_objective_us"], f"{at}.default_objective_us",
                                         0.0, MAX_US)
@@ -458,7 +494,7 @@ def validate_profile(doc: Any, validator: ProfileValidator, *, name: str = "prof
             workload={"name": workload["name"], "ms": ms,
                       "weights": [float(w) for w in workload["weights"]]},
             workload_key=workload_key,
-            config=dict(config), config_key=config_key,
+            config=dict(config), config_key=config_key, bands=bands,
             objective_us=objective_us, default_objective_us=default_objective_us,
             latencies_us=latencies_us, default_latencies_us=default_latencies_us,
             provenance=v.string(e["provenance"], f"{at}.provenance", max_len=2000),

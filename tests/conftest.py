@@ -117,10 +117,14 @@ def make_entry() -> Callable[..., Any]:
              device: dict[str, Any] | None = None, kh: str | None = None,
              config: KernelConfig | None = None, base_us: float = 10.0,
              provenance: str = "tuned here by gemmtune (test)",
-             created_at: datetime | None = None) -> TunedEntry:
+             created_at: datetime | None = None,
+             bands: tuple[tuple[int | None, KernelConfig], ...] = ()) -> TunedEntry:
+        """`bands`: a plan over M bands, (m_hi, config) with the last m_hi None; `config` is
+        then its last band's."""
         p = Problem(k, n, bits, group_size, act_order)
         w = WORKLOADS[workload] if isinstance(workload, str) else workload
-        c = config or KernelConfig(max_q_gemm_rows=48, max_q_gemm_rows_kernel=8)
+        c = config or (bands[-1][1] if bands else
+                       KernelConfig(max_q_gemm_rows=48, max_q_gemm_rows_kernel=8))
         lat = {m: base_us + 0.5 * m + k / 4096 for m in w.ms}
         dlat = {m: v * 1.25 for m, v in lat.items()}
         return TunedEntry(
@@ -132,6 +136,7 @@ def make_entry() -> Callable[..., Any]:
             workload={"name": w.name, "ms": list(w.ms), "weights": list(w.weights)},
             workload_key=w.key(),
             config=c.to_dict(),
+            bands=tuple((m_hi, b.to_dict()) for m_hi, b in bands),
             objective_us=w.objective(lat),
             default_objective_us=w.objective(dlat),
             latencies_us=lat,

@@ -39,9 +39,9 @@ def _pin_kernel_hash(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _fill(store: Store, make_entry, **kw: Any) -> None:
     store.put_result(make_entry(4096, 4096, **kw))
-    store.put_result(make_entry(4096, 4096, workload="prefill",
-                                config=KernelConfig(max_q_gemm_rows=128, block_n=128,
-                                                    threads=256), **kw))
+    store.put_result(make_entry(4096, 4096, workload="prefill", bands=(  # a plan of two bands
+        (256, KernelConfig(max_q_gemm_rows=256, max_q_gemm_rows_kernel=16)),
+        (None, KernelConfig(max_q_gemm_rows=128, block_n=128, threads=256))), **kw))
     store.put_result(make_entry(8192, 28672, act_order=True, group_size=64, **kw))
     store.put_result(make_entry(4096, 14336, bits=8, group_size=-1,
                                 workload=Workload("custom", (1, 3, 640), (4.0, 2.0, 0.25)),
@@ -73,6 +73,41 @@ def test_export_import_export_gives_the_same_entries(db_url, tmp_path, make_entr
     assert {e.source for e in imported} == {"imported"}
     assert {e.provenance for e in imported} == {"imported from h100.json"}
     assert not any(e.stale for e in imported)
+
+
+def test_a_schema_1_profile_still_imports_each_entry_as_one_band(tmp_path, valid_doc):
+    doc = copy.deepcopy(valid_doc)
+    doc["schema_version"] = 1  # as gemmtune wrote profiles before plans over M bands
+    for e in doc["entries"]:
+        del e["bands"]
+    profile = parse_profile(json.dumps(doc), _profile_validator())
+    assert profile.schema_version == 1
+    configs = [e["config"] for e in doc["entries"]]
+    assert [e.plan for e in profile.entries] == [((None, c),) for c in configs]
+    with Store.open(f"sqlite:///{tmp_path / 't.db'}") as store:
+        import_profile(store, profile, current_kernel_hash=CURRENT)
+        got = store.list_results()
+    assert sorted((e.workload_key, e.plan == ((None, e.config),)) for e in got) == [
+        ("decode", True), ("mixed", True)]
+    assert sorted(map(str, (e.config for e in got))) == sorted(map(str, configs))
+    again = json.loads(profile.dumps())  # written out in the current schema
+    assert again["schema_version"] == 2
+    assert [e["bands"] for e in again["entries"]] == [[{"m_hi": None, "config": c}]
+                                                      for c in configs]
+
+
+def test_a_plan_over_m_bands_travels_through_export_and_import(tmp_path, make_entry):
+    with Store.open(f"sqlite:///{tmp_path / 'src.db'}") as src:
+        _fill(src, make_entry)
+        doc = _export(src)
+    (prefill,) = [e for e in doc["entries"] if e["workload"]["name"] == "prefill"]
+    assert [b["m_hi"] for b in prefill["bands"]] == [256, None]
+    assert prefill["bands"][-1]["config"] == prefill["config"]
+    profile = parse_profile(json.dumps(doc), _profile_validator())
+    with Store.open(f"sqlite:///{tmp_path / 'dst.db'}") as dst:
+        import_profile(dst, profile, current_kernel_hash=CURRENT)
+        (got,) = [e for e in dst.list_results() if e.workload_key == "prefill"]
+    assert got.bands == tuple((b["m_hi"], b["config"]) for b in prefill["bands"])
 
 
 def test_imported_entries_are_served_like_tuned_ones(tmp_path, make_entry):
@@ -155,6 +190,9 @@ def test_import_is_one_transaction(tmp_path, make_entry, monkeypatch):
 # -- validation: every field, type and range ------------------------------------------------
 
 
+SMALL_M_CFG = KernelConfig(max_q_gemm_rows=8, max_q_gemm_rows_kernel=8, block_n=128, threads=128)
+
+
 @pytest.fixture(scope="module")
 def valid_doc(tmp_path_factory, request) -> dict[str, Any]:
     from datetime import UTC, datetime
@@ -168,7 +206,10 @@ def valid_doc(tmp_path_factory, request) -> dict[str, Any]:
         for k, wl in ((4096, "decode"), (8192, "mixed")):
             p, w = Problem(k, 4096), WORKLOADS[wl]
             lat = {m: 3.0 + m / 10 for m in w.ms}
-            store.put_result(TunedEntry(
+            # the mixed entry is a plan of two bands: M 1-8, then M >= 9
+            bands = () if wl == "decode" else ((8, SMALL_M_CFG.to_dict()),
+                                               (None, KernelConfig(max_q_gemm_rows=24).to_dict()))
+            store.put_result(TunedEntry(bands=bands,
                 device=dev.to_dict(), kernel_hash=CURRENT,
                 problem={"k": p.k, "n": p.n, "bits": p.bits, "group_size": p.group_size,
                          "act_order": p.act_order}, problem_key=p.key(),
@@ -199,7 +240,8 @@ _DELETE = object()
 # (mutation path, value, field named in the error, words the message must contain)
 BAD_FIELDS: list[tuple[str, Any, str, str]] = [
     ("format", "something-else", "format", "not a gemmtune profile"),
-    ("schema_version", 2, "schema_version", "not supported"),
+    ("schema_version", 3, "schema_version", "not supported"),
+    ("schema_version", 1, "entries[0].bands", "unknown"),  # schema 1 has no bands
     ("schema_version", "1", "schema_version", "integer"),
     ("schema_version", True, "schema_version", "integer"),
     ("tool_version", _DELETE, "tool_version", "missing"),
@@ -247,6 +289,19 @@ BAD_FIELDS: list[tuple[str, Any, str, str]] = [
     ("entries.0.default_latencies_us", [], "entries[0].default_latencies_us", "object"),
     ("entries.0.provenance", "x" * 5000, "entries[0].provenance", "length"),
     ("entries.0.created_at", 1714564800, "entries[0].created_at", "string"),
+    ("entries.0.bands", _DELETE, "entries[0].bands", "missing"),
+    ("entries.1.bands", "M1-8", "entries[1].bands", "array"),
+    ("entries.1.bands", [], "entries[1].bands", "at least one band"),
+    ("entries.1.bands.0.extra", 1, "entries[1].bands[0].extra", "unknown"),
+    ("entries.1.bands.0.m_hi", 3, "entries[1].bands[0]", "not one of the workload's Ms"),
+    ("entries.1.bands.0.m_hi", "8", "entries[1].bands[0].m_hi", "integer"),
+    ("entries.1.bands.0.m_hi", None, "entries[1].bands[0]", "only the last band's is null"),
+    ("entries.1.bands.1.m_hi", 64, "entries[1].bands[1]", "must be null"),
+    ("entries.1.bands.0.config.max_q_gemm_rows", 4, "entries[1].bands[0]",
+     "only the last band may reconstruct"),
+    ("entries.1.bands.0.config.block_n", 48, "entries[1].bands[0].config", "block_n"),
+    ("entries.1.bands.0.config", [], "entries[1].bands[0].config", "object"),
+    ("entries.1.bands.1.config.split_k", 3, "entries[1].bands[1]", "entry's config"),
 ]
 
 
@@ -269,6 +324,7 @@ def test_duplicated_entries_are_rejected(valid_doc):
     doc = copy.deepcopy(valid_doc)
     doc["entries"].append(copy.deepcopy(doc["entries"][0]))
     doc["entries"][-1]["config"]["max_q_gemm_rows"] = 8  # same key, other answer
+    doc["entries"][-1]["bands"][-1]["config"]["max_q_gemm_rows"] = 8
     with pytest.raises(ProfileError, match=r"duplicates entries\[0\]") as info:
         parse_profile(json.dumps(doc), _profile_validator())
     assert info.value.field == "entries[2]"
@@ -492,6 +548,51 @@ def test_header_blocks_compile_and_carry_the_config(tmp_path, make_entry, make_d
     assert both.returncode != 0 and "more than one" in both.stderr
     assert len({selector(e.device_fingerprint, e.problem_key, e.workload_key)
                 for e in entries}) == len(entries)
+
+
+def test_header_exports_every_band_of_a_plan(tmp_path, make_entry):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to check the header with")
+    from gemmtune.db.header import render_header, selector
+
+    plan = ((4, KernelConfig(max_q_gemm_rows=4, max_q_gemm_rows_kernel=4, split_k=6)),
+            (32, KernelConfig(max_q_gemm_rows=32, max_q_gemm_rows_kernel=16, block_n=128,
+                              threads=128)),
+            (None, KernelConfig(max_q_gemm_rows=64, max_q_gemm_rows_kernel=32)))
+    with Store.open(f"sqlite:///{tmp_path / 't.db'}") as store:
+        store.put_result(make_entry(workload="mixed", bands=plan))
+        store.put_result(make_entry(workload="decode", config=KernelConfig(max_q_gemm_rows=8)))
+        profiles = [build_profile(store, d, current_kernel_hash=CURRENT) for d in store.devices()]
+        entries = {e.workload_key: e for e in store.list_results()}
+    (tmp_path / "tuned.h").write_text(render_header(profiles, tool_version="test"))
+    main_c = tmp_path / "main.c"
+    main_c.write_text(
+        '#include <stdio.h>\n#include "tuned.h"\n'
+        "#define P(i) printf(\" %d %d %d\", GEMMTUNE_BAND##i##_MAX_Q_GEMM_ROWS, "
+        "GEMMTUNE_BAND##i##_MAX_Q_GEMM_ROWS_KERNEL, GEMMTUNE_BAND##i##_SPLIT_K)\n"
+        "int main(void) {\n  printf(\"%d %d\", GEMMTUNE_BANDS, MAX_Q_GEMM_ROWS);\n"
+        "#if GEMMTUNE_BANDS == 3\n  printf(\" %d %d\", GEMMTUNE_BAND0_M_HI, GEMMTUNE_BAND1_M_HI);\n"
+        "  P(0); P(1); P(2);\n#else\n  P(0);\n#endif\n"
+        "#if defined(GEMMTUNE_BAND2_M_HI) || defined(GEMMTUNE_BAND1_M_HI) && GEMMTUNE_BANDS == 1\n"
+        '#  error "the last band has no upper edge"\n#endif\n'
+        "#if defined(GEMMTUNE_BAND0_M_HI) && GEMMTUNE_BANDS == 1\n"
+        '#  error "a one-band plan has no edge"\n#endif\n'
+        '  printf("\\n");\n  return 0;\n}\n')
+    got = {}
+    for key, e in entries.items():
+        exe = tmp_path / f"{key}.out"
+        subprocess.run([cc, f"-D{selector(e.device_fingerprint, e.problem_key, key)}", "-I",
+                        str(tmp_path), str(main_c), "-o", str(exe)], check=True,
+                       capture_output=True)
+        got[key] = subprocess.run([str(exe)], check=True, capture_output=True,
+                                  text=True).stdout.split()
+    want = ["3", str(plan[-1][1].max_q_gemm_rows), "4", "32"]
+    for _m_hi, c in plan:
+        want += [str(c.max_q_gemm_rows), str(c.max_q_gemm_rows_kernel), str(c.split_k)]
+    assert got["mixed"] == want
+    d = entries["decode"].config
+    assert got["decode"] == ["1", "8", "8", str(d["max_q_gemm_rows_kernel"]), str(d["split_k"])]
 
 
 def test_profile_file_from_disk_round_trips(tmp_path, make_entry):
