@@ -172,8 +172,9 @@ def set_config(model: nn.Module, config: str | None) -> dict[str, str]:
             m._invalidate()
             res = m.prepare()
             used[m.problem.key()] = res.label if res is not None else "cpu reference"
-            if m.small_lookup_result is not None:
-                used[m.problem.key()] += f"; M<={m._small_max}: {m.small_lookup_result.label}"
+            if len(m.bands) > 1:  # a plan over M bands: every band, the last one is `res`
+                used[m.problem.key()] = "; ".join(
+                    f"{b.span}: {b.config.key()} ({b.source})" for b in m.bands)
     return used
 
 

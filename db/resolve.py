@@ -6,13 +6,17 @@ The runtime (`gemmtune.runtime.lookup`), `bench`/`compare` (`tuned` and profiles
 are asked (`Offer`s: a profile file, then the database), a device fingerprint, a kernel hash, a
 problem key and an optional workload preference.
 
-The answer is a list of M bands `(m_lo, m_hi, config, source)` covering every M from 1 up. Today
-there are at most two: when a layer's caller names no workload and the card has an entry tuned
-for `decode` *beside* one tuned for a larger workload (`mixed`, then `prefill`, then the newest
-other), decode-sized calls (M up to the decode workload's largest M) take the first and the rest
-the second, because the best kernel variant for M = 1 is rarely the best for M = 64. Otherwise
-one band serves every M. A later tuned *plan over M bands* (each band its own kernel variant,
-edges from measured timings) is more bands of the same shape, not another answer.
+The answer is a list of M bands `(m_lo, m_hi, config, source)` covering every M from 1 up. A
+stored entry is itself a plan over M bands (`TunedEntry.plan`: one band for an entry tuned
+before plans existed), and its bands become the answer's. When a layer's caller names no
+workload and the card has an entry tuned for `decode` *beside* one tuned for a larger workload
+(`mixed`, then `prefill`, then the newest other), the two plans are merged at the decode
+workload's largest M (the edge): the decode entry's bands clipped to M 1..edge, then the larger
+entry's bands clipped to M edge+1.., because the best kernel variant for M = 1 is rarely the
+best for M = 64 and the decode entry measured those Ms itself. Otherwise one entry's plan
+serves every M. Clipping drops bands left empty and shortens the rest; a clipped band keeps
+its config (so a decode entry's last band, which may reconstruct above its threshold, still
+does at the Ms it keeps).
 
 The rules, in one place:
 
@@ -60,6 +64,9 @@ class Entry(Protocol):
 
     @property
     def device_fingerprint(self) -> str: ...
+
+    @property
+    def plan(self) -> tuple[tuple[int | None, dict[str, int]], ...]: ...
 
 
 @dataclass(frozen=True)
@@ -218,9 +225,20 @@ class _Picker:
         return None
 
 
-def _band(m_lo: int, m_hi: int | None, got: tuple[Offer, Any]) -> Band[dict[str, int]]:
+def _bands(m_lo: int, m_hi: int | None, got: tuple[Offer, Any]) -> list[Band[dict[str, int]]]:
+    """The entry's plan clipped to Ms `m_lo..m_hi` (None: no upper edge)."""
     offer, entry = got
-    return Band(m_lo, m_hi, dict(entry.config), offer.kind, offer.where, entry)
+    out = []
+    lo = 1
+    for hi, config in entry.plan:
+        a = max(lo, m_lo)
+        b = hi if m_hi is None else (m_hi if hi is None else min(hi, m_hi))
+        if b is None or a <= b:
+            out.append(Band(a, b, dict(config), offer.kind, offer.where, entry))
+        if hi is None or (m_hi is not None and hi >= m_hi):
+            break
+        lo = hi + 1
+    return out
 
 
 def _top_m(entry: Any) -> int:
@@ -253,30 +271,31 @@ def resolve(
     def done(*bands: Band[dict[str, int]]) -> Resolution[dict[str, int]]:
         return Resolution(bands, tuple(picker.skipped))
 
+    def one(got: tuple[Offer, Any] | None) -> Resolution[dict[str, int]]:
+        return done(*_bands(1, None, got)) if got else done(fallback)
+
     fallback = Band(1, None, dict(default), "default", default_detail)
     if workload_key is not None or not split:
-        got = picker.pick(workload_key)
-        return done(_band(1, None, got) if got else fallback)
+        return one(picker.pick(workload_key))
     small = picker.pick(DECODE)
     if small is None:
-        got = picker.pick(None)
-        return done(_band(1, None, got) if got else fallback)
+        return one(picker.pick(None))
+    big = next((got for got in map(picker.pick, LARGER) if got is not None), None)
+    if big is None:
+        newest = picker.pick(None)
+        big = newest if newest is not None and newest[1].workload_key != DECODE else None
+    if big is None:
+        return one(small)
     edge = _top_m(small[1])
-    for name in LARGER:
-        big = picker.pick(name)
-        if big is not None:
-            return done(_band(1, edge, small), _band(edge + 1, None, big))
-    newest = picker.pick(None)
-    if newest is not None and newest[1].workload_key != small[1].workload_key:
-        return done(_band(1, edge, small), _band(edge + 1, None, newest))
-    return done(_band(1, None, small))
+    return done(*_bands(1, edge, small), *_bands(edge + 1, None, big))
 
 
 def serving(entries: Sequence[Any], kernel_hash: str, where: str = "database"
             ) -> dict[int, Band[dict[str, int]]]:
-    """For listings (`show`): of database `entries` (any devices and problems), the band each
-    entry serves a layer that names no workload, keyed by `id(entry)`; entries absent from the
-    result serve nothing (stale, or passed over for another entry)."""
+    """For listings (`show`): of database `entries` (any devices and problems), the Ms each
+    entry serves a layer that names no workload, as one band spanning them (an entry's served
+    bands are contiguous), keyed by `id(entry)`; entries absent from the result serve nothing
+    (stale, or passed over for another entry)."""
     groups: dict[tuple[str, str], list[Any]] = {}
     for e in entries:
         groups.setdefault((e.device_fingerprint, e.problem_key), []).append(e)
@@ -284,6 +303,9 @@ def serving(entries: Sequence[Any], kernel_hash: str, where: str = "database"
     for (fp, pkey), group in groups.items():
         res = resolve([Offer("database", where, group)], fp, kernel_hash, pkey, default={})
         for band in res.bands:
-            if band.entry is not None:
-                out[id(band.entry)] = band
+            if band.entry is None:
+                continue
+            first = out.get(id(band.entry))
+            out[id(band.entry)] = band if first is None else Band(
+                first.m_lo, band.m_hi, band.config, band.source, band.detail, band.entry)
     return out

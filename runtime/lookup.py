@@ -342,18 +342,18 @@ DECODE_MAX_M = max(WORKLOADS["decode"].ms)
 def lookup_split(device: DeviceInfo | str | None, problem: Problem, *,
                  config: KernelConfig | str | dict[str, Any] | None = None
                  ) -> tuple[LookupResult, LookupResult | None]:
-    """(main, small) for a layer whose caller gave no workload: `small` serves M <= DECODE_MAX_M.
+    """(main, small) for a layer whose caller gave no workload: the last and the first of the
+    M bands of `resolve(device, problem)`, `small` None when there is one band.
 
-    The two bands of `resolve(device, problem)`: when this GPU has a config tuned for the
-    `decode` workload *and* one tuned for a larger workload (`mixed`, then `prefill`, then the
-    newest other entry), decode-sized calls use the first and the rest the second. Otherwise
-    `small` is None and `main` is what `lookup(device, problem)` serves.
+    The two-band view from before plans over M bands (a decode entry below a larger workload's:
+    then `small` serves M <= DECODE_MAX_M). With a tuned plan there may be more bands, and the
+    ones between the first and the last are not in this view: ask `resolve` for the bands
+    (what QuantLinear runs). Kept for callers of the two-band API.
     """
     bands = resolve(device, problem, config=config).bands
     if len(bands) == 1:
         return LookupResult.of(bands[0]), None
-    small, main = bands
-    return LookupResult.of(main), LookupResult.of(small)
+    return LookupResult.of(bands[-1]), LookupResult.of(bands[0])
 
 
 @functools.cache

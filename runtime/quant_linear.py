@@ -11,6 +11,12 @@ Why it is shaped like this:
   lookup, and the dispatch plan with every kernel it may launch compiled. `forward` then does a
   few attribute checks and launches: no lookups, no compilation, no per-call allocation beyond
   the output, so a whole decode step can be captured in a CUDA graph.
+- The looked-up answer is a plan over M bands (`gemmtune.db.resolve`: a tuned plan, or a
+  decode entry's bands below a larger workload's): one dispatch `Plan` per band, each compiled
+  for the Ms its band serves. A call finds its band with one `bisect` over the band edges
+  (`band_edges`; no table, so an edge at M = 65536 costs no memory), a C call on a tuple of at
+  most a handful of ints: well under a microsecond beside the ~20 µs of a launch, and nothing
+  at all for a one-band layer.
 - CPU tensors take the reference path (dequantize once, cache the dense weight, `F.linear`), so
   the same module works in CI and gives the oracle's numbers.
 - Output shape and dtype are those of `nn.Linear` for the same input: the CUDA kernels compute in
@@ -22,12 +28,14 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gemmtune.db.resolve import Band
 from gemmtune.kernels.awq import AWQTensors, is_awq_layout, to_gptq
 from gemmtune.kernels.config import KernelConfig
 from gemmtune.kernels.errors import InvalidProblemError, InvalidTensorError
@@ -57,6 +65,26 @@ def check_layout(method: str, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     raise InvalidTensorError(
         f"{where}quantization_config says quant_method={said} but the tensors have {found} shapes "
         f"(qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)})")
+
+
+def band_edges(bands: Sequence[Band[Any]]) -> tuple[int, ...]:
+    """`m_hi` of every band but the last: band `bisect_left(edges, m)` serves M (how `forward`
+    picks its plan; bands are contiguous from M = 1 and the last has no upper edge)."""
+    edges = tuple(int(b.m_hi) for b in bands[:-1] if b.m_hi is not None)
+    if len(edges) != len(bands) - 1 or bands[-1].m_hi is not None:
+        raise ValueError("bands must run from M = 1 with only the last one open")
+    return edges
+
+
+def _band_ms(band: Band[KernelConfig]) -> tuple[int, ...]:
+    """Ms to compile `band`'s fused kernels for: its Ms up to its threshold, cut where the row
+    instance stops changing (`max_q_gemm_rows_kernel`: every larger M uses the same one), plus
+    the top fused M; one M above the threshold when it only reconstructs."""
+    cfg = band.config
+    top = cfg.max_q_gemm_rows if band.m_hi is None else min(band.m_hi, cfg.max_q_gemm_rows)
+    if top < band.m_lo:
+        return (band.m_lo,)
+    return (*range(band.m_lo, min(top, max(band.m_lo, cfg.max_q_gemm_rows_kernel)) + 1), top)
 
 
 def _validate_sym(t: GPTQTensors) -> None:
@@ -200,10 +228,11 @@ class QuantLinear(nn.Module):
     def _invalidate(self) -> None:
         """Drop everything derived from the buffers (called when they move or are reloaded)."""
         self._qw: Any = None  # QuantizedWeight
-        self._plan: Any = None  # bound dispatch Plan
-        self._small_plan: Any = None  # decode-band Plan for M <= _small_max (see prepare)
-        self._small_max = 0
-        self.small_lookup_result: LookupResult | None = None
+        self._plan: Any = None  # dispatch Plan of the last band (None: not prepared)
+        self._plans: tuple[Any, ...] = ()  # one Plan per band, in M order
+        self._edges: tuple[int, ...] = ()  # band_edges: bisect_left(_edges, M) -> band
+        self.bands: tuple[Band[KernelConfig], ...] = ()
+        """The M bands this layer runs with (resolved at prepare); `lookup_result` is the last."""
         self._bias16: torch.Tensor | None = None
         self._dense: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._dense_version: tuple[int, ...] = ()
@@ -258,25 +287,18 @@ class QuantLinear(nn.Module):
         from gemmtune.kernels.weights import QuantizedWeight
 
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
-        problem = self.problem
-        # The bands of the one resolver (gemmtune.db.resolve): today one, or a decode band
-        # (M <= its edge) below the band of a larger workload; a plan over more bands is not
-        # launched here yet.
-        bands = resolve(device_info(idx), problem, self.workload,
+        # The M bands of the one resolver (gemmtune.db.resolve): one Plan per band, compiled
+        # for the Ms its band serves (plan_for shares one Plan among bands of equal config).
+        bands = resolve(device_info(idx), self.problem, self.workload,
                         config=self.requested_config).bands
-        if len(bands) > 2:
-            raise NotImplementedError(f"{len(bands)} M bands for {problem.key()}: QuantLinear "
-                                      "launches at most two")
-        res = LookupResult.of(bands[-1])
+        edges = band_edges(bands)
         qw = QuantizedWeight(self.gptq_tensors(), torch.device("cuda", idx))
-        plan = plan_for(qw, res.config)
-        plan.prepare()
-        small = bands[0] if len(bands) == 2 else None
-        if small is not None and small.m_hi is not None and small.config != res.config:
-            self._small_plan = plan_for(qw, small.config)
-            self._small_plan.prepare(tuple(range(1, small.m_hi + 1)))
-            self._small_max, self.small_lookup_result = small.m_hi, LookupResult.of(small)
-        self._qw, self._plan, self.lookup_result = qw, plan, res
+        plans = tuple(plan_for(qw, b.config) for b in bands)
+        for band, plan in zip(bands, plans, strict=True):
+            plan.prepare(_band_ms(band))
+        res = LookupResult.of(bands[-1])
+        self._qw, self._plans, self._edges, self.bands = qw, plans, edges, tuple(bands)
+        self._plan, self.lookup_result = plans[-1], res
         self._bias16 = None if self.bias is None else self.bias.to(torch.float16).contiguous()
         return res
 
@@ -308,8 +330,8 @@ class QuantLinear(nn.Module):
                     x = x.contiguous()
                 if x.data_ptr() % 16:  # a view into the middle of a tensor: kernels need 16 B
                     x = x.clone()
-                if self._small_max and x.numel() <= self._small_max * self.in_features:
-                    plan = self._small_plan
+                if self._edges:  # a plan over M bands: the band of this M
+                    plan = self._plans[bisect_left(self._edges, x.numel() // self.in_features)]
                 out = plan(x)
                 if self._bias16 is not None:
                     out.add_(self._bias16)
@@ -361,9 +383,10 @@ class QuantLinear(nn.Module):
         act = ", act_order=True" if self._act_order() else ""
         if self.lookup_result is not None:
             cfg = f"config={self.lookup_result.config.key()} (source: {self.lookup_result.source})"
-            if self.small_lookup_result is not None:
-                cfg += (f", M<={self._small_max}: {self.small_lookup_result.config.key()} "
-                        f"(source: {self.small_lookup_result.source}, decode)")
+            if len(self.bands) > 1:  # the plan over M bands, the last one is `config`
+                cfg += ", bands=" + "; ".join(
+                    f"{b.span}: {b.config.key()} ({b.source}"
+                    + (f", {b.workload_key}" if b.workload_key else "") + ")" for b in self.bands)
         elif self.qweight.is_cuda and self.bits not in KERNEL_BITS:
             cfg = "config=none (no CUDA kernel for this bit width: dense reference path)"
         elif self.qweight.is_cuda:

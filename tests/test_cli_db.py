@@ -65,6 +65,27 @@ def test_show_lists_what_is_tuned(filled):
     assert "1 stale entry" in out
 
 
+def test_show_lists_every_band_of_a_plan_with_its_ms_and_config(tmp_path, make_entry):
+    from gemmtune.kernels import KernelConfig
+
+    plan = ((4, KernelConfig(max_q_gemm_rows=4, max_q_gemm_rows_kernel=4, split_k=8)),
+            (32, KernelConfig(max_q_gemm_rows=32, block_n=128, threads=128)),
+            (None, KernelConfig(max_q_gemm_rows=64, max_q_gemm_rows_kernel=16)))
+    url = f"sqlite:///{tmp_path / 'tuning.db'}"
+    with Store.open(url) as s:
+        s.put_result(make_entry(workload="mixed", bands=plan))
+        s.put_result(make_entry(workload="decode", config=KernelConfig(max_q_gemm_rows=8)))
+    r = CliRunner().invoke(main, ["show", "--db", url], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.stderr
+    lines = r.output.splitlines()
+    for span, (_m_hi, cfg) in zip(("M 1-4", "M 5-32", "M >= 33"), plan, strict=True):
+        assert sum(f"{span}: {cfg.key()}" in ln for ln in lines) == 1, (span, r.output)
+    mixed = next(ln for ln in lines if "mixed" in ln)
+    assert "M 1-4:" in mixed and "M >= 9" in mixed  # the plan's first band; it serves M >= 9
+    decode = next(ln for ln in lines if "decode" in ln)
+    assert "M 1-8" in decode and KernelConfig(max_q_gemm_rows=8).key() in decode
+
+
 def test_show_filters_by_device_and_hides_stale(filled, make_device):
     r = run("show", "--db", filled, "--device", "a100", "--no-stale")
     assert r.exit_code == 0

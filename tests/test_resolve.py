@@ -16,8 +16,7 @@ from gemmtune.db.resolve import Offer, resolve
 from gemmtune.db.store import Store
 from gemmtune.kernels import PRESETS, DeviceInfo, KernelConfig, Problem
 from gemmtune.kernels.sources import kernel_hash
-from gemmtune.runtime import clear_cache, lookup_split
-from gemmtune.runtime.lookup import DECODE_MAX_M
+from gemmtune.runtime import clear_cache
 
 from gemmtune.cli import main
 from tests.conftest import TEST_DEVICE
@@ -93,6 +92,58 @@ def test_the_first_offer_with_an_entry_wins_per_band(make_entry) -> None:
     assert [(s.kind, s.reason, s.entry) for s in res.skipped] == [("profile", "device", None)]
 
 
+GEMV_CFG = KernelConfig(max_q_gemm_rows=4, max_q_gemm_rows_kernel=4, split_k=8)
+GEMM_CFG = KernelConfig(max_q_gemm_rows=32, max_q_gemm_rows_kernel=32, block_n=128, threads=128)
+DECODE_PLAN = ((4, GEMV_CFG), (None, DECODE_CFG))  # decode Ms 1..8
+MIXED_PLAN = ((4, GEMV_CFG), (32, GEMM_CFG), (None, MIXED_CFG))  # mixed Ms 1..512
+
+
+def _spans(res: Any) -> list[tuple[int, int | None, Any, str | None]]:
+    return [(b.m_lo, b.m_hi, b.config, b.workload_key) for b in res.bands]
+
+
+def test_an_entrys_plan_is_the_answers_bands(make_entry) -> None:
+    mixed = make_entry(workload="mixed", bands=MIXED_PLAN)
+    want = [(1, 4, GEMV_CFG.to_dict(), "mixed"), (5, 32, GEMM_CFG.to_dict(), "mixed"),
+            (33, None, MIXED_CFG.to_dict(), "mixed")]
+    assert _spans(_resolve([mixed])) == want
+    assert _spans(_resolve([mixed], "mixed")) == want
+    assert _spans(_resolve([mixed], split=False)) == want
+    assert all(b.entry is mixed and b.source == "database" for b in _resolve([mixed]).bands)
+
+
+def test_the_decode_split_clips_each_plan_to_its_side_of_the_edge(make_entry) -> None:
+    """decode's bands cut to M 1..8 (its largest M), the larger entry's to M 9..: the
+    decode/mixed split is two plans merged at one edge."""
+    decode = make_entry(workload="decode", bands=DECODE_PLAN, created_at=T0)
+    mixed = make_entry(workload="mixed", bands=MIXED_PLAN, created_at=T0)
+    assert _spans(_resolve([decode, mixed])) == [
+        (1, 4, GEMV_CFG.to_dict(), "decode"), (5, 8, DECODE_CFG.to_dict(), "decode"),
+        (9, 32, GEMM_CFG.to_dict(), "mixed"), (33, None, MIXED_CFG.to_dict(), "mixed")]
+    # a one-band decode entry beside a plan: the plan's bands below the edge are dropped
+    one = make_entry(workload="decode", config=DECODE_CFG, created_at=T0)
+    assert _spans(_resolve([one, mixed])) == [
+        (1, 8, DECODE_CFG.to_dict(), "decode"), (9, 32, GEMM_CFG.to_dict(), "mixed"),
+        (33, None, MIXED_CFG.to_dict(), "mixed")]
+    # and a decode plan whose last band reconstructs keeps its config up to the edge
+    recon_top = KernelConfig(max_q_gemm_rows=6, max_q_gemm_rows_kernel=8)
+    d2 = make_entry(workload="decode", bands=((2, GEMV_CFG), (None, recon_top)), created_at=T0)
+    big = make_entry(workload="prefill", config=PREFILL_CFG, created_at=T0)
+    assert _spans(_resolve([d2, big])) == [
+        (1, 2, GEMV_CFG.to_dict(), "decode"), (3, 8, recon_top.to_dict(), "decode"),
+        (9, None, PREFILL_CFG.to_dict(), "prefill")]
+
+
+def test_show_serves_one_span_per_entry(make_entry) -> None:
+    from gemmtune.db.resolve import serving
+
+    decode = make_entry(workload="decode", bands=DECODE_PLAN, created_at=T0)
+    mixed = make_entry(workload="mixed", bands=MIXED_PLAN, created_at=T0)
+    serves = serving([decode, mixed], kernel_hash())
+    assert (serves[id(decode)].m_lo, serves[id(decode)].m_hi) == (1, 8)
+    assert (serves[id(mixed)].m_lo, serves[id(mixed)].m_hi) == (9, None)
+
+
 # -- bench and compare measure what the runtime launches -----------------------------------------
 
 
@@ -136,28 +187,37 @@ TUNES = {
     "decode+prefill": (("decode", DECODE_CFG), ("prefill", PREFILL_CFG)),
     "mixed+prefill": (("mixed", MIXED_CFG), ("prefill", PREFILL_CFG)),
     "decode": (("decode", DECODE_CFG),),
+    "decode-plan+mixed-plan": (("decode", DECODE_PLAN), ("mixed", MIXED_PLAN)),
+    "mixed-plan": (("mixed", MIXED_PLAN),),
 }
 ALL_MS = tuple(range(1, 521))
 
 
-def _database(tmp_path: Path, make_entry, tunes: tuple[tuple[str, KernelConfig], ...]) -> str:
+def _database(tmp_path: Path, make_entry, tunes: tuple[tuple[str, Any], ...]) -> str:
+    """Entries of (workload, config or plan over M bands)."""
     path = tmp_path / "tuning.db"
     with Store.open(f"sqlite:///{path}") as store:
         for i, (workload, cfg) in enumerate(tunes):
-            store.put_result(make_entry(config=cfg, workload=workload, device=DEV.to_dict(),
-                                        created_at=T0 + timedelta(hours=i)))
+            kw = {"bands": cfg} if isinstance(cfg, tuple) else {"config": cfg}
+            store.put_result(make_entry(workload=workload, device=DEV.to_dict(),
+                                        created_at=T0 + timedelta(hours=i), **kw))
     return str(path)
 
 
 def _runtime_launches(db: str, monkeypatch: pytest.MonkeyPatch) -> dict[int, KernelConfig]:
-    """Per M the config a QuantLinear with no workload launches: the decode band's plan for
-    M <= DECODE_MAX_M when there is one, else the main plan (runtime/quant_linear.py)."""
+    """Per M the config a QuantLinear with no workload launches: the plan of the band that
+    `bisect_left(band_edges(bands), M)` names, as its forward picks it (runtime/quant_linear.py)."""
+    from bisect import bisect_left
+
+    from gemmtune.runtime.lookup import resolve as runtime_resolve
+    from gemmtune.runtime.quant_linear import band_edges
+
     monkeypatch.setenv("GEMMTUNE_DB", db)
     clear_cache()
-    main_res, small = lookup_split(DEV, P)
+    bands = runtime_resolve(DEV, P).bands
     clear_cache()
-    return {m: small.config if small is not None and m <= DECODE_MAX_M else main_res.config
-            for m in ALL_MS}
+    edges = band_edges(bands)
+    return {m: bands[bisect_left(edges, m)].config for m in ALL_MS}
 
 
 @pytest.mark.parametrize("tunes", list(TUNES), ids=list(TUNES))

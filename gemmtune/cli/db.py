@@ -64,8 +64,9 @@ def show(db_url: str | None, device_spec: str | None, include_stale: bool) -> No
     """Show what is tuned: device, shape, workload, config, speedup vs the default, age, stale."""
     from rich.markup import escape
 
+    from gemmtune.db.entry import band_spans
     from gemmtune.db.profiles import select_device
-    from gemmtune.db.resolve import serving
+    from gemmtune.db.resolve import Band, serving
     from gemmtune.db.store import display_url
     from gemmtune.kernels.sources import kernel_hash
 
@@ -97,14 +98,21 @@ def show(db_url: str | None, device_spec: str | None, include_stale: bool) -> No
             notes = [n for n in ("imported" if e.source == "imported" else "",
                                  "[yellow]stale[/]" if e.stale else "") if n]
             band = serves.get(id(e))
-            table.add_row(e.problem_key, e.workload_key, _config_label(e.config),
-                          f"{e.speedup:.2f}×", _age(e.created_at),
-                          band.span if band is not None else "–", ", ".join(notes))
+            spans = band_spans(e.plan)
+            # a plan over M bands: one line per band, its M span and config
+            labels = [_config_label(cfg) if len(spans) == 1 else
+                      f"{Band(lo, hi, cfg, '').span}: {_config_label(cfg)}"
+                      for lo, hi, cfg in spans]
+            table.add_row(e.problem_key, e.workload_key, labels[0], f"{e.speedup:.2f}×",
+                          _age(e.created_at), band.span if band is not None else "–",
+                          ", ".join(notes))
+            for label in labels[1:]:
+                table.add_row("", "", label, "", "", "", "")
         console.print(table)
     console.print(f"database {where}; speedup = default's objective / tuned objective over the "
-                  "workload; serves = the Ms a layer loaded without a workload runs this entry "
-                  "for (`gemmtune resolve` shows a model's)", highlight=False, soft_wrap=True,
-                  style="dim")
+                  "workload; a plan over M bands lists each band's Ms and config; serves = the "
+                  "Ms a layer loaded without a workload runs this entry for (`gemmtune resolve` "
+                  "shows a model's)", highlight=False, soft_wrap=True, style="dim")
     n_stale = sum(e.stale for e in entries)
     if n_stale:
         console.print(f"{n_stale} stale entr{'y' if n_stale == 1 else 'ies'}: measured with another "
