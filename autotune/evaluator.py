@@ -8,6 +8,7 @@ implementation lives in `measure.py`; tests use a synthetic landscape.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,11 +53,12 @@ class Evaluator(Protocol):
         ...
 
     def interleaved(
-        self, a: KernelConfig, b: KernelConfig, rounds: int = 5
+        self, a: KernelConfig, b: KernelConfig, rounds: int = 5,
+        ms: Sequence[int] | None = None,
     ) -> tuple[dict[int, Measurement], dict[int, Measurement]]:
-        """Whole-dispatch times of `a` and `b` for every M of the workload, measured A B A B …
-        on the same card (fresh, not memoised): the final check before a winner is stored, and
-        `compare` of two sources."""
+        """Whole-dispatch times of `a` and `b` for every M of the workload (or only `ms`, a
+        subset of it: one band of a plan), measured A B A B … on the same card (fresh, not
+        memoised): the final check before a winner is stored, and `compare` of two sources."""
         ...
 
     def dispatch(self, config: KernelConfig, check: bool = True) -> dict[int, Measurement]:

@@ -12,6 +12,7 @@ error, resource limit, wrong result) becomes a `TrialFailure` with its reason.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 from gemmtune.kernels import reference
@@ -141,15 +142,17 @@ class CudaEvaluator:
             out[m] = self._time(plans, m)
         return out
 
-    def interleaved(self, a: KernelConfig, b: KernelConfig, rounds: int = 5
+    def interleaved(self, a: KernelConfig, b: KernelConfig, rounds: int = 5,
+                    ms: Sequence[int] | None = None
                     ) -> tuple[dict[int, Measurement], dict[int, Measurement]]:
         out_a: dict[int, Measurement] = {}
         out_b: dict[int, Measurement] = {}
+        todo = tuple(self.workload.ms if ms is None else ms)
         pa, pb = self._plans(a), self._plans(b)
-        pa[0].prepare(self.workload.ms)
-        pb[0].prepare(self.workload.ms)
+        pa[0].prepare(todo)
+        pb[0].prepare(todo)
         n = len(pa)
-        for m in self.workload.ms:
+        for m in todo:
             act = self._acts[m]
             ma, mb = timing.graph_time_interleaved(lambda i, act=act: pa[i % n](act),
                                                    lambda i, act=act: pb[i % n](act),

@@ -30,6 +30,9 @@ class Assessment:
     """Fused time per measured M (Ms past the fused cutoff are absent)."""
     recon_us: dict[int, float]
     """Reconstruct time per M with the chosen chunk."""
+    recon_by_chunk: dict[int, dict[int, float]] | None = None
+    """Reconstruct time per M of every chunk that ran (chunk -> M -> µs): what the plan over M
+    bands (`bands.py`) needs to place the reconstruct edge across variants."""
 
 
 def complete_variant(
@@ -102,7 +105,8 @@ def complete_variant(
         raise TrialFailure("no usable dispatch: " + ("; ".join(recon_errors) or "every path failed"))
     total, r, chunk = best
     config = variant.replace(max_q_gemm_rows=r, recon_chunk_n=chunk)
-    return Assessment(config, total, fused, dict(recon.get(chunk, {})))
+    return Assessment(config, total, fused, dict(recon.get(chunk, {})),
+                      {c: dict(row) for c, row in recon.items()})
 
 
 def dispatch_latencies(evaluator: Evaluator, config: KernelConfig) -> dict[int, float]:

@@ -96,6 +96,7 @@ def store_outcome(
         workload=w.to_dict(),
         workload_key=w.key(),
         config=outcome.best_config.to_dict(),
+        bands=tuple((m_hi, cfg.to_dict()) for m_hi, cfg in outcome.bands),
         objective_us=outcome.objective_us,
         default_objective_us=outcome.default_objective_us,
         latencies_us=dict(outcome.latencies_us),
@@ -134,6 +135,8 @@ class ProblemResult:
     failures: int = 0
     message: str = ""
     device_index: int = 0
+    bands: tuple[tuple[int | None, KernelConfig], ...] = ()
+    """The plan over M bands when it has more than one (`config` is its last band's)."""
 
     @property
     def speedup(self) -> float | None:
@@ -165,6 +168,7 @@ def tune_into_store(
                 problem=problem, status="skipped", default_us=entry.default_objective_us,
                 tuned_us=entry.objective_us, config=KernelConfig.from_dict(dict(entry.config)),
                 message="already tuned (use --retune to tune again)", device_index=device_index,
+                bands=tuple((m_hi, KernelConfig.from_dict(dict(c))) for m_hi, c in entry.bands),
             )
     run_id = store.start_run(device.to_dict(), khash, settings.sampler, problem.key(), workload.key())
     status, trials = "failed", 0
@@ -187,6 +191,7 @@ def tune_into_store(
             else outcome.search_objective_us,
             config=outcome.best_config, trials=f"{outcome.trials_total}/{outcome.trials_target}",
             failures=outcome.failures, message=outcome.message, device_index=device_index,
+            bands=outcome.bands if outcome.accepted else (),
         )
     except KeyboardInterrupt:
         status = "interrupted"

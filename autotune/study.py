@@ -14,9 +14,12 @@ How a problem is tuned (`tune_problem`):
    is stored as the user attr `fail_reason`; the study goes on.
 4. `--trials` is a total target: finished trials (COMPLETE or FAIL) of earlier sessions and other
    workers count toward it. A variant measured before in the study is not measured again.
-5. The best is re-measured interleaved against the default (`Evaluator.interleaved`); the winner
-   rule is `winner.py`. It is accepted only if it is not slower; `session.store_outcome` writes
-   only accepted outcomes, and `session.tune_into_store` is the session around one problem.
+5. The answer is a plan over M bands computed exactly from every finished trial's memoised
+   measurements (`bands.py`: each band its own variant, the reconstruct edge the last band's
+   threshold; one band when more do not pay). It is re-measured interleaved against the
+   default, each M with its band's config (`Evaluator.interleaved`); the winner rule is
+   `winner.py`. It is accepted only if it is not slower; `session.store_outcome` writes only
+   accepted outcomes, and `session.tune_into_store` is the session around one problem.
 
 The search never touches CUDA: it sees kernels through `Evaluator` only. `make_evaluator`,
 `device_identity` and `gpu_count` are the seams to the GPU (tests replace them; callers look
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socket
 import threading
 import time
@@ -36,10 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+from gemmtune.autotune.bands import MAX_BANDS
 from gemmtune.autotune.evaluator import Evaluator, TrialFailure
 from gemmtune.autotune.objective import FUSED_CUTOFF, complete_variant, dispatch_latencies
 from gemmtune.autotune.space import Space, get_space, warm_start_configs
-from gemmtune.autotune.winner import config_of, interleaved_check, screen
+from gemmtune.autotune.winner import candidates, config_of, interleaved_check
 from gemmtune.autotune.winner import ranked as _ranked
 from gemmtune.kernels.config import KernelConfig
 from gemmtune.kernels.device import DeviceInfo
@@ -167,6 +172,8 @@ class TuneSettings:
     seed: int | None = None
     fused_cutoff: float | None = FUSED_CUTOFF
     interleave_rounds: int = 5
+    max_bands: int = MAX_BANDS
+    """Most M bands of the stored plan (1: one config for every M, the answer before plans)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +205,7 @@ class TuneOutcome:
     study_name: str
     status: str
     best_config: KernelConfig | None
+    """The config of the plan's last band (the whole answer when the plan has one band)."""
     default_config: KernelConfig
     objective_us: float | None
     default_objective_us: float | None
@@ -211,6 +219,9 @@ class TuneOutcome:
     failures: int = 0
     fail_reasons: dict[str, int] = field(default_factory=dict)
     message: str = ""
+    bands: tuple[tuple[int | None, KernelConfig], ...] = ()
+    """The plan over M bands `(m_hi, config)` when it has more than one band; empty: one band
+    of `best_config`."""
 
     @property
     def accepted(self) -> bool:
@@ -394,6 +405,9 @@ def tune_problem(
                 "config_key": a.config.key(),
                 "fused_us": {str(m): v for m, v in a.fused_us.items()},
                 "recon_us": {str(m): v for m, v in a.recon_us.items()},
+                # every chunk's row, for the plan over M bands (bands.measured_from_trials)
+                "recon_by_chunk": {str(c): {str(m): v for m, v in row.items()}
+                                   for c, row in (a.recon_by_chunk or {}).items()},
                 "worker": socket.gethostname(),
             })
             return a.objective_us
@@ -468,34 +482,37 @@ def tune_problem(
 
         # The winner must not make any M of the workload slower than the default: a better
         # weighted sum that costs one M (say decode at M = 1) is a regression for someone.
-        # Candidates are ranked by objective, screened per M on the memoised measurements,
-        # then re-measured interleaved against the default; the first that holds is stored.
+        # Candidates (winner.candidates): the plan over M bands of every trial's memo, then
+        # single configs screened per M; each re-measured interleaved against the default
+        # (each M with its band's config); the first that holds is stored.
         ranked = _ranked(study)
         last: TuneOutcome | None = None
-        for trial_, best_config in screen(ranked, best_trial, evaluator, default, workload):
+        for plan in candidates(ranked, best_trial, evaluator, default, workload,
+                               settings.max_bands):
+            search_us = None if math.isnan(plan.objective_us) else plan.objective_us
             try:
-                v = interleaved_check(evaluator, best_config, default, workload,
+                v = interleaved_check(evaluator, plan, default, workload,
                                       settings.interleave_rounds)
             except (TrialFailure, GemmtuneError) as exc:
                 reason = exc.reason if isinstance(exc, TrialFailure) else str(exc)
                 last = TuneOutcome(
-                    status="no-result", best_config=best_config, objective_us=None,
-                    default_objective_us=None, search_objective_us=trial_.value,
-                    message=f"final interleaved check failed: {reason}", **common,
+                    status="no-result", best_config=plan.config, objective_us=None,
+                    default_objective_us=None, search_objective_us=search_us,
+                    message=f"final interleaved check failed: {reason}",
+                    bands=plan.bands if len(plan.bands) > 1 else (), **common,
                 )
                 continue
             last = TuneOutcome(
                 status="accepted" if v.accepted else "rejected",
-                best_config=best_config, objective_us=v.objective_us,
+                best_config=plan.config, objective_us=v.objective_us,
                 default_objective_us=v.default_objective_us,
                 latencies_us=v.latencies_us, default_latencies_us=v.default_latencies_us,
-                search_objective_us=trial_.value,
+                search_objective_us=search_us,
                 message="" if v.accepted else f"{v.why}; nothing stored",
+                bands=plan.bands if len(plan.bands) > 1 else (),
                 **common,
             )
             if v.accepted:
                 return last
         assert last is not None
         return last
-
-

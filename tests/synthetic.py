@@ -18,6 +18,7 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gemmtune.autotune.evaluator import Measurement, TrialFailure
 from gemmtune.kernels.config import TUNABLES, KernelConfig
@@ -102,6 +103,7 @@ class SyntheticEvaluator:
         self.on_fused = on_fused
         self.calls: Counter[str] = Counter()
         self.fused_measured: list[tuple[str, int]] = []
+        self.interleaved_ms: list[tuple[KernelConfig, int]] = []  # (side A's config, M)
         self._fused: dict[tuple[str, int], Measurement] = {}
         self._recon: dict[tuple[int, int], Measurement] = {}
         self.closed = False
@@ -138,12 +140,14 @@ class SyntheticEvaluator:
         return self._recon[key]
 
     def interleaved(
-        self, a: KernelConfig, b: KernelConfig, rounds: int = 5
+        self, a: KernelConfig, b: KernelConfig, rounds: int = 5, ms: Any = None
     ) -> tuple[dict[int, Measurement], dict[int, Measurement]]:
         self.calls["interleaved"] += 1
+        todo = self.workload.ms if ms is None else tuple(ms)
+        self.interleaved_ms.extend((a, m) for m in todo)
         ra = {m: Measurement(self.landscape.dispatch(a, m) * self.interleave_penalty, 0.0, rounds)
-              for m in self.workload.ms}
-        rb = {m: Measurement(self.landscape.dispatch(b, m), 0.0, rounds) for m in self.workload.ms}
+              for m in todo}
+        rb = {m: Measurement(self.landscape.dispatch(b, m), 0.0, rounds) for m in todo}
         return ra, rb
 
     def close(self) -> None:

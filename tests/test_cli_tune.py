@@ -101,6 +101,23 @@ def test_already_tuned_shapes_are_skipped_unless_retune(monkeypatch: pytest.Monk
     assert len(study.trials) == 5
 
 
+def test_a_tuned_plan_over_m_bands_is_shown_band_by_band_and_stored(
+        monkeypatch: pytest.MonkeyPatch, db: str) -> None:
+    from tests.test_study import GEMV, _TwoRegimes
+
+    FakeGPU(monkeypatch, landscape=_TwoRegimes())
+    args = ["tune", "--shape", "4096x4096", "--trials", "8", "--db", db]
+    wide = {"COLUMNS": "200"}  # one band per line, unfolded
+    for attempt in (CliRunner().invoke(main, args, env=wide), CliRunner().invoke(main, args, env=wide)):
+        # tuned, then the stored entry
+        assert attempt.exit_code == 0, attempt.output
+        assert "M 1-4: ≤4 fused, 4 rows" in attempt.output and "M >= 5: " in attempt.output
+    (entry,) = stored(db)
+    (m_hi, first), (top, last) = entry.bands
+    assert (m_hi, top) == (4, None) and last == entry.config
+    assert KernelConfig.from_dict(first).variant_key() == GEMV.variant_key()
+
+
 def test_slower_winner_keeps_the_default(monkeypatch: pytest.MonkeyPatch, db: str) -> None:
     FakeGPU(monkeypatch, interleave_penalty=3.0)
     result = run("--shape", "4096x4096", "--trials", "5", "--db", db)

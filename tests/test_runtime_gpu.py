@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -151,14 +152,143 @@ def test_decode_sized_calls_use_the_decode_tuned_config(tmp_path: Path, monkeypa
         store.put_result(make_entry(p.k, p.n, config=decode_cfg, workload="decode", device=dev))
     monkeypatch.setenv("GEMMTUNE_DB", str(path))
     q = QuantLinear.from_gptq_tensors(t).cuda()
-    assert q.config == TUNED and q.small_lookup_result is not None
-    assert q.small_lookup_result.config == decode_cfg
-    assert f"M<=8: {decode_cfg.key()}" in repr(q)
+    assert q.config == TUNED and [(b.m_lo, b.m_hi, b.config) for b in q.bands] == [
+        (1, 8, decode_cfg), (9, None, TUNED)]
+    assert f"M 1-8: {decode_cfg.key()}" in repr(q)
     used: list[KernelConfig] = []
-    for plan in (q._plan, q._small_plan):
+    for plan in q._plans:
         real = plan.run_fused
         monkeypatch.setattr(plan, "run_fused", lambda *a, _r=real, _c=plan.config: (used.append(_c), _r(*a))[1])
     for m in (1, 8, 9, 16, 64):
         a = activations(m, 4096, seed=200 + m)
         assert reference.relative_error(q(a), reference_product(a, t)) < reference.fp16_tolerance(4096)
     assert used == [decode_cfg, decode_cfg, TUNED, TUNED]  # M=64 > 24: reconstruct path
+
+
+# -- a plan over M bands -----------------------------------------------------------------------
+
+# decode's plan: M 1-2 a GEMV-like variant, M 3-8 another that reconstructs above M = 6
+DECODE_PLAN = ((2, KernelConfig(max_q_gemm_rows=2, max_q_gemm_rows_kernel=2, block_n=32,
+                                threads=128, split_k=8, k_unroll=1)),
+               (None, KernelConfig(max_q_gemm_rows=6, max_q_gemm_rows_kernel=8, block_n=64,
+                                   threads=64, split_k=0, k_unroll=4)))
+# mixed's plan: its first band falls below decode's edge (dropped), then M 9-32, then M >= 33
+# fused up to 64 and reconstruct above
+MIXED_PLAN = ((4, KernelConfig(max_q_gemm_rows=4, max_q_gemm_rows_kernel=4, block_n=64,
+                               threads=128, split_k=4, k_unroll=2)),
+              (32, KernelConfig(max_q_gemm_rows=32, max_q_gemm_rows_kernel=16, block_n=128,
+                                threads=256, split_k=2, k_unroll=2)),
+              (None, KernelConfig(max_q_gemm_rows=64, max_q_gemm_rows_kernel=8, block_n=128,
+                                  threads=256, split_k=2, k_unroll=2)))
+
+
+@pytest.fixture
+def banded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_entry) -> tuple[QuantLinear, Any]:
+    """A layer whose database holds a decode plan and a mixed plan: four M bands, one of them
+    (decode's last, clipped to M 3-8) reconstructing at its top."""
+    from gemmtune.db.store import Store
+    from gemmtune.kernels.device import query_device
+
+    t = layer(4096, 1024, 4, 128, False, seed=29)
+    dev = query_device().to_dict()
+    path = tmp_path / "t.db"
+    with Store.open(f"sqlite:///{path}") as store:
+        store.put_result(make_entry(t.k, t.n, bands=DECODE_PLAN, workload="decode", device=dev))
+        store.put_result(make_entry(t.k, t.n, bands=MIXED_PLAN, workload="mixed", device=dev))
+    monkeypatch.setenv("GEMMTUNE_DB", str(path))
+    q = QuantLinear.from_gptq_tensors(t, torch.randn(1024, dtype=torch.float16)).cuda()
+    assert [(b.m_lo, b.m_hi, b.config) for b in q.bands] == [
+        (1, 2, DECODE_PLAN[0][1]), (3, 8, DECODE_PLAN[1][1]), (9, 32, MIXED_PLAN[1][1]),
+        (33, None, MIXED_PLAN[2][1])]
+    return q, t
+
+
+def _edge_ms(q: QuantLinear) -> list[int]:
+    """Every band edge and every band's fused/reconstruct threshold, each +- 1."""
+    edges = {b.m_hi for b in q.bands if b.m_hi is not None}
+    edges |= {b.config.max_q_gemm_rows for b in q.bands}
+    return sorted({m for e in edges for m in (e - 1, e, e + 1) if m >= 1})
+
+
+def _serving(q: QuantLinear, m: int) -> tuple[KernelConfig, str]:
+    """The config and path the plan promises at M (the CPU statement of the rule)."""
+    band = next(b for b in q.bands if b.covers(m))
+    return band.config, "fused" if m <= band.config.max_q_gemm_rows else "recon"
+
+
+def test_banded_dispatch_matches_the_reference_at_every_band_edge(
+        banded: tuple[QuantLinear, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    q, t = banded
+    used: list[tuple[KernelConfig, str]] = []
+    for plan in set(q._plans):
+        for path, name in (("fused", "run_fused"), ("recon", "run_recon")):
+            real = getattr(plan, name)
+            monkeypatch.setattr(plan, name, lambda *a, _r=real, _c=plan.config, _p=path:
+                                (used.append((_c, _p)), _r(*a))[1])
+    w_ref = reference.dequantize(t, torch.float32).cuda()
+    ms = _edge_ms(q)
+    assert {1, 2, 3, 7, 8, 9, 31, 32, 33, 63, 64, 65} <= set(ms)
+    for m in ms:
+        a = activations(m, 4096, seed=300 + m)  # fresh random data per M
+        # poison: the output allocation reuses this freed NaN block of the same size, so an
+        # element the kernel does not write stays NaN
+        torch.full((m, 1024), float("nan"), dtype=torch.float16, device="cuda")
+        used.clear()
+        y = q(a)
+        torch.cuda.synchronize()
+        assert used == [_serving(q, m)], m
+        assert not torch.isnan(y).any(), f"M={m}: unwritten outputs"
+        want = reference_product(a, t, w_ref) + q.bias.float()
+        assert reference.relative_error(y, want) < reference.fp16_tolerance(4096), m
+
+
+def test_banded_dispatch_replays_correctly_under_cuda_graph_capture(
+        banded: tuple[QuantLinear, Any]) -> None:
+    q, t = banded
+    w_ref = reference.dequantize(t, torch.float32).cuda()
+    ms = _edge_ms(q)
+    graphs = []
+    s = torch.cuda.Stream()
+    for m in ms:  # one graph per M (static shapes), each captured after a warm-up
+        static_in = activations(m, 4096, seed=400 + m)
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            q(static_in)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = q(static_in)
+        graphs.append((m, g, static_in, static_out))
+    for seed in (1, 2):
+        for m, g, static_in, static_out in graphs:
+            a = activations(m, 4096, seed=500 + 10 * seed + m)
+            static_in.copy_(a)
+            static_out.fill_(float("nan"))
+            g.replay()
+            torch.cuda.synchronize()
+            assert not torch.isnan(static_out).any(), f"M={m}: unwritten outputs"
+            want = reference_product(a, t, w_ref) + q.bias.float()
+            assert reference.relative_error(static_out, want) < reference.fp16_tolerance(4096), m
+
+
+def test_the_tuners_final_check_measures_a_plan_band_by_band_on_the_gpu() -> None:
+    """`CudaEvaluator.interleaved(..., ms=)` measures exactly the band's Ms, and the winner
+    rule's final check of a two-band plan gets one measurement per M and side."""
+    from gemmtune.autotune.bands import BandPlan
+    from gemmtune.autotune.measure import CudaEvaluator
+    from gemmtune.autotune.winner import interleaved_check
+    from gemmtune.kernels import Problem, Workload
+
+    wl = Workload.parse("1,2,8,32")
+    ev = CudaEvaluator(Problem(1024, 512), wl)
+    try:
+        a, b = ev.interleaved(MIXED_PLAN[0][1], PRESETS["default"], rounds=3, ms=(2, 8))
+        assert set(a) == set(b) == {2, 8}
+        assert all(x.median_us > 0 for x in (*a.values(), *b.values()))
+        plan = BandPlan(((2, MIXED_PLAN[0][1].replace(max_q_gemm_rows=2)),
+                         (None, MIXED_PLAN[1][1])))
+        v = interleaved_check(ev, plan, PRESETS["default"], wl, rounds=3)
+        assert set(v.latencies_us) == set(v.default_latencies_us) == set(wl.ms)
+        assert v.objective_us == pytest.approx(wl.objective(v.latencies_us))
+    finally:
+        ev.close()

@@ -416,13 +416,87 @@ class _OneMWorse(Landscape):
         return t
 
 
-def test_winner_is_never_slower_than_the_default_at_any_m(mem: optuna.storages.BaseStorage) -> None:
+@pytest.mark.parametrize("max_bands", [1, 4])
+def test_winner_is_never_slower_than_the_default_at_any_m(mem: optuna.storages.BaseStorage,
+                                                          max_bands: int) -> None:
     land = _OneMWorse()
     ev = SyntheticEvaluator(PROBLEM, DECODE, land)
-    out = st.tune_problem(ev, mem, settings(space=SMALL, sampler="grid"))
+    out = st.tune_problem(ev, mem, settings(space=SMALL, sampler="grid", max_bands=max_bands))
     assert out.accepted and out.best_config is not None
-    assert out.best_config.variant_key() != land.optimum.variant_key()
+    optimum = land.optimum.variant_key()
+    if max_bands == 1:  # one config: the optimum is out, it loses M=1
+        assert out.bands == () and out.best_config.variant_key() != optimum
+    else:  # a plan: M=1 gets a band of another variant, the optimum serves M >= 2
+        (m_hi, first), (top, last) = out.bands
+        assert (m_hi, top) == (1, None)
+        assert first.variant_key() != optimum and last.variant_key() == optimum
     for m in DECODE.ms:
         assert out.latencies_us[m] <= out.default_latencies_us[m] * (1 + winner.FINAL_SLACK)
     # ... and it still beats the default overall.
     assert out.objective_us < out.default_objective_us
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan over M bands
+# ---------------------------------------------------------------------------------------------
+
+GEMV = PRESETS["exllamav2-0.0.12"]  # 4 rows per block: the small-M regime's variant here
+
+
+class _TwoRegimes(Landscape):
+    """The landscape, but GEMV's variant is twice as fast as the optimum at M <= 4."""
+
+    def fused(self, c: KernelConfig, m: int) -> float:
+        if c.variant_key() == GEMV.variant_key() and m <= 4:
+            return 0.5 * super().fused(self.optimum, m)
+        return super().fused(c, m)
+
+
+def test_a_tuned_plan_has_a_band_per_regime_and_is_stored(url: str) -> None:
+    from gemmtune.db.store import Store
+
+    ev = SyntheticEvaluator(PROBLEM, MIXED, _TwoRegimes())
+    out = st.tune_problem(ev, url, settings(sampler="grid"))
+    assert out.accepted
+    (e0, c0), (e1, c1) = out.bands
+    assert (e0, c0.variant_key(), c0.max_q_gemm_rows) == (4, GEMV.variant_key(), 4)
+    assert e1 is None and c1 == out.best_config
+    assert c1.variant_key() == OPTIMUM.variant_key()
+    # the reconstruct edge is where it was for the optimum alone: the landscape's crossover
+    alone = objective.complete_variant(SyntheticEvaluator(PROBLEM, MIXED), OPTIMUM, SMALL)
+    assert c1.max_q_gemm_rows == alone.config.max_q_gemm_rows
+    # the final check measured every M once, with its band's config
+    checked = ev.interleaved_ms[-len(MIXED.ms):]
+    assert sorted(m for _c, m in checked) == sorted(MIXED.ms)
+    assert all(c == (c0 if m <= 4 else c1) for c, m in checked)
+    assert out.latencies_us == {m: ev.landscape.dispatch(c0 if m <= 4 else c1, m) for m in MIXED.ms}
+    # planning measured nothing: every fused measurement is one (variant, M) of a trial
+    assert len(set(ev.fused_measured)) == len(ev.fused_measured)
+    with Store.open(url) as store:
+        assert session.store_outcome(store, out, FAKE_DEVICE, FAKE_KERNEL_HASH, "test")
+        entry = store.get_result(FAKE_DEVICE.fingerprint, FAKE_KERNEL_HASH, PROBLEM.key(),
+                                 MIXED.key())
+    assert entry is not None
+    assert entry.bands == ((4, c0.to_dict()), (None, c1.to_dict()))
+    assert entry.config == c1.to_dict()
+    assert entry.objective_us == pytest.approx(MIXED.objective(out.latencies_us))
+
+
+def test_one_regime_gives_one_band(mem: optuna.storages.BaseStorage) -> None:
+    out = st.tune_problem(SyntheticEvaluator(PROBLEM, MIXED), mem, settings(sampler="grid"))
+    assert out.accepted and out.bands == ()
+    assert out.best_config is not None and out.best_config.variant_key() == OPTIMUM.variant_key()
+
+
+def test_a_plan_slower_when_re_measured_falls_back_to_single_configs(
+        mem: optuna.storages.BaseStorage) -> None:
+    """The first candidate is the plan; when the interleaved check rejects it, the single-config
+    candidates follow (here every candidate is re-measured 3x slower: all rejected, in order)."""
+    ev = SyntheticEvaluator(PROBLEM, MIXED, _TwoRegimes(), interleave_penalty=3.0)
+    out = st.tune_problem(ev, mem, settings(sampler="grid"))
+    assert out.status == "rejected" and out.bands == ()
+    n = len(MIXED.ms)
+    blocks = [ev.interleaved_ms[i:i + n] for i in range(0, len(ev.interleaved_ms), n)]
+    assert len(blocks) == winner.FINAL_CANDIDATES and all(len(b) == n for b in blocks)
+    assert len({c for c, _m in blocks[0]}) == 2  # the plan, band by band
+    assert all(len({c for c, _m in b}) == 1 for b in blocks[1:])  # then one config each

@@ -65,9 +65,22 @@ def _tune_table(title: str, results: list[Any], layer_names: dict[Any, list[str]
             f"{r.default_us:.1f}" if r.default_us is not None else "–",
             f"{r.tuned_us:.1f}" if r.tuned_us is not None else "–",
             f"{speed:.2f}×" if speed else "–",
-            _config_short(r.config) if r.config is not None else "–",
+            _plan_label(r),
         )
     return table
+
+
+def _plan_label(r: Any) -> str:
+    """The config, or for a plan over M bands one line per band with its Ms."""
+    if r.config is None:
+        return "–"
+    if not r.bands:
+        return _config_short(r.config)
+    from gemmtune.db.entry import band_spans
+    from gemmtune.db.resolve import Band
+
+    return "\n".join(f"{Band(lo, hi, cfg, '').span}: {_config_short(cfg)}"
+                     for lo, hi, cfg in band_spans(r.bands))
 
 
 @click.command(epilog=_TUNE_EPILOG)
