@@ -373,3 +373,21 @@ def test_resolve_reads_an_awq_checkpoint_and_refuses_exl2_in_one_line(tmp_path: 
     r = _resolve_cli("--config", exl2, "--db", db, "--fingerprint", "0123456789abcdef")
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
     assert "quantization_config.quant_method='exl2' is not supported" in r.output
+
+
+def test_resolve_lists_every_band_of_a_plan(tmp_path: Path, make_entry) -> None:
+    import json
+
+    db = _database(tmp_path, make_entry, TUNES["decode-plan+mixed-plan"])
+    r = _resolve_cli("--shape", "4096x4096", "--db", db, "--fingerprint", DEV.fingerprint, "--json")
+    assert r.exit_code == 0, r.output
+    bands = json.loads(r.stdout)["layers"][0]["bands"]
+    want = [(1, 4, GEMV_CFG, "decode"), (5, 8, DECODE_CFG, "decode"),
+            (9, 32, GEMM_CFG, "mixed"), (33, None, MIXED_CFG, "mixed")]
+    assert [(b["m_lo"], b["m_hi"], b["config"], b["workload"]) for b in bands] == [
+        (lo, hi, c.to_dict(), w) for lo, hi, c, w in want]
+    r = CliRunner().invoke(main, ["resolve", "--shape", "4096x4096", "--db", db,
+                                  "--fingerprint", DEV.fingerprint], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    for span in ("M 1-4", "M 5-8", "M 9-32", "M >= 33"):
+        assert span in r.output
