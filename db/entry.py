@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -142,7 +143,8 @@ def band_spans(bands: Bands) -> list[tuple[int, int | None, dict[str, int]]]:
     return out
 
 
-def bands_problem(bands: Bands, config: dict[str, Any], ms: list[int] | tuple[int, ...]
+def bands_problem(bands: Bands, config: dict[str, Any], ms: list[int] | tuple[int, ...],
+                  identity: Callable[[dict[str, Any]], Any] | None = None
                   ) -> tuple[int | None, str] | None:
     """Why `bands` is not a plan an entry with `config` and workload Ms `ms` may store, as
     (index of the band at fault or None, reason), or None when it is one. The one statement of
@@ -153,7 +155,9 @@ def bands_problem(bands: Bands, config: dict[str, Any], ms: list[int] | tuple[in
       last's None, strictly ascending;
     - each `m_hi` is one of the workload's Ms: edges are where measured Ms were split, and each
       band then serves at least one measured M (the last band: those above the last edge);
-    - `config` is the last band's config (what a reader of `config` alone gets);
+    - `config` is the last band's config (what a reader of `config` alone gets), compared as
+      `identity` spells them (the profile validator passes the canonical `KernelConfig` key,
+      so a config written without fields added later still equals its full spelling);
     - every band but the last runs its fused kernel at every M it serves (its
       `max_q_gemm_rows` >= its `m_hi`): reconstruct + cuBLAS serves only the top of the last
       band, so the plan's `MAX_Q_GEMM_ROWS` is that band's threshold, one edge.
@@ -171,7 +175,8 @@ def bands_problem(bands: Bands, config: dict[str, Any], ms: list[int] | tuple[in
                 return i, f"the last band's m_hi must be null (it serves every M above {prev}), got {m_hi}"
             if not any(m > prev for m in measured):
                 return i, f"the last band serves no workload M (every M is <= {prev})"
-            if cfg != config:
+            same = identity or (lambda c: c)
+            if same(cfg) != same(config):
                 return i, "the last band's config must be the entry's config"
             continue
         if isinstance(m_hi, bool) or not isinstance(m_hi, int):

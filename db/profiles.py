@@ -392,7 +392,7 @@ class _V:
                 raise self.fail(f"{at}.config", f"must be an object, got {_tname(b['config'])}")
             self.domain(check_config, b["config"], f"{at}.config")
             out.append((m_hi, dict(b["config"])))
-        why = bands_problem(tuple(out), config, ms)
+        why = bands_problem(tuple(out), config, ms, identity=check_config)
         if why is not None:
             raise self.fail(path if why[0] is None else f"{path}[{why[0]}]", why[1])
         return tuple(out) if len(out) > 1 else ()

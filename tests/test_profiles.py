@@ -96,6 +96,23 @@ def test_a_schema_1_profile_still_imports_each_entry_as_one_band(tmp_path, valid
                                                       for c in configs]
 
 
+def test_the_last_band_equals_config_by_its_canonical_key(valid_doc):
+    """A config spelled without the fields added after it was stored (the tiled kernel's) is
+    the same config as its full spelling in the plan's last band."""
+    from gemmtune.kernels.config import LATE_FIELDS
+
+    doc = copy.deepcopy(valid_doc)
+    entry = doc["entries"][1]
+    assert entry["bands"][-1]["config"] == entry["config"]
+    for name in LATE_FIELDS:
+        del entry["config"][name]
+    (_, mixed) = parse_profile(json.dumps(doc), _profile_validator()).entries
+    assert len(mixed.bands) == 2
+    entry["bands"][-1]["config"]["split_k"] += 1  # a real difference still fails
+    with pytest.raises(ProfileError, match="entry's config"):
+        parse_profile(json.dumps(doc), _profile_validator())
+
+
 def test_a_plan_over_m_bands_travels_through_export_and_import(tmp_path, make_entry):
     with Store.open(f"sqlite:///{tmp_path / 'src.db'}") as src:
         _fill(src, make_entry)
