@@ -331,8 +331,12 @@ def lookup(device: DeviceInfo | str | None, problem: Problem,
     KernelConfig, preset name or dict) is the explicit argument that wins over everything.
     `device=None` (no GPU) resolves to the default. Never raises for tuning-data problems; bad
     arguments (an unknown preset, a malformed workload) do raise.
+
+    A stored plan over M bands answers with its last band, the entry's `config` (its
+    `max_q_gemm_rows` is the plan's reconstruct edge): the one config a caller of this
+    single-config API can use for every M. `resolve` gives every band (what QuantLinear runs).
     """
-    return LookupResult.of(resolve(device, problem, workload, config=config, split=False).bands[0])
+    return LookupResult.of(resolve(device, problem, workload, config=config, split=False).bands[-1])
 
 
 DECODE_MAX_M = max(WORKLOADS["decode"].ms)

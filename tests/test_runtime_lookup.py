@@ -250,3 +250,16 @@ def test_split_serves_a_decode_config_beside_a_larger_workloads_config(
     assert main.config == TUNED and small is None
     # An explicit config is never split.
     assert lookup_split(DEV, P, config=OTHER) == (lookup(DEV, P, config=OTHER), None)
+
+
+def test_a_plan_over_m_bands_is_resolved_band_by_band_and_looked_up_as_its_last_band(
+        tmp_path: Path, monkeypatch, make_entry) -> None:
+    from gemmtune.runtime.lookup import resolve
+
+    small = KernelConfig(max_q_gemm_rows=8, max_q_gemm_rows_kernel=8)
+    _db(tmp_path, monkeypatch, make_entry(workload="mixed", bands=((8, small), (None, OTHER))))
+    assert [(b.m_lo, b.m_hi, b.config) for b in resolve(DEV, P).bands] == [
+        (1, 8, small), (9, None, OTHER)]
+    got = lookup(DEV, P)
+    assert (got.config, got.source, got.workload_key) == (OTHER, "database", "mixed")
+    assert lookup(DEV, P, "mixed").config == OTHER
