@@ -77,8 +77,10 @@ def run_to_run(problem: Problem, workload: Workload, trials: int, log) -> dict:
     picks = []
     for rep in range(2):
         ev = CudaEvaluator(problem, workload, seed=100 + rep)
+        # one config per run (max_bands=1): the two winners are compared as configs below
         o = st.tune_problem(ev, optuna.storages.InMemoryStorage(),
-                            st.TuneSettings(sampler="tpe", trials=trials, seed=1000 + rep))
+                            st.TuneSettings(sampler="tpe", trials=trials, seed=1000 + rep,
+                                            max_bands=1))
         picks.append(o.best_config)
     ev = CudaEvaluator(problem, workload, seed=7)
     a, b = ev.interleaved(picks[0], picks[1], rounds=7)

@@ -15,8 +15,8 @@ Why it is shaped like this:
   decode entry's bands below a larger workload's): one dispatch `Plan` per band, each compiled
   for the Ms its band serves. A call finds its band with one `bisect` over the band edges
   (`band_edges`; no table, so an edge at M = 65536 costs no memory), a C call on a tuple of at
-  most a handful of ints: well under a microsecond beside the ~20 µs of a launch, and nothing
-  at all for a one-band layer.
+  most a handful of ints: ~45 ns measured (CPython 3.11, three edges; the two-band compare it
+  replaces took ~12 ns) beside the ~20 µs of a launch, and skipped for a one-band layer.
 - CPU tensors take the reference path (dequantize once, cache the dense weight, `F.linear`), so
   the same module works in CI and gives the oracle's numbers.
 - Output shape and dtype are those of `nn.Linear` for the same input: the CUDA kernels compute in
