@@ -38,6 +38,7 @@ class PatchedLayer:
     name: str
     problem_key: str
     config_key: str
+    """The config's key; for a plan over M bands every band's, `M 1-8: key; M >= 9: key`."""
     source: str
     device: str
 
@@ -81,7 +82,10 @@ class PatchReport:
 
 def _layer_row(name: str, m: QuantLinear) -> PatchedLayer:
     res = m.lookup_result
-    if res is not None:
+    if res is not None and len(m.bands) > 1:
+        ck = "; ".join(f"{b.span}: {b.config.key()}" for b in m.bands)
+        src = ", ".join(dict.fromkeys(b.source for b in m.bands))
+    elif res is not None:
         ck, src = res.config.key(), res.source
     elif m.qweight.is_cuda:
         ck, src = "-", "unresolved"

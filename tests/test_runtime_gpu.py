@@ -200,6 +200,9 @@ def banded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_entry) -> tuple
     assert [(b.m_lo, b.m_hi, b.config) for b in q.bands] == [
         (1, 2, DECODE_PLAN[0][1]), (3, 8, DECODE_PLAN[1][1]), (9, 32, MIXED_PLAN[1][1]),
         (33, None, MIXED_PLAN[2][1])]
+    (row,) = describe(nn.Sequential(q))  # the patch report names every band
+    assert row.source == "database" and row.config_key == "; ".join(
+        f"{b.span}: {b.config.key()}" for b in q.bands)
     return q, t
 
 
