@@ -71,7 +71,8 @@ TILES: dict[tuple[int, int], tuple[int, int, int, int]] = {
     # eight above, except 64x256: four warps of 64 rows each dequantise every weight once and
     # feed it to 8 row tiles, which measured 5-14 % faster than eight warps of 32 rows at M = 64
     # and 128 on four of the public shapes (H200). A warp holds at most 2 x 2 x 8 accumulator
-    # tiles (128 registers: 255 in all at 4-bit without spilling, sm_90).
+    # tiles (128 registers: such tiles sit at ptxas' 255 and spill with long stages, see
+    # TILED_REGISTER_BOUND).
     (16, 64): (1, 2, 2, 1),
     (16, 128): (1, 2, 4, 1),
     (16, 256): (1, 2, 4, 2),
@@ -108,13 +109,41 @@ def tiled_smem_bytes(bits: int, tile_m: int, tile_n: int, tile_k: int, stages: i
     return stages * tiled_shape(bits, tile_m, tile_n, tile_k)[1]
 
 
+TILED_REGISTER_BOUND: dict[int, dict[tuple[int, int, int], int]] = {
+    # bits: {(tile_m, tile_n, tile_k): most stages that build without spilling}. Measured with
+    # ptxas 13.0 for sm_90 (`gemmtune kernels check`), either split instance spilling counting
+    # (the dispatch picks the split per M, so a config launches both). These sit at 254-255
+    # registers: 128x256 holds 128 accumulators per thread, and a 128-deep stage of 8-bit
+    # weights with 256 columns doubles the weight fragments a warp keeps per stage. 8-bit
+    # 16x256x128 spills at 3 stages, not at 4 (255 registers there): bounded at 2.
+    4: {(128, 256, 128): 0, (128, 256, 64): 2},
+    8: {(128, 256, 128): 0, (128, 256, 64): 2, (16, 256, 128): 2, (32, 256, 128): 3},
+}
+"""Tiled instances ptxas cannot fit in 255 registers. Every other instance that fits shared
+memory builds without spilling; `gemmtune kernels check` builds every instance this allows, so a
+kernel change that makes another one spill fails there and belongs in this table."""
+
+
 def tiled_violation(bits: int, tile_m: int, tile_n: int, tile_k: int, stages: int,
                     smem_limit: int = SMEM_OPT_IN_SM90) -> str | None:
     """Why a tiled-kernel instance cannot be built or launched with `smem_limit` bytes of shared
-    memory per block, or None: the one statement of the tiled kernel's rules."""
+    memory per block, or None: the one statement of the tiled kernel's rules (used by
+    `KernelConfig` at 4-bit, `dispatch.Plan` at the weight's bits and the card's limit, the
+    search space at every bit width and the static build check)."""
     if (tile_m, tile_n) not in TILES:
         return (f"tile {tile_m}x{tile_n} is not a built tile (built: "
                 f"{', '.join(f'{m}x{n}' for m, n in TILES)})")
+    if tile_k % 64:
+        # The A tile's XOR swizzle permutes 8 16-byte chunks (64 halves) of a row: a row of
+        # another length would be read past its end.
+        return f"tile_k={tile_k} must be a multiple of 64 (the A tile's swizzle spans 64 columns)"
+    bound = TILED_REGISTER_BOUND.get(bits, {}).get((tile_m, tile_n, tile_k))
+    if bound is not None and stages > bound:
+        if not bound:
+            return (f"tiled {tile_m}x{tile_n}x{tile_k} spills registers at {bits}-bit with any "
+                    "number of stages (ptxas, sm_90)")
+        return (f"tiled {tile_m}x{tile_n}x{tile_k} with {stages} stages spills registers at "
+                f"{bits}-bit (ptxas, sm_90; at most {bound} stages fit)")
     need = tiled_smem_bytes(bits, tile_m, tile_n, tile_k, stages)
     if need > smem_limit:
         return (f"tiled {tile_m}x{tile_n}x{tile_k} with {stages} stages needs {need // 1024} KB of "

@@ -8,7 +8,20 @@ import shutil
 import pytest
 import torch
 from gemmtune.kernels import sources
-from gemmtune.kernels.config import PRESETS, TUNABLES, KernelConfig, preset
+from gemmtune.kernels.config import (
+    DECODE_FIELDS,
+    LATE_FIELDS,
+    PRESETS,
+    TILED,
+    TILED_FIELDS,
+    TILED_REGISTER_BOUND,
+    TILES,
+    TUNABLES,
+    KernelConfig,
+    preset,
+    tiled_smem_bytes,
+    tiled_violation,
+)
 from gemmtune.kernels.errors import InvalidConfigError, InvalidProblemError
 from gemmtune.kernels.problem import Problem
 from gemmtune.kernels.weights import tile_qweight, untile_qweight
@@ -54,6 +67,74 @@ def test_from_dict_is_strict() -> None:
     d.pop("block_n")
     with pytest.raises(InvalidConfigError, match="missing"):
         KernelConfig.from_dict(d)
+
+
+def test_a_config_stored_before_the_tiled_kernel_is_a_decode_config() -> None:
+    # Profiles and databases written before the tiled fields existed lack them: they must load
+    # as the decode configs they were, with the key they were stored under.
+    cfg = KernelConfig(max_q_gemm_rows=48, max_q_gemm_rows_kernel=8, block_n=128, threads=256,
+                       split_k=4, k_unroll=2, recon_chunk_n=4096)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in LATE_FIELDS}
+    loaded = KernelConfig.from_dict(old)
+    assert loaded == cfg and not loaded.tiled
+    assert loaded.key() == cfg.key() and "tiled" not in loaded.key()
+    old.pop("threads")  # a field that was always there is still required
+    with pytest.raises(InvalidConfigError, match="missing config field.*threads"):
+        KernelConfig.from_dict(old)
+
+
+def test_tiled_config_keys_name_the_tile_and_round_trip() -> None:
+    cfg = KernelConfig(max_q_gemm_rows=256, kernel=TILED, tile_m=32, tile_n=256, tile_k=128,
+                       stages=3, split_k=2)
+    assert cfg.tiled and cfg.tile_layout == TILES[(32, 256)]
+    assert cfg.key() == "r256-mk32-bn64-t64-sk2-u2-rc0-tiled32x256x128-st3"
+    assert cfg.variant_key() == "tiled32x256x128-st3-sk2"
+    assert KernelConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.variant_key() == cfg.replace(max_q_gemm_rows=0, recon_chunk_n=4096).variant_key()
+    # Each tiled knob and the shared split_k are part of the launch identity.
+    for change in ({"tile_m": 64}, {"tile_k": 64}, {"stages": 4}, {"split_k": 0}):
+        assert cfg.replace(**change).variant_key() != cfg.variant_key()
+    assert cfg.variant_key() != cfg.replace(kernel=0, tile_m=64, tile_n=128, tile_k=64,
+                                            stages=4).variant_key()
+
+
+@pytest.mark.parametrize("kernel,unused", [(TILED, DECODE_FIELDS), (0, TILED_FIELDS)])
+def test_the_family_a_config_does_not_run_keeps_its_defaults(kernel: int, unused: tuple) -> None:
+    # Otherwise two configs that launch the same kernel would differ in key (and be measured,
+    # stored and served as two).
+    base = KernelConfig(kernel=kernel)
+    for f in unused:
+        t = {t.name: t for t in TUNABLES}[f]
+        other = next(c for c in t.choices if c != getattr(base, f))
+        with pytest.raises(InvalidConfigError, match=f"{f} is not read by the"):
+            base.replace(**{f: other})
+
+
+def test_tiled_violation_says_why() -> None:
+    assert tiled_violation(4, 64, 128, 64, 4) is None
+    assert "not a built tile" in tiled_violation(4, 48, 128, 64, 4)
+    assert "multiple of 64" in tiled_violation(4, 64, 128, 96, 3)
+    need = tiled_smem_bytes(4, 64, 128, 64, 4)
+    why = tiled_violation(4, 64, 128, 64, 4, smem_limit=need - 1)
+    assert why is not None and "shared memory at 4-bit" in why
+    assert tiled_violation(4, 64, 128, 64, 4, smem_limit=need) is None
+    # The register bound depends on the bit width: 8-bit weights need twice the fragments.
+    assert tiled_violation(4, 32, 256, 128, 4) is None
+    assert "spills registers at 8-bit" in tiled_violation(8, 32, 256, 128, 4)
+    assert "any number of stages" in tiled_violation(4, 128, 256, 128, 2)
+    for bits, bounds in TILED_REGISTER_BOUND.items():
+        for (tm, tn, tk), most in bounds.items():
+            assert (tm, tn) in TILES
+            if most:
+                assert tiled_violation(bits, tm, tn, tk, most) is None
+            assert "spills registers" in tiled_violation(bits, tm, tn, tk, most + 1)
+
+
+def test_config_applies_the_tiled_rule() -> None:
+    with pytest.raises(InvalidConfigError, match="spills registers"):
+        KernelConfig(kernel=TILED, tile_m=128, tile_n=256, tile_k=128, stages=2)
+    with pytest.raises(InvalidConfigError, match="not a built tile"):
+        KernelConfig(kernel=TILED, tile_m=16, tile_n=64 * 3)
 
 
 def test_every_tunable_choice_is_inside_its_range() -> None:

@@ -69,7 +69,10 @@ def test_tiled_formats(bits: int, group: int, act: bool, zf: str) -> None:
 def test_every_tile(tile: tuple[int, int], tile_k: int) -> None:
     tile_m, tile_n = tile
     t = layer(1056, 1000, 4, 32, False, "v1", seed=tile_m + tile_n + tile_k)  # 33 K steps
-    stages = 4 if tiled_violation(4, tile_m, tile_n, tile_k, 4) is None else 2
+    # The deepest pipeline the rule allows (128x256 spills with long stages; 128-deep not at all).
+    stages = next((s for s in (4, 3, 2) if tiled_violation(4, tile_m, tile_n, tile_k, s) is None), 0)
+    if not stages:
+        pytest.skip(tiled_violation(4, tile_m, tile_n, tile_k, 2))
     for split in (1, 0, 5):
         _run(t, tiled(tile_m, tile_n, tile_k, stages, split), _edges(tile_m), seed=split)
 
