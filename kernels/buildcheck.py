@@ -1,7 +1,7 @@
 """Static build of every kernel variant with `nvcc` (no GPU needed): `gemmtune kernels check`.
 
-Each template instance the dispatch can launch is instantiated explicitly and compiled for the
-requested architectures; ptxas' resource report gives registers, spill bytes and shared memory
+Each template instance the dispatch can launch (decode kernel, tiled kernel, reconstruct) is
+instantiated explicitly and compiled for the requested architectures; ptxas' resource report gives registers, spill bytes and shared memory
 per instance. Any build failure or spill fails the check: a spilling variant would be slow on
 every card, and one that does not build would only fail at run time on a user's machine.
 """
@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compile import FusedVariant, ReconVariant, Variant
-from .config import TUNABLES, launch_violation
+from .compile import FusedVariant, ReconVariant, TiledVariant, Variant
+from .config import TILES, TUNABLES, launch_violation, tiled_shape, tiled_violation
 from .errors import KernelBuildError
 from .problem import KERNEL_BITS
 from .sources import COMMON_FLAGS, CUDA_DIR
@@ -46,6 +46,26 @@ def fused_variants(bits: Iterable[int] = KERNEL_BITS, quick: bool = False) -> li
     return out
 
 
+def tiled_variants(bits: Iterable[int] = KERNEL_BITS, quick: bool = False) -> list[TiledVariant]:
+    """Every tiled-kernel instance reachable from the configuration space: each built tile at
+    each `tile_k` and `stages` choice that `tiled_violation` allows at that bit width (the same
+    rule the dispatch applies when it binds a weight), with and without split-K (the dispatch
+    picks the split per M, so a config launches both)."""
+    out = []
+    for b, (tm, tn), tk, st, split in itertools.product(
+            bits, TILES, _CHOICES["tile_k"], _CHOICES["stages"], (False, True)):
+        if tiled_violation(b, tm, tn, tk, st) is not None:
+            continue
+        wm, mt, wn, nw = TILES[(tm, tn)]
+        out.append(TiledVariant(b, wm, mt, wn, nw, tiled_shape(b, tm, tn, tk)[0], st, split))
+    if quick:
+        # The default tile, the smallest, the largest the rule allows, and 8-bit's longest stage.
+        keep = {(4, 64, 128, 64, 4), (4, 16, 64, 64, 2), (4, 128, 256, 64, 2), (8, 64, 256, 128, 4),
+                (8, 16, 128, 64, 3)}
+        out = [v for v in out if (v.bits, v.tile_m, v.tile_n, v.tile_k, v.stages) in keep]
+    return out
+
+
 def recon_variants(bits: Iterable[int] = KERNEL_BITS) -> list[ReconVariant]:
     return [ReconVariant(b, act) for b in bits for act in (False, True)]
 
@@ -58,8 +78,12 @@ class BuildResult:
     registers: int = 0
     spill_bytes: int = 0
     shared_bytes: int = 0
+    """Static shared memory (ptxas) plus the dynamic shared memory the launch asks for."""
     message: str = ""
 
+
+_KIND: dict[type, str] = {FusedVariant: "decode", TiledVariant: "tiled", ReconVariant: "reconstruct"}
+"""How the report names each kernel."""
 
 _RE_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\w+)'")
 _RE_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -118,6 +142,8 @@ def build_batch(variants: list[Variant], arch: str, workdir: Path) -> list[Build
             results.append(BuildResult(v, arch, False, message="no ptxas report for this instance"))
         else:
             match.variant = v
+            # The tiled kernel's stages live in dynamic shared memory, which ptxas does not see.
+            match.shared_bytes += int(getattr(v, "smem_bytes", 0))
             results.append(match)
     return results
 
@@ -132,6 +158,10 @@ def _mangled_args(v: Variant) -> str:
     if isinstance(v, FusedVariant):
         name = "gptq_gemm"
         args = [i(v.bits), i(v.m_count), i(v.warps_n), i(v.warps_k), i(v.unroll), b(v.act_order), b(v.split)]
+    elif isinstance(v, TiledVariant):
+        name = "gptq_tiled_gemm"
+        args = [i(v.bits), i(v.warps_m), i(v.mt), i(v.warps_n), i(v.nw), i(v.ks), i(v.stages),
+                b(v.split)]
     else:
         name = "gptq_reconstruct"
         args = [i(v.bits), b(v.act_order)]
@@ -148,7 +178,8 @@ def run_check(archs: list[str], bits: list[int], jobs: int, quick: bool, console
     for a in archs:
         if not re.fullmatch(r"sm_\d{2,3}a?", a):
             raise KernelBuildError(f"--arch {a!r} is not of the form sm_90")
-    variants: list[Variant] = [*fused_variants(bits, quick), *recon_variants(bits)]
+    variants: list[Variant] = [*fused_variants(bits, quick), *tiled_variants(bits, quick),
+                               *recon_variants(bits)]
     batch = 24
     batches = [(variants[i:i + batch], a) for a in archs for i in range(0, len(variants), batch)]
     results: list[BuildResult] = []
@@ -164,7 +195,7 @@ def run_check(archs: list[str], bits: list[int], jobs: int, quick: bool, console
         table.add_column(col)
     groups: dict[tuple[str, str], list[BuildResult]] = {}
     for r in results:
-        kind = "fused" if isinstance(r.variant, FusedVariant) else "reconstruct"
+        kind = _KIND[type(r.variant)]
         groups.setdefault((r.arch, f"{kind} {r.variant.bits}-bit"), []).append(r)
     for (arch, kind), rs in sorted(groups.items()):
         table.add_row(arch, kind, str(len(rs)), str(max(r.registers for r in rs)),

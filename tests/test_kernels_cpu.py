@@ -3,6 +3,7 @@ layout, kernel_hash, and the static nvcc build of kernel variants."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import pytest
@@ -202,12 +203,47 @@ def test_static_build_reports_resources_and_no_spills() -> None:
     import tempfile
     from pathlib import Path
 
-    from gemmtune.kernels.buildcheck import build_batch, fused_variants, recon_variants
+    from gemmtune.kernels.buildcheck import (
+        build_batch,
+        fused_variants,
+        recon_variants,
+        tiled_variants,
+    )
 
-    variants = [*fused_variants((4,), quick=True)[:6], *recon_variants((4,))]
+    # Two tiled instances of one tile that differ only in the split flag and the bits: each must
+    # be matched to its own ptxas report (the mangled-name lookup).
+    tiled = [v for v in tiled_variants((4, 8)) if (v.tile_m, v.tile_n, v.tile_k) == (16, 128, 64)
+             and v.stages == 3]
+    assert len(tiled) == 4
+    variants = [*fused_variants((4,), quick=True)[:6], *tiled, *recon_variants((4,))]
     with tempfile.TemporaryDirectory() as tmp:
         results = build_batch(variants, "sm_90", Path(tmp))
     assert len(results) == len(variants)
-    for r in results:
+    for v, r in zip(variants, results, strict=True):
+        assert r.variant is v
         assert r.ok, r.message
         assert r.registers > 0 and r.spill_bytes == 0
+    for r in results[6:10]:
+        assert r.shared_bytes >= r.variant.smem_bytes > 0  # the stages' dynamic shared memory
+
+
+def test_build_check_lists_every_tiled_instance_the_rule_allows() -> None:
+    from gemmtune.kernels.buildcheck import tiled_variants
+
+    by = {t.name: t.choices for t in TUNABLES}
+    built = tiled_variants((4, 8))
+    assert len({v.expression() for v in built}) == len(built)
+    got = {(v.bits, v.tile_m, v.tile_n, v.tile_k, v.stages, v.split) for v in built}
+    want = {(b, tm, tn, tk, st, split)
+            for b, (tm, tn), tk, st, split in itertools.product(
+                (4, 8), TILES, by["tile_k"], by["stages"], (False, True))
+            if tiled_violation(b, tm, tn, tk, st) is None}
+    assert got == want
+    # Each instance is the layout the tile names (what dispatch.Plan launches).
+    assert all(TILES[(v.tile_m, v.tile_n)] == (v.warps_m, v.mt, v.warps_n, v.nw) for v in built)
+    # The rule leaves out what spills, bits by bits (8-bit 128x256 with 4 stages, for one).
+    assert (8, 128, 256, 64, 4) not in {k[:5] for k in got}
+    assert (4, 128, 256, 64, 2) in {k[:5] for k in got}
+    quick = tiled_variants((4, 8), quick=True)
+    assert quick and set(quick) < set(built)
+    assert {v.bits for v in quick} == {4, 8}
