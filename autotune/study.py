@@ -34,6 +34,7 @@ import math
 import socket
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -139,19 +140,49 @@ def study_name(device_fingerprint: str, kernel_hash: str, problem: Problem, work
     return name if space == "standard" else f"{name}:{space}"
 
 
+class ExhaustiveSampler(optuna.samplers.BruteForceSampler):
+    """`--sampler grid`: Optuna's BruteForceSampler, which walks the tree of define-by-run
+    parameters (the space is conditional on `kernel`, so not the product `GridSampler` needs),
+    told the space so that it can say when every variant has a finished trial.
+
+    BruteForceSampler stops the study itself once no unvisited branch is left besides those
+    other workers are running; `is_exhausted` is the same question asked from the study's
+    trials before a session starts, so a finished grid asks nothing more."""
+
+    def __init__(self, space: Space, seed: int | None = None) -> None:
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.1: no such line in the CLI
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            super().__init__(seed=seed)
+        self.space = space
+
+    def is_exhausted(self, study: optuna.Study) -> bool:
+        """Every variant of the space has a trial that counts (complete or failed)."""
+        covered = set()
+        for t in _finished(study):
+            with contextlib.suppress(KeyError, InvalidConfigError):
+                cfg = self.space.from_params(t.params)
+                if self.space.contains(cfg, check_chunk=False):
+                    covered.add(cfg.variant_key())
+        return len(covered) >= self.space.size
+
+
 def make_sampler(name: str, space: Space, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """`tpe` (default; multivariate, constant liar so cooperating workers spread out), `gp`
-    (Gaussian process; better per trial, slower per ask), `random`, `grid` (exhaustive)."""
+    """`tpe` (default; multivariate and grouped, for the space's conditional parameters:
+    a family's parameters are modelled jointly with the trials that have them; constant liar so
+    cooperating workers spread out), `gp` (Gaussian process; better per trial, slower per ask),
+    `random`, `grid` (exhaustive over the conditional space: `ExhaustiveSampler`)."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, constant_liar=True
-        )
+        with warnings.catch_warnings():  # `group` is "experimental" since Optuna 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(
+                seed=seed, multivariate=True, group=True, constant_liar=True
+            )
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+        return ExhaustiveSampler(space, seed=seed)
     raise InvalidConfigError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
 
 
@@ -272,7 +303,9 @@ def _target(settings: TuneSettings, space: Space, n_warm: int) -> int:
             raise InvalidConfigError(f"--trials must be at least 1, got {settings.trials}")
         return settings.trials
     if settings.sampler == "grid":
-        return space.size + n_warm
+        # Every variant once: the warm-start configs are points of the space, and the
+        # exhaustive sampler does not visit a point again (n_warm is not added).
+        return space.size
     return DEFAULT_TRIALS
 
 
@@ -285,7 +318,7 @@ def _best(study: optuna.Study) -> FrozenTrial | None:
 def _search_done(study: optuna.Study, sampler: optuna.samplers.BaseSampler, target: int) -> bool:
     if len(_finished(study)) >= target:
         return True
-    if isinstance(sampler, optuna.samplers.GridSampler):
+    if isinstance(sampler, ExhaustiveSampler):
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         return sampler.is_exhausted(study) and not waiting
     return False
