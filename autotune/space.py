@@ -3,10 +3,10 @@
 `KernelConfig` (with its `TUNABLES` table and its validation) says what the kernels *can* run
 with; a `Space` says what the tuner *tries*. Two named spaces exist:
 
-- `standard` (the default): 495 kernel variants, 360 of the decode kernel and 135 of the tiled
+- `standard` (the default): 485 kernel variants, 360 of the decode kernel and 125 of the tiled
   one, small enough that `--sampler grid` (exhaustive) finishes in minutes on a GPU (a trial costs
   ~0.2-1 s), and a model-based sampler sees a good share of it in ~60 trials.
-- `full`: every choice of `TUNABLES` that passes validation: 2916 decode + 576 tiled = 3492
+- `full`: every choice of `TUNABLES` that passes validation: 2916 decode + 549 tiled = 3465
   variants.
 
 What Optuna samples, and what it does not:
@@ -400,8 +400,8 @@ STANDARD = Space.build(
         # and 32 wide (many small blocks, for narrow N) with 4 warps along K. 64x128 is default.
         "tile": ((32, 128), (64, 64), (64, 128), (64, 256), (128, 128), (128, 256)),
         # Tiled: 16 to 128 rows by 128 or 256 columns (the 64-column tiles stay in `full`),
-        # stages of 64 and 128. 128x256 fits only 2 stages of 64 (ptxas spills otherwise) and
-        # 8-bit 16x256x128 only 2: kept, at 2, rather than losing the widest tiles.
+        # stages of 64 and 128. 64x256 fits only stages of 64, 128x256 only 2 of them and 8-bit
+        # 16x256x128 only 2 (ptxas spills otherwise): kept, at 2, rather than losing the widest.
         "tiled_tile": _pipelines(itertools.product((16, 32, 64, 128), (128, 256)), (64, 128)),
         # 0 lets the launcher choose from the SM count; 1 = no split; 2..8 explicit.
         "split_k": (0, 1, 2, 4, 8),
@@ -410,12 +410,12 @@ STANDARD = Space.build(
     GROUPS,
 )
 """decode: rows_unroll 12 (32 rows with unroll <= 2, 64 with 1) x tile 6 x split_k 5 = 360;
-tiled: tiled_tile 27 x split_k 5 = 135; 495 variants, 2 chunks resolved per trial."""
+tiled: tiled_tile 25 x split_k 5 = 125; 485 variants, 2 chunks resolved per trial."""
 
 FULL = Space.build("full", {t.name: t.choices for t in TUNABLES}, GROUPS)
 """Every TUNABLES choice that is a valid config: decode rows_unroll 36 x tile 9 x split_k 9 = 2916;
-tiled tiled_tile 64 (12 tiles x tile_k 2 x stages 3, less what the rule refuses at 4 or 8 bits)
-x split_k 9 = 576; 3492 variants, 6 chunks resolved per trial."""
+tiled tiled_tile 61 (12 tiles x tile_k 2 x stages 3, less what the rule refuses at 4 or 8 bits)
+x split_k 9 = 549; 3465 variants, 6 chunks resolved per trial."""
 
 SPACES: dict[str, Space] = {"standard": STANDARD, "full": FULL}
 

@@ -93,7 +93,7 @@ def test_tiled_config_keys_name_the_tile_and_round_trip() -> None:
     assert KernelConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.variant_key() == cfg.replace(max_q_gemm_rows=0, recon_chunk_n=4096).variant_key()
     # Each tiled knob and the shared split_k are part of the launch identity.
-    for change in ({"tile_m": 64}, {"tile_k": 64}, {"stages": 4}, {"split_k": 0}):
+    for change in ({"tile_m": 16}, {"tile_k": 64}, {"stages": 4}, {"split_k": 0}):
         assert cfg.replace(**change).variant_key() != cfg.variant_key()
     assert cfg.variant_key() != cfg.replace(kernel=0, tile_m=64, tile_n=128, tile_k=64,
                                             stages=4).variant_key()
