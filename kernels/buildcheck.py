@@ -59,9 +59,10 @@ def tiled_variants(bits: Iterable[int] = KERNEL_BITS, quick: bool = False) -> li
         wm, mt, wn, nw = TILES[(tm, tn)]
         out.append(TiledVariant(b, wm, mt, wn, nw, tiled_shape(b, tm, tn, tk)[0], st, split))
     if quick:
-        # The default tile, the smallest, the largest the rule allows, and 8-bit's longest stage.
-        keep = {(4, 64, 128, 64, 4), (4, 16, 64, 64, 2), (4, 128, 256, 64, 2), (8, 64, 256, 128, 4),
-                (8, 16, 128, 64, 3)}
+        # The default tile, the smallest, the largest the rule allows, 8-bit's longest stage and
+        # its widest tile with four stages.
+        keep = {(4, 64, 128, 64, 4), (4, 16, 64, 64, 2), (4, 128, 256, 64, 2), (8, 64, 128, 128, 4),
+                (8, 64, 256, 64, 4), (8, 16, 128, 64, 3)}
         out = [v for v in out if (v.bits, v.tile_m, v.tile_n, v.tile_k, v.stages) in keep]
     return out
 
