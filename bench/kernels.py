@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark the GPTQ kernels against torch fp16 on the LLM shapes of the kernels issue.
 
-For each shape and M: the fused kernel at its best variant (a two-stage sweep), the reconstruct
-+ cuBLAS path, the dispatch under one config per shape (best variant + best threshold, as a
-tuner would pick it), and torch fp16 matmul. Every number is GPU time per call from CUDA-graph
+For each shape and M: the best variant of each fused kernel (decode and tiled, a two-stage sweep
+each), the reconstruct + cuBLAS path, the *dispatch* of the plan over M bands that the tuner's
+DP (`autotune.bands.plan_bands`) builds from these measurements, and torch fp16 matmul. Every number is GPU time per call from CUDA-graph
 replays (20 calls per graph, each on a different weight copy, copies > 150 MB so L2 cannot hold
 them), median of 15 replays. Ceilings (streaming-read bandwidth, the roofline's; fp16 matmul
 peak; and, for comparison only, a graph-captured torch copy) are measured in the same run. Writes JSON; `bench/report.py` turns it into the BENCHMARKS.md table.
@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 from gemmtune.autotune import timing
+from gemmtune.autotune.bands import Measured, plan_bands
 from gemmtune.kernels.config import TILED, TILES, KernelConfig, registers_fit, tiled_violation
 from gemmtune.kernels.device import query_device
 from gemmtune.kernels.dispatch import plan_for
 from gemmtune.kernels.gptq import random_gptq
 from gemmtune.kernels.sources import kernel_hash
 from gemmtune.kernels.weights import QuantizedWeight
+from gemmtune.kernels.workload import Workload
 
 SHAPES = [
     ("llama3-8b", "qkv", 4096, 6144),
@@ -145,25 +147,21 @@ def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float
         recon[chunk] = {m: run_cfg(cfg, acts[m]).median_us for m in ms}
     fp16 = {m: timing.graph_time(lambda i, a=acts[m]: torch.mm(a, w16[i % fp16_copies])).median_us for m in ms}
 
-    # dispatch config: one variant, one chunk, one threshold for the whole shape (geomean objective)
-    best_obj, best_cfg = math.inf, None
-    for c in top:
-        fv = fused[c.variant_key()]
-        for chunk, rv in recon.items():
-            for r in [0, *ms]:
-                if any(m not in fv for m in ms if m <= r):
-                    continue  # the tiled family is not measured at decode Ms
-                obj = sum(math.log(fv[m] if m <= r else rv[m]) for m in ms)
-                if obj < best_obj:
-                    best_obj, best_cfg = obj, c.replace(max_q_gemm_rows=r, recon_chunk_n=chunk)
-    assert best_cfg is not None
+    # dispatch: the plan over M bands a tuner stores (autotune.bands, the same DP) from these
+    # measurements, each M weighted by 1 / its fp16 time so every M counts about equally (as in a
+    # geometric mean) instead of the largest M dominating a sum of microseconds.
+    wl = Workload("bench", tuple(ms), tuple(1.0 / fp16[m] for m in ms))
+    plan = plan_bands([Measured(c, fused[c.variant_key()]) for c in top], recon, wl)
+    assert plan is not None
+    plans_by_shape[f"{k}x{n}"] = [[m_hi, cfg.key()] for m_hi, cfg in plan.bands]
     rows = []
     for m in ms:
-        d = run_cfg(best_cfg, acts[m]).median_us
+        cfg_m = plan.config_at(m)
+        d = run_cfg(cfg_m, acts[m]).median_us
         fbest_key = min(fused, key=lambda key: fused[key].get(m, math.inf))
-        dbest = min((d[m] for key, d in fused.items() if not key.startswith("tiled") and m in d),
+        dbest = min((t[m] for key, t in fused.items() if not key.startswith("tiled") and m in t),
                     default=math.inf)
-        tbest = min((d[m] for key, d in fused.items() if key.startswith("tiled") and m in d),
+        tbest = min((t[m] for key, t in fused.items() if key.startswith("tiled") and m in t),
                     default=math.inf)
         rows.append({
             "model": model, "layer": layer, "K": k, "N": n, "M": m,
@@ -174,7 +172,7 @@ def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float
             "tiled_best_us": round(tbest, 2) if math.isfinite(tbest) else None,
             "recon_us": round(min(rv[m] for rv in recon.values()), 2),
             "dispatch_us": round(d, 2),
-            "dispatch_config": best_cfg.key(),
+            "dispatch_config": cfg_m.key(),
             "roofline_us": round(roofline_us(k, n, m, bw, tf), 2),
         })
         log(f"{model:11s} {layer:8s} {k:6d}x{n:<6d} M={m:4d} fp16 {fp16[m]:8.2f}  fused {fused[fbest_key][m]:8.2f} "
@@ -189,6 +187,7 @@ def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float
 
 all_fused: dict[str, dict[str, dict[str, float]]] = {}
 all_recon: dict[str, dict[str, dict[str, float]]] = {}
+plans_by_shape: dict[str, list[list]] = {}
 
 
 def main() -> int:
@@ -230,6 +229,7 @@ def main() -> int:
         "rows": rows,
         "fused_by_variant": all_fused,
         "recon_by_chunk": all_recon,
+        "plans": plans_by_shape,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1))

@@ -46,13 +46,15 @@ def render(result: dict, anchor: dict | None) -> str:
         f"{ceil['fp16_matmul_TFLOPs']:.0f} TFLOP/s; roofline = "
         "max(bytes ÷ bandwidth, FLOPs ÷ peak), bytes = 4-bit weight + scales + zeros + A + C.",
         "",
-        "µs per call (median). *fused* = best fused variant at that M; *recon* = reconstruct + "
-        "cuBLAS (best chunking); *dispatch* = one config per shape (best variant and threshold "
-        "for the geometric mean over all M), as a tuned model runs it.",
+        "µs per call (median). *fused* = best fused variant at that M (decode or tiled kernel); "
+        "*recon* = reconstruct + cuBLAS (best chunking); *dispatch* = the shape's plan over M "
+        "bands as the tuner's DP builds it from these measurements (each M weighted by 1 / its "
+        "fp16 time), re-measured with each M's band config, as a tuned model runs it.",
         "",
     ]
-    head = "| shape K×N | M | torch fp16 | fused | recon | dispatch | dispatch ÷ fp16 | roofline | eff. |"
-    sep = "|---|---|---|---|---|---|---|---|---|"
+    head = ("| shape K×N | M | torch fp16 | decode kernel | tiled kernel | recon | dispatch | "
+            "dispatch ÷ fp16 | roofline | eff. |")
+    sep = "|---|---|---|---|---|---|---|---|---|---|"
     has_marlin = any(a.get("marlin_us") for a in anc.values())
     if anc:
         head += " ExLlamaV2 0.3.2 | fused ÷ ExL | dispatch ÷ ExL |"
@@ -65,7 +67,10 @@ def render(result: dict, anchor: dict | None) -> str:
     for r in rows:
         eff = r["roofline_us"] / r["dispatch_us"]
         effs.append(eff)
-        line = (f"| {r['K']}×{r['N']} | {r['M']} | {r['fp16_us']:.1f} | {r['fused_best_us']:.1f} | "
+        dec = r.get("decode_best_us", r["fused_best_us"])
+        til = r.get("tiled_best_us")
+        line = (f"| {r['K']}×{r['N']} | {r['M']} | {r['fp16_us']:.1f} | "
+                f"{'–' if dec is None else f'{dec:.1f}'} | {'–' if til is None else f'{til:.1f}'} | "
                 f"{r['recon_us']:.1f} | {r['dispatch_us']:.1f} | {r['dispatch_us'] / r['fp16_us']:.2f} | "
                 f"{r['roofline_us']:.1f} | {eff:.2f} |")
         a = anc.get((r["K"], r["N"], r["M"]))
@@ -102,11 +107,46 @@ def render(result: dict, anchor: dict | None) -> str:
                    f"min {min(vs_exl_small):.2f}×, max {max(vs_exl_small):.2f}×.")
         out.append("Cells where the dispatch is slower than ExLlamaV2's shipped dispatch: "
                    + (", ".join(worse) if worse else "none") + ".")
+    out += targets(rows, anc)
     if vs_best:
         out.append(f"Dispatch ÷ best peer per cell (min of torch fp16 same-run, ExLlamaV2, Marlin): geometric "
                    f"mean **{geomean(vs_best):.2f}** over {len(vs_best)} cells; faster than the best peer in "
                    f"{sum(v < 1 for v in vs_best)}.")
     return "\n".join(out) + "\n"
+
+
+def targets(rows: list[dict], anc: dict) -> list[str]:
+    """The decode and GEMM issues' targets, cell by cell (what was reached, not pass/fail)."""
+    out = []
+    small = [(r, anc.get((r["K"], r["N"], r["M"]))) for r in rows if r["M"] <= 8]
+    small = [(r, a) for r, a in small if a]
+    if small:
+        lose = [f"{r['K']}×{r['N']} M={r['M']} ({r['dispatch_us']:.1f} vs {best:.1f})"
+                for r, a in small
+                for best in [min(v for v in (r["fp16_us"], a["exl_default_us"], a.get("marlin_us")) if v)]
+                if r["dispatch_us"] >= best]
+        out.append(f"M ≤ 8: the dispatch is faster than min(Marlin, ExLlamaV2, torch fp16) in "
+                   f"{len(small) - len(lose)} of {len(small)} cells"
+                   + (f"; not in {', '.join(lose)}." if lose else "."))
+    mid = [(r, anc.get((r["K"], r["N"], r["M"]))) for r in rows if 16 <= r["M"] <= 128]
+    mid = [(r, a["marlin_us"]) for r, a in mid if a and a.get("marlin_us")]
+    if mid:
+        lose = [f"{r['K']}×{r['N']} M={r['M']} ({r['dispatch_us'] / m:.2f}×)" for r, m in mid
+                if r["dispatch_us"] >= m]
+        out.append(f"16 ≤ M ≤ 128: the dispatch is faster than Marlin in {len(mid) - len(lose)} of "
+                   f"{len(mid)} cells; dispatch ÷ Marlin geometric mean "
+                   f"{geomean([r['dispatch_us'] / m for r, m in mid]):.2f}"
+                   + (f"; slower in {', '.join(lose)}." if lose else "."))
+    m16 = [r for r in rows if r["M"] == 16]
+    if m16:
+        out.append("M = 16, torch fp16 ÷ dispatch: " + ", ".join(
+            f"{r['K']}×{r['N']} {r['fp16_us'] / r['dispatch_us']:.2f}×" for r in m16) + " (target ≥ 3×).")
+    big = [r for r in rows if r["M"] >= 256]
+    if big:
+        out.append("M ≥ 256, dispatch ÷ torch fp16: " + ", ".join(
+            f"{r['K']}×{r['N']} M={r['M']} {r['dispatch_us'] / r['fp16_us']:.2f}" for r in big)
+            + " (target ≤ 1.1).")
+    return out
 
 
 def main() -> int:

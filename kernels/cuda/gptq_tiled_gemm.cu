@@ -87,7 +87,6 @@ gptq_tiled_gemm(const half* __restrict__ a,           // [M, K], columns in stor
   using S = TiledStage<BITS, KS, TILE_M, TILE_N>;
   constexpr int V = S::V;
   constexpr int KSTEP = S::KSTEP;
-  constexpr int TILE_K = S::TILE_K;
   constexpr int KS_PER_WORD = V / 4;  // MMA k16 steps per K step
   constexpr int AWORDS = V / 2;       // 32-bit words of activations per lane per tile and step
   static_assert(S::A_CHUNKS >= 8, "the A swizzle spans 8 chunks: TILE_K >= 64");
@@ -118,9 +117,23 @@ gptq_tiled_gemm(const half* __restrict__ a,           // [M, K], columns in stor
   const int s_end = (int)(((long long)total_steps * (blockIdx.y + 1)) / gridDim.y);
   const int n_stages = (s_end - s_begin + KS - 1) / KS;
 
-  // Producer: every thread copies its share of one stage (weights, activations, then one
-  // (scale, zero) row per step); what lies past M, N or this slice's K is zero-filled. Zero
-  // activations past the slice make whatever the weights there dequantise to add nothing.
+  // Scale in fp32, once per group, when the row tiles are few (the memory-bound band, where the
+  // dequantisation is most of the instruction stream): the MMAs of one quantisation group sum
+  // the exact integers (q - zero) times A into `part`, and the group's scale multiplies `part`
+  // into `acc` when the group ends (one FMA per accumulator per group instead of one multiply per
+  // two weights per step; it also rounds less), and the (scale, zero) of a group is read once.
+  // More row tiles would double too many accumulators: those scale each weight in fp16 and read
+  // (scale, zero) every step (holding them across steps spilled 128x256).
+  constexpr bool GROUP_SCALE = MT <= 2;
+  auto group_of = [&](const int step) { return (step * KSTEP) >> group_shift; };
+  auto starts_group = [&](const int step) {
+    return step == s_begin || group_of(step) != group_of(step - 1);
+  };
+
+  // Producer: every thread copies its share of one stage (weights, activations, and the
+  // (scale, zero) row of each step that starts a group); what lies past M, N or this slice's K
+  // is zero-filled. Zero activations past the slice make whatever the weights there dequantise
+  // to add nothing.
   auto issue = [&](const int st) {
     const int slot = st % STAGES;
     const int s0 = s_begin + st * KS;
@@ -144,9 +157,10 @@ gptq_tiled_gemm(const half* __restrict__ a,           // [M, K], columns in stor
       const int ks = i / (TILE_N / 4);
       const int quad = i % (TILE_N / 4);
       const int col = n0 + 4 * quad;
-      const int grp = ((s0 + ks) * KSTEP) >> group_shift;
-      const bool ok = live && col < N && s0 + ks < s_end;
-      copy16_async<true>(sz_at(slot, ks, quad), sz + (size_t)grp * N + col, ok);
+      const int step = s0 + ks;
+      // With GROUP_SCALE only a step that starts a group (or this block's first step) is read.
+      const bool ok = live && col < N && step < s_end && (!GROUP_SCALE || starts_group(step));
+      copy16_async<true>(sz_at(slot, ks, quad), sz + (size_t)group_of(step) * N + col, ok);
     });
     copy_async_commit();  // one group per stage, empty ones too: the wait count stays uniform
   };
@@ -161,32 +175,93 @@ gptq_tiled_gemm(const half* __restrict__ a,           // [M, K], columns in stor
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[nb][x][j][e] = 0.f;
 
-  // Pair p of a packed word as (q - zero) * scale in a half2 (the decode kernel's exact integer
-  // trick: the value OR-ed into the mantissa of 1024; 4-bit odd pairs masked in place and
-  // brought back by x/16 - (64 + zero) in one FMA).
-  auto dequant = [&](const uint32_t w, const uint32_t w8, const int p, const half2 s2, const half2 z2,
-                     const half2 nz2) -> uint32_t {
+  float part[NW][2][GROUP_SCALE ? MT : 1][4];
+  auto clear_part = [&]() {
+#pragma unroll
+    for (int nb = 0; nb < NW; ++nb)
+#pragma unroll
+      for (int x = 0; x < 2; ++x)
+#pragma unroll
+        for (int j = 0; j < (GROUP_SCALE ? MT : 1); ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) part[nb][x][j][e] = 0.f;
+  };
+  clear_part();
+  // GROUP_SCALE: this lane's 4 columns of each column block as scale, 1024 + zero and
+  // -(64 + zero) (4-bit odd pairs) in half2, the scale as float; refreshed when a group starts.
+  half2 s2[GROUP_SCALE ? NW : 1][4], z2[GROUP_SCALE ? NW : 1][4], nz2[GROUP_SCALE ? NW : 1][4];
+  float sf[GROUP_SCALE ? NW : 1][4];
+  auto unpack_sz = [](const uint4 szv, half2 (&s)[4], half2 (&z)[4], half2 (&nz)[4], float (&f)[4]) {
+    const uint32_t szc[4] = {szv.x, szv.y, szv.z, szv.w};
+#pragma unroll
+    for (int cc = 0; cc < 4; ++cc) {
+      const half2 v = u32_as_h2(szc[cc]);
+      s[cc] = __low2half2(v);
+      z[cc] = __high2half2(v);
+      nz[cc] = __hsub2(__float2half2_rn(960.f), z[cc]);
+      f[cc] = __low2float(v);
+    }
+  };
+  auto flush = [&]() {
+    if constexpr (GROUP_SCALE) {
+      // acc[nb][x][j][2h + e] is column 4g + 2x + h of block nb.
+#pragma unroll
+      for (int nb = 0; nb < NW; ++nb)
+#pragma unroll
+        for (int x = 0; x < 2; ++x)
+#pragma unroll
+          for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              acc[nb][x][j][e] = fmaf(part[nb][x][j][e], sf[nb][2 * x + e / 2], acc[nb][x][j][e]);
+      clear_part();
+    }
+  };
+  auto new_group = [&](const int slot, const int ks) {
+    if constexpr (GROUP_SCALE) {
+#pragma unroll
+      for (int nb = 0; nb < NW; ++nb)
+        unpack_sz(*sz_at(slot, ks, (wn * NW + nb) * 8 + g), s2[nb], z2[nb], nz2[nb], sf[nb]);
+    }
+  };
+
+  // Pair p of a packed word as the exact integers (q - zero) in a half2, times the scale unless
+  // GROUP_SCALE (the decode kernel's trick: the value OR-ed into the mantissa of 1024; 4-bit odd
+  // pairs masked in place and brought back by x/16 - (64 + zero) in one FMA).
+  auto dequant = [&](const uint32_t w, const uint32_t w8, const int p, const half2 s, const half2 z,
+                     const half2 nz) -> uint32_t {
     half2 d;
     if constexpr (BITS == 4) {
       const uint32_t src = p < 2 ? w : w8;
       if (p % 2 == 0) {
-        d = __hsub2(u32_as_h2(and_or<0x000F000Fu, 0x64006400u>(src)), z2);
+        d = __hsub2(u32_as_h2(and_or<0x000F000Fu, 0x64006400u>(src)), z);
       } else {
-        d = __hfma2(u32_as_h2(and_or<0x00F000F0u, 0x64006400u>(src)), __float2half2_rn(0.0625f), nz2);
+        d = __hfma2(u32_as_h2(and_or<0x00F000F0u, 0x64006400u>(src)), __float2half2_rn(0.0625f), nz);
       }
     } else {
       const uint32_t src = p == 0 ? w : w8;
-      d = __hsub2(u32_as_h2(and_or<0x00FF00FFu, 0x64006400u>(src)), z2);
+      d = __hsub2(u32_as_h2(and_or<0x00FF00FFu, 0x64006400u>(src)), z);
     }
-    return h2_as_u32(__hmul2(d, s2));
+    if constexpr (!GROUP_SCALE) d = __hmul2(d, s);
+    return h2_as_u32(d);
   };
 
   // Consumer: one stage. Per K step, the lane's activation words of its MT row tiles are read
   // once and reused for every column block; each column block's 16 bytes of weights become the
   // two 16x16 fragments of one or two k16 steps and meet every row tile.
-  auto compute = [&](const int slot) {
+  int cur_grp = -1;
+  auto compute = [&](const int st) {
+    const int slot = st % STAGES;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
+      if constexpr (GROUP_SCALE) {
+        const int grp = group_of(s_begin + st * KS + ks);  // block-uniform
+        if (grp != cur_grp) {
+          flush();
+          cur_grp = grp;
+          new_group(slot, ks);
+        }
+      }
       uint32_t av[MT][AWORDS];
 #pragma unroll
       for (int j = 0; j < MT; ++j) {
@@ -203,16 +278,12 @@ gptq_tiled_gemm(const half* __restrict__ a,           // [M, K], columns in stor
       for (int nb = 0; nb < NW; ++nb) {
         const int cbl = wn * NW + nb;  // column block within the tile
         const uint4 wq = *w_at(slot, cbl, ks, lane);
-        const uint4 szv = *sz_at(slot, ks, cbl * 8 + g);
-        const uint32_t szc[4] = {szv.x, szv.y, szv.z, szv.w};
-        half2 s2[4], z2[4], nz2[4];
-#pragma unroll
-        for (int cc = 0; cc < 4; ++cc) {
-          const half2 v = u32_as_h2(szc[cc]);
-          s2[cc] = __low2half2(v);
-          z2[cc] = __high2half2(v);
-          nz2[cc] = __hsub2(__float2half2_rn(960.f), z2[cc]);
-        }
+        half2 ls2[4], lz2[4], lnz2[4];  // !GROUP_SCALE: this step's (scale, zero)
+        float lsf[4];
+        if constexpr (!GROUP_SCALE) unpack_sz(*sz_at(slot, ks, cbl * 8 + g), ls2, lz2, lnz2, lsf);
+        const half2 (&cs2)[4] = GROUP_SCALE ? s2[GROUP_SCALE ? nb : 0] : ls2;
+        const half2 (&cz2)[4] = GROUP_SCALE ? z2[GROUP_SCALE ? nb : 0] : lz2;
+        const half2 (&cnz2)[4] = GROUP_SCALE ? nz2[GROUP_SCALE ? nb : 0] : lnz2;
         const uint32_t wcol[4] = {wq.x, wq.y, wq.z, wq.w};
 #pragma unroll
         for (int kw = 0; kw < KS_PER_WORD; ++kw) {
@@ -220,8 +291,8 @@ gptq_tiled_gemm(const half* __restrict__ a,           // [M, K], columns in stor
 #pragma unroll
           for (int cc = 0; cc < 4; ++cc) {
             const uint32_t w8 = wcol[cc] >> 8;
-            p0[cc] = dequant(wcol[cc], w8, 2 * kw, s2[cc], z2[cc], nz2[cc]);
-            p1[cc] = dequant(wcol[cc], w8, 2 * kw + 1, s2[cc], z2[cc], nz2[cc]);
+            p0[cc] = dequant(wcol[cc], w8, 2 * kw, cs2[cc], cz2[cc], cnz2[cc]);
+            p1[cc] = dequant(wcol[cc], w8, 2 * kw + 1, cs2[cc], cz2[cc], cnz2[cc]);
           }
           // MMA row g <-> column 4g + 2x, row g + 8 <-> column 4g + 2x + 1 of the block.
           const uint32_t fa0[4] = {p0[0], p0[1], p1[0], p1[1]};
@@ -231,8 +302,13 @@ gptq_tiled_gemm(const half* __restrict__ a,           // [M, K], columns in stor
             const uint32_t lo = av[j][kw];
             const uint32_t hi = av[j][kw + V / 4];
             const uint32_t fb[2] = {__byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632)};
-            mma_16816(acc[nb][0][j], fa0, fb);
-            mma_16816(acc[nb][1][j], fa1, fb);
+            if constexpr (GROUP_SCALE) {
+              mma_16816(part[nb][0][j], fa0, fb);
+              mma_16816(part[nb][1][j], fa1, fb);
+            } else {
+              mma_16816(acc[nb][0][j], fa0, fb);
+              mma_16816(acc[nb][1][j], fa1, fb);
+            }
           }
         }
       }
@@ -247,9 +323,10 @@ gptq_tiled_gemm(const half* __restrict__ a,           // [M, K], columns in stor
     copy_async_wait<STAGES - 2>();
     __syncthreads();
     issue(st + STAGES - 1);
-    compute(st % STAGES);
+    compute(st);
   }
   copy_async_wait<0>();
+  flush();
 
   // Lane (g, t) holds C[row 8j + 2t + e][column 4g + 2x + h of its block nb] = acc[nb][x][j][2h + e].
 #pragma unroll
