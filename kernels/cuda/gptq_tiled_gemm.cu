@@ -190,7 +190,11 @@ gptq_tiled_gemm(const half* __restrict__ a,           // [M, K], columns in stor
   // GROUP_SCALE: this lane's 4 columns of each column block as scale, 1024 + zero and
   // -(64 + zero) (4-bit odd pairs) in half2, the scale as float; refreshed when a group starts.
   half2 s2[GROUP_SCALE ? NW : 1][4], z2[GROUP_SCALE ? NW : 1][4], nz2[GROUP_SCALE ? NW : 1][4];
-  float sf[GROUP_SCALE ? NW : 1][4];
+  float sf[GROUP_SCALE ? NW : 1][4];  // zero: the first flush (of no group) adds 0 * sf
+#pragma unroll
+  for (int nb = 0; nb < (GROUP_SCALE ? NW : 1); ++nb)
+#pragma unroll
+    for (int cc = 0; cc < 4; ++cc) sf[nb][cc] = 0.f;
   auto unpack_sz = [](const uint4 szv, half2 (&s)[4], half2 (&z)[4], half2 (&nz)[4], float (&f)[4]) {
     const uint32_t szc[4] = {szv.x, szv.y, szv.z, szv.w};
 #pragma unroll
