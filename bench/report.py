@@ -24,7 +24,7 @@ def geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
-def render(result: dict, anchor: dict | None) -> str:
+def render(result: dict, anchor: dict | None, replan: bool = False) -> str:
     rows = result["rows"]
     anc = {}
     if anchor:
@@ -108,11 +108,47 @@ def render(result: dict, anchor: dict | None) -> str:
         out.append("Cells where the dispatch is slower than ExLlamaV2's shipped dispatch: "
                    + (", ".join(worse) if worse else "none") + ".")
     out += targets(rows, anc)
+    if replan and "fused_by_variant" in result:
+        again = replanned(result)
+        out.append("")
+        out.append("With this checkout's band rule, priced from the same run's per-variant timings "
+                   "(not re-measured):")
+        best = [r["dispatch_us"] / min(v for v in (r["fp16_us"], a["exl_default_us"], a.get("marlin_us")) if v)
+                for r in again for a in [anc.get((r["K"], r["N"], r["M"]))] if a]
+        if best:
+            out.append(f"dispatch ÷ best peer, geometric mean **{geomean(best):.2f}** over {len(best)} "
+                       f"cells, faster than the best peer in {sum(b < 1 for b in best)}.")
+        out += targets(again, anc)
     if vs_best:
         out.append(f"Dispatch ÷ best peer per cell (min of torch fp16 same-run, ExLlamaV2, Marlin): geometric "
                    f"mean **{geomean(vs_best):.2f}** over {len(vs_best)} cells; faster than the best peer in "
                    f"{sum(v < 1 for v in vs_best)}.")
     return "\n".join(out) + "\n"
+
+
+def replanned(result: dict) -> list[dict]:
+    """The rows with `dispatch_us` priced from this run's per-variant timings under the current
+    band rule (`autotune.bands.plan_bands`, the tuner's DP), not re-measured: what the plan rule
+    of this checkout would dispatch, when the run was made with an older rule."""
+    from gemmtune.autotune.bands import Measured, plan_bands
+    from gemmtune.kernels.config import KernelConfig
+    from gemmtune.kernels.workload import Workload
+
+    out = []
+    by_shape: dict[str, list[dict]] = {}
+    for r in result["rows"]:
+        by_shape.setdefault(f"{r['K']}x{r['N']}", []).append(r)
+    for shape, rows in by_shape.items():
+        fused = [Measured(KernelConfig.from_variant_key(key), {int(m): v for m, v in d.items()})
+                 for key, d in result["fused_by_variant"][shape].items()]
+        recon = {int(c): {int(m): v for m, v in d.items()}
+                 for c, d in result["recon_by_chunk"][shape].items()}
+        ms = tuple(r["M"] for r in rows)
+        wl = Workload("bench", ms, tuple(1.0 / r["fp16_us"] for r in rows))
+        plan = plan_bands(fused, recon, wl)
+        assert plan is not None
+        out += [{**r, "dispatch_us": plan.latencies_us[r["M"]]} for r in rows]
+    return out
 
 
 def targets(rows: list[dict], anc: dict) -> list[str]:
@@ -153,12 +189,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("result")
     ap.add_argument("--anchor", help="peers' timings JSON (same card model only)")
+    ap.add_argument("--replan", action="store_true",
+                    help="also price the dispatch under this checkout's band rule from the run's "
+                         "per-variant timings (for a run made with an older rule)")
     args = ap.parse_args()
     result = json.loads(Path(args.result).read_text())
     anchor = json.loads(Path(args.anchor).read_text()) if args.anchor else None
     if anchor and result["device"]["name"] not in anchor["what"]:
         anchor = None  # another card model: its figures are history, not peers of this run
-    print(render(result, anchor), end="")
+    print(render(result, anchor, args.replan), end="")
     return 0
 
 

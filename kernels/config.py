@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -154,6 +155,9 @@ def tiled_violation(bits: int, tile_m: int, tile_n: int, tile_k: int, stages: in
 
 _BY_NAME = {t.name: t for t in TUNABLES}
 
+_TILED_KEY = re.compile(r"tiled(\d+)x(\d+)x(\d+)-st(\d+)-sk(\d+)")
+_DECODE_KEY = re.compile(r"mk(\d+)-bn(\d+)-t(\d+)-sk(\d+)-u(\d+)")
+
 DECODE_FIELDS = ("max_q_gemm_rows_kernel", "block_n", "threads", "k_unroll")
 """Fields only the decode kernel reads."""
 
@@ -291,6 +295,23 @@ class KernelConfig:
             f"mk{self.max_q_gemm_rows_kernel}-bn{self.block_n}-t{self.threads}"
             f"-sk{self.split_k}-u{self.k_unroll}"
         )
+
+    @classmethod
+    def from_variant_key(cls, key: str) -> KernelConfig:
+        """The config (threshold and chunk at their defaults) whose `variant_key()` is `key`:
+        results that name variants by key (bench JSON, memos) read back as configs.
+        InvalidConfigError for a key no config spells."""
+        m = _TILED_KEY.fullmatch(key)
+        if m:
+            tm, tn, tk, st, sk = map(int, m.groups())
+            cfg = cls(kernel=TILED, tile_m=tm, tile_n=tn, tile_k=tk, stages=st, split_k=sk)
+        else:
+            m = _DECODE_KEY.fullmatch(key)
+            if m is None:
+                raise InvalidConfigError(f"{key!r} is not a variant key")
+            mk, bn, th, sk, u = map(int, m.groups())
+            cfg = cls(max_q_gemm_rows_kernel=mk, block_n=bn, threads=th, split_k=sk, k_unroll=u)
+        return cfg
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -70,6 +70,21 @@ def test_from_dict_is_strict() -> None:
         KernelConfig.from_dict(d)
 
 
+def test_every_variant_reads_back_from_its_variant_key() -> None:
+    """bench JSON and memos name variants by key; every variant of the full space (both
+    families) reads back as the same variant, and a key no config spells is refused."""
+    from gemmtune.autotune.space import FULL
+
+    for cfg in FULL.variants():
+        back = KernelConfig.from_variant_key(cfg.variant_key())
+        assert back.variant_key() == cfg.variant_key()
+        assert back == cfg.replace(max_q_gemm_rows=back.max_q_gemm_rows,
+                                   recon_chunk_n=back.recon_chunk_n)
+    for bad in ("", "mk8-bn64", "tiled16x128x64-st4", "mk8-bn64-t64-sk0-u2-x", "tiled16x100x64-st4-sk0"):
+        with pytest.raises(InvalidConfigError):
+            KernelConfig.from_variant_key(bad)
+
+
 def test_a_config_stored_before_the_tiled_kernel_is_a_decode_config() -> None:
     # Profiles and databases written before the tiled fields existed lack them: they must load
     # as the decode configs they were, with the key they were stored under.
