@@ -6,6 +6,11 @@ Owning these per weight would cost hundreds of MB across a 70B model (ExLlamaV2 
 (`ensure`), never inside a call. The split-K buffers are kept all-zero between calls by the
 kernel itself. Like ExLlamaV2's scratch, one device's workspace serves one stream at a time:
 calls on two streams concurrently must not share a device workspace.
+
+A buffer that grows is not freed: a CUDA graph captured before (say, a model's decode step, then
+a larger layer bound to a config) still holds the old address, and the caching allocator would
+hand that memory to the next tensor. Grown-out buffers stay alive (`retired`) for the process;
+they are smaller than their successors, so this at most doubles the workspace.
 """
 
 from __future__ import annotations
@@ -19,14 +24,23 @@ class Workspace:
         self.partials = torch.zeros(0, dtype=torch.float32, device=device)
         self.counters = torch.zeros(0, dtype=torch.int32, device=device)
         self.dequant = torch.empty(0, dtype=torch.float16, device=device)
+        self.retired: list[torch.Tensor] = []
+
+    def _grow(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if old.numel():
+            self.retired.append(old)  # captured graphs may still point at it
+        return new
 
     def ensure(self, partial_floats: int, counters: int, dequant_halves: int) -> None:
         if partial_floats > self.partials.numel():
-            self.partials = torch.zeros(partial_floats, dtype=torch.float32, device=self.device)
+            self.partials = self._grow(self.partials, torch.zeros(
+                partial_floats, dtype=torch.float32, device=self.device))
         if counters > self.counters.numel():
-            self.counters = torch.zeros(counters, dtype=torch.int32, device=self.device)
+            self.counters = self._grow(self.counters, torch.zeros(
+                counters, dtype=torch.int32, device=self.device))
         if dequant_halves > self.dequant.numel():
-            self.dequant = torch.empty(dequant_halves, dtype=torch.float16, device=self.device)
+            self.dequant = self._grow(self.dequant, torch.empty(
+                dequant_halves, dtype=torch.float16, device=self.device))
 
 
 _workspaces: dict[int, Workspace] = {}

@@ -262,3 +262,22 @@ def test_build_check_lists_every_tiled_instance_the_rule_allows() -> None:
     quick = tiled_variants((4, 8), quick=True)
     assert len(quick) == 12 and set(quick) < set(built)  # every sample still allowed, both splits
     assert {v.bits for v in quick} == {4, 8}
+
+
+def test_a_growing_workspace_keeps_the_buffers_graphs_captured() -> None:
+    """A CUDA graph captured before a larger layer was bound still points at the old split-K
+    buffers: growing must leave them allocated (and untouched), not hand them back to the
+    allocator. Device-independent logic, checked on CPU tensors."""
+    from gemmtune.kernels.workspace import Workspace
+
+    ws = Workspace(torch.device("cpu"))
+    ws.ensure(64, 8, 128)
+    old = (ws.partials, ws.counters, ws.dequant)
+    ptrs = [t.data_ptr() for t in old]
+    ws.ensure(32, 4, 64)  # smaller: nothing changes
+    assert (ws.partials, ws.counters, ws.dequant) == old and not ws.retired
+    ws.ensure(1024, 16, 4096)
+    assert ws.partials.numel() == 1024 and ws.counters.numel() == 16 and ws.dequant.numel() == 4096
+    assert not ws.partials.any() and not ws.counters.any()  # split-K scratch starts zero
+    assert [t.data_ptr() for t in ws.retired] == ptrs  # the old buffers, still alive
+    assert all(t.data_ptr() not in ptrs for t in (ws.partials, ws.counters, ws.dequant))
