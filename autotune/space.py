@@ -3,10 +3,10 @@
 `KernelConfig` (with its `TUNABLES` table and its validation) says what the kernels *can* run
 with; a `Space` says what the tuner *tries*. Two named spaces exist:
 
-- `standard` (the default): 485 kernel variants, 360 of the decode kernel and 125 of the tiled
+- `standard` (the default): 475 kernel variants, 360 of the decode kernel and 115 of the tiled
   one, small enough that `--sampler grid` (exhaustive) finishes in minutes on a GPU (a trial costs
   ~0.2-1 s), and a model-based sampler sees a good share of it in ~60 trials.
-- `full`: every choice of `TUNABLES` that passes validation: 2916 decode + 549 tiled = 3465
+- `full`: every choice of `TUNABLES` that passes validation: 2916 decode + 522 tiled = 3438
   variants.
 
 What Optuna samples, and what it does not:
@@ -410,12 +410,12 @@ STANDARD = Space.build(
     GROUPS,
 )
 """decode: rows_unroll 12 (32 rows with unroll <= 2, 64 with 1) x tile 6 x split_k 5 = 360;
-tiled: tiled_tile 25 x split_k 5 = 125; 485 variants, 2 chunks resolved per trial."""
+tiled: tiled_tile 23 x split_k 5 = 115; 475 variants, 2 chunks resolved per trial."""
 
 FULL = Space.build("full", {t.name: t.choices for t in TUNABLES}, GROUPS)
 """Every TUNABLES choice that is a valid config: decode rows_unroll 36 x tile 9 x split_k 9 = 2916;
-tiled tiled_tile 61 (12 tiles x tile_k 2 x stages 3, less what the rule refuses at 4 or 8 bits)
-x split_k 9 = 549; 3465 variants, 6 chunks resolved per trial."""
+tiled tiled_tile 58 (12 tiles x tile_k 2 x stages 3, less what the rule refuses at 4 or 8 bits)
+x split_k 9 = 522; 3438 variants, 6 chunks resolved per trial."""
 
 SPACES: dict[str, Space] = {"standard": STANDARD, "full": FULL}
 

@@ -112,15 +112,16 @@ def tiled_smem_bytes(bits: int, tile_m: int, tile_n: int, tile_k: int, stages: i
 
 TILED_REGISTER_BOUND: dict[int, dict[tuple[int, int, int], int]] = {
     # bits: {(tile_m, tile_n, tile_k): most stages that build without spilling}. Measured with
-    # ptxas 13.0 for sm_90 (`gemmtune kernels check`), either split instance spilling counting
-    # (the dispatch picks the split per M, so a config launches both). These sit at 254-255
-    # registers: 128x256 and 64x256 give a warp 8 x 2 accumulator tiles (128 registers), and a
-    # 128-deep stage of 8-bit weights with 256 columns doubles the weight fragments a warp keeps
-    # per stage. 8-bit 16x256x128 spills at 3 stages, not at 4 (255 registers there): bounded
-    # at 2.
+    # ptxas 13.0 for sm_80, sm_86, sm_89 and sm_90 (`gemmtune kernels check --arch ...`; the
+    # smallest bound of the four), either split instance spilling counting (the dispatch picks
+    # the split per M, so a config launches both). These sit at 254-255 registers: 128x256 and
+    # 64x256 give a warp 8 x 2 accumulator tiles (128 registers), and a 128-deep stage of 8-bit
+    # weights with 256 columns doubles the weight fragments a warp keeps per stage. 8-bit
+    # 16x256x128 spills at 2 stages on sm_86/89 and at 3 on sm_90; 8-bit 32x256x128 at 2-3 on
+    # sm_80: neither is built.
     4: {(128, 256, 128): 0, (128, 256, 64): 2, (64, 256, 128): 0},
-    8: {(128, 256, 128): 0, (128, 256, 64): 2, (64, 256, 128): 0, (16, 256, 128): 2,
-        (32, 256, 128): 3},
+    8: {(128, 256, 128): 0, (128, 256, 64): 2, (64, 256, 128): 0, (16, 256, 128): 0,
+        (32, 256, 128): 0},
 }
 """Tiled instances ptxas cannot fit in 255 registers. Every other instance that fits shared
 memory builds without spilling; `gemmtune kernels check` builds every instance this allows, so a

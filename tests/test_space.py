@@ -120,12 +120,13 @@ def test_full_is_every_valid_tunable_choice() -> None:
 
 
 def test_a_tiled_point_valid_only_at_4_bits_is_left_out() -> None:
-    # 8-bit 16x256x128 spills with 4 stages, 4-bit does not: KernelConfig (4-bit) accepts it, but
-    # the tuner would propose it for 8-bit layers too, where the dispatch refuses it.
-    cfg = KernelConfig(kernel=TILED, tile_m=16, tile_n=256, tile_k=128, stages=4)
-    assert tiled_violation(8, 16, 256, 128, 4) is not None
+    # 8-bit 32x256x128 spills (sm_80), 4-bit does not: KernelConfig (4-bit) accepts it, but the
+    # tuner would propose it for 8-bit layers too, where the dispatch refuses it.
+    cfg = KernelConfig(kernel=TILED, tile_m=32, tile_n=256, tile_k=128, stages=3)
+    assert tiled_violation(4, 32, 256, 128, 3) is None
+    assert tiled_violation(8, 32, 256, 128, 3) is not None
     assert not FULL.contains(cfg) and not STANDARD.contains(cfg)
-    assert FULL.contains(cfg.replace(stages=2))
+    assert FULL.contains(cfg.replace(tile_k=64))
 
 
 def test_standard_is_inside_full() -> None:

@@ -95,8 +95,8 @@ def _plan_label(r: Any) -> str:
               show_default=True, help="tpe: model-based, good in few trials; gp: Gaussian process, "
               "best per trial, slower to ask; random; grid: every variant (exhaustive).")
 @click.option("--space", "space_name", type=click.Choice(["standard", "full"]), default="standard",
-              show_default=True, help="standard: 485 kernel variants (decode kernel 360, tiled "
-              "kernel 125); full: every valid choice (3465).")
+              show_default=True, help="standard: 475 kernel variants (decode kernel 360, tiled "
+              "kernel 115); full: every valid choice (3438).")
 @click.option("--device", "device_spec", default="0", show_default=True, metavar="N|all",
               help="GPU index, or `all`: one worker process per GPU sharing the database.")
 @_db_option
