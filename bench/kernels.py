@@ -47,6 +47,7 @@ MS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512]
 STAGE1_MS = (1, 8, 16, 64)
 TILED_STAGE1_MS = (16, 64, 256)
 TILED_MIN_M = 8  # the tiled kernel is not measured below this M (the decode band)
+SPLITS = (1, 2, 4, 8)  # explicit split_k tried on each family's three best
 FUSED_LIMIT = 512  # max_q_gemm_rows that forces the fused path at every benchmarked M
 
 
@@ -139,6 +140,17 @@ def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float
             if m not in fused[c.variant_key()]:
                 fused[c.variant_key()][m] = run_cfg(c, acts[m]).median_us
     top += ttop
+    # explicit K splits of the three best of each family (the sweep above uses the launcher's
+    # automatic split, which scores whole waves and not the split-K reduction's traffic; the
+    # tuner searches split_k, so the best-variant columns should too)
+    for fam, fms in ((top[:3], [m for m in ms if m <= 64]), (ttop[:3], tms)):
+        for c in fam:
+            for sk in SPLITS:
+                v = c.replace(split_k=sk)
+                if v.variant_key() in fused:
+                    continue
+                fused[v.variant_key()] = {m: run_cfg(v, acts[m]).median_us for m in fms}
+                top.append(v)
     recon: dict[int, dict[int, float]] = {}
     for chunk in (0, 1024, 4096):
         if chunk >= n:
