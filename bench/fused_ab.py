@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A/B the shipped fused kernel against another revision of `gptq_gemm.cu`, same run, same card.
+"""A/B a shipped fused kernel against another revision of its source, same run, same card.
 
 For each shape and M, every candidate variant is checked against the CPU reference on fresh
 random data (output poisoned first) and timed for both sources; the table gives the best variant
@@ -9,6 +9,12 @@ weight + scale/zero bytes over the streaming-read ceiling measured in the same r
 
     git show REV:kernels/cuda/gptq_gemm.cu > /tmp/old/gptq_gemm.cu
     python bench/fused_ab.py --old /tmp/old/gptq_gemm.cu --anchor anchors.json -o ab.json
+
+`--kernel tiled` does the same for `gptq_tiled_gemm.cu` (every built tile whose pipeline fits,
+tile_k 64/128, 3-4 stages; default Ms 12-512):
+
+    git show REV:kernels/cuda/gptq_tiled_gemm.cu > /tmp/old/gptq_tiled_gemm.cu
+    python bench/fused_ab.py --kernel tiled --old /tmp/old/gptq_tiled_gemm.cu --splits 0,1,2,4
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 from gemmtune.autotune import timing
 from gemmtune.kernels import compile as ck
 from gemmtune.kernels import reference
-from gemmtune.kernels.config import KernelConfig
+from gemmtune.kernels.config import TILED, TILES, KernelConfig, tiled_violation
 from gemmtune.kernels.device import query_device
 from gemmtune.kernels.dispatch import Plan
 from gemmtune.kernels.gptq import random_gptq
@@ -35,6 +41,17 @@ from gemmtune.kernels.weights import QuantizedWeight
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 10240), (8192, 8192),
           (8192, 57344), (28672, 8192)]
 MS = [1, 2, 4, 8, 16, 32, 64]
+TILED_MS = [12, 16, 24, 32, 48, 64, 128, 256, 512]
+
+
+def tiled_candidates(m: int, splits: tuple[int, ...] = (0,)) -> list[KernelConfig]:
+    """Tiles no taller than the next power of two of M (at least 16), tile_k 64/128, 3-4 stages
+    where the tiled rule allows them at 4 bits, the given split_k values."""
+    top = max(16, 1 << (m - 1).bit_length())
+    return [KernelConfig(max_q_gemm_rows=4096, kernel=TILED, tile_m=tm, tile_n=tn, tile_k=tk,
+                         stages=st, split_k=sk)
+            for (tm, tn) in TILES if tm <= top for tk in (64, 128) for st in (3, 4)
+            if tiled_violation(4, tm, tn, tk, st) is None for sk in splits]
 
 
 def candidates(m: int, splits: tuple[int, ...] = (0,)) -> list[KernelConfig]:
@@ -63,7 +80,7 @@ class OldSource:
         self.flags = flags
         self.fns: dict[str, object] = {}
 
-    def fn(self, v: ck.FusedVariant) -> object:
+    def fn(self, v: ck.FusedVariant | ck.TiledVariant) -> object:
         import cupy
 
         got = self.fns.get(v.expression())
@@ -71,12 +88,19 @@ class OldSource:
             mod = cupy.RawModule(code=self.code, options=(*ck.nvrtc_options(), *self.flags), name_expressions=[v.expression()])
             k = mod.get_function(v.expression())
             got = self.fns[v.expression()] = getattr(k, "kernel", k)
+            smem = int(getattr(v, "smem_bytes", 0))
+            if smem:  # as compile.get_kernel does for the shipped source
+                cupy.cuda.driver.funcSetAttribute(got.ptr, 8, smem)
         return got
 
 
 def plan(weight: QuantizedWeight, cfg: KernelConfig, old: OldSource | None) -> Plan:
     p = Plan(weight, cfg)
     if old is not None:
+        if cfg.tiled:
+            for split in (False, True):
+                p._fns[(0, split)] = old.fn(p._tiled[split])
+            return p
         for rows in {p.rows_for(m) for m in range(1, cfg.max_q_gemm_rows_kernel + 1)}:
             for split in (False, True):
                 p._fns[(rows, split)] = old.fn(p.variant_for(rows, split))
@@ -90,7 +114,9 @@ def floor_us(k: int, n: int, bw: float, group: int = 128) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--old", type=Path, required=True, help="the other gptq_gemm.cu")
+    ap.add_argument("--kernel", choices=("decode", "tiled"), default="decode",
+                    help="which fused kernel: decode (gptq_gemm.cu) or tiled (gptq_tiled_gemm.cu)")
+    ap.add_argument("--old", type=Path, required=True, help="the other revision of that kernel's .cu")
     ap.add_argument("--alt", action="append", default=[],
                     help="more sources: NAME=PATH[:-DFLAG,-DFLAG] (timed beside new and old)")
     ap.add_argument("--shapes", default="", help="comma list of KxN (default: the eight)")
@@ -103,7 +129,8 @@ def main() -> int:
         print("error: needs a CUDA GPU", file=sys.stderr)
         return 2
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
-    ms = [int(x) for x in args.ms.split(",")] if args.ms else MS
+    ms = [int(x) for x in args.ms.split(",")] if args.ms else (TILED_MS if args.kernel == "tiled" else MS)
+    pick = tiled_candidates if args.kernel == "tiled" else candidates
     anchor = {}
     if args.anchor:
         for r in json.loads(args.anchor.read_text())["rows"]:
@@ -127,7 +154,7 @@ def main() -> int:
             a = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = a.float() @ w_ref
             best: dict[str, tuple[float, str]] = {}
-            for cfg in candidates(m, tuple(int(x) for x in args.splits.split(","))):
+            for cfg in pick(m, tuple(int(x) for x in args.splits.split(","))):
                 for name, src in sources:
                     plans = [plan(w, cfg, src) for w in weights]
                     out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
@@ -156,7 +183,7 @@ def main() -> int:
                   + "".join(f"  {name} {best[name][0]:.2f} [{best[name][1]}]" for name, _ in sources[2:]), flush=True)
         del weights
         torch.cuda.empty_cache()
-    result = {"what": "best fused variant per cell, shipped kernel (new) vs --old source", "date": dt.date.today().isoformat(),
+    result = {"what": f"best {args.kernel} kernel variant per cell, shipped source (new) vs --old source", "date": dt.date.today().isoformat(),
               "device": query_device().to_dict(), "kernel_hash": kernel_hash(), "command": " ".join(sys.argv),
               "ceilings": {"read_bandwidth_TBps": round(bw, 3), "graph_copy_TBps": round(copy_bw, 3)},
               "seconds": round(time.time() - t0, 1), "rows": rows}
