@@ -1,17 +1,33 @@
-"""Layer shapes of real models: what `gemmtune tune llama-3-8b` actually tunes.
+"""Layer shapes of real models: what `gemmtune tune --model llama-3-8b` actually tunes.
 
-Why: a tuning result is only useful for the shapes an engine runs, and engines fuse projections
-(q/k/v into one `qkv` GEMM, gate and up into one `gate_up`), so the tuned problems must be the
-fused ones. Shapes come from built-in presets (published Hugging Face configs) or from a model's
-own `config.json`, whose `quantization_config` (GPTQ or AWQ, read by `kernels.formats`, which
+Why: a tuning result is only served to a layer whose shape it was tuned for, so the problems
+tuned for a model must be the GEMMs that will run. Those depend on who runs the model, so the
+*layout* is explicit:
+
+- `transformers` (the default): the model as transformers builds it and `gemmtune.runtime.patch`
+  / `load_quantized` run it, every projection its own linear (and its own `QuantLinear`):
+  q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj. It is the default because the
+  README's Quick start (`tune --model`, then `patch(model)`) is the default user: tuning fused
+  shapes there left k/v/gate/up on the built-in default.
+- `fused`: engines that fuse projections (ExLlamaV2, vLLM: q/k/v into one `qkv` GEMM, gate and
+  up into one `gate_up`), and the C header export for engines that compile the constants in.
+
+Shapes come from built-in presets (published Hugging Face configs) or from a model's own
+`config.json`, whose `quantization_config` (GPTQ or AWQ, read by `kernels.formats`, which
 refuses what gemmtune cannot run) also supplies bits / group size / act-order.
 
-Shapes (K = in_features, N = out_features, `W[K, N]`):
-  qkv     K = hidden,             N = (heads + 2 * kv_heads) * head_dim
-  o       K = heads * head_dim,   N = hidden
-  gate_up K = hidden,             N = 2 * intermediate
-  down    K = intermediate,       N = hidden
-Each runs once per decoder layer, so `Layer.count = num_hidden_layers`.
+Shapes (K = in_features, N = out_features, `W[K, N]`; attn = heads * head_dim,
+kv = kv_heads * head_dim):
+  transformers  q_proj    K = hidden, N = attn        fused  qkv      K = hidden, N = attn + 2 * kv
+                k_proj    K = hidden, N = kv                 o        K = attn,   N = hidden
+                v_proj    K = hidden, N = kv                 gate_up  K = hidden, N = 2 * intermediate
+                o_proj    K = attn,   N = hidden             down     K = intermediate, N = hidden
+                gate_proj K = hidden, N = intermediate
+                up_proj   K = hidden, N = intermediate
+                down_proj K = intermediate, N = hidden
+Each runs once per decoder layer, so `Layer.count = num_hidden_layers`. Projections of one
+shape (q and o of Llama-3-8B, k and v) stay separate `Layer`s; `unique_problems` (and the CLI)
+tune such a shape once, with the counts summed.
 """
 
 from __future__ import annotations
@@ -21,7 +37,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gemmtune.kernels.errors import InvalidProblemError
 from gemmtune.kernels.formats import read_format
@@ -60,6 +76,46 @@ class Layer:
     name: str
     problem: Problem
     count: int
+
+
+Layout = Literal["transformers", "fused"]
+"""Which linears a model's decoder layer has: see the module docstring."""
+
+LAYOUTS: dict[Layout, str] = {
+    "transformers": "q, k, v, o, gate, up, down as separate linears, as transformers builds the "
+                    "model and gemmtune's patch / load_quantized run it",
+    "fused": "qkv, o, gate_up, down, as engines that fuse projections run them (ExLlamaV2, "
+             "vLLM; the C header export is for those)",
+}
+"""Every layout with what it is for, in the order `--help` and errors list them."""
+
+DEFAULT_LAYOUT: Layout = "transformers"
+"""What `gemmtune.runtime.patch` runs: the Quick start's `tune --model` then `patch(model)`."""
+
+
+def parse_layout(text: str) -> Layout:
+    """`text` as a layout (case and surrounding space ignored), else one clear error line."""
+    key = text.strip().lower() if isinstance(text, str) else None
+    if key not in LAYOUTS:
+        raise InvalidProblemError(f"unknown layout {text!r}: choose {' or '.join(LAYOUTS)}")
+    return key  # type: ignore[return-value]
+
+
+def layout_shapes(spec: ModelSpec, layout: Layout) -> list[tuple[str, int, int]]:
+    """(name, K, N) of every linear of one decoder layer of `spec` in `layout`: the one place
+    that says which projections a layout has and what shape each is."""
+    hidden, inter = spec.hidden_size, spec.intermediate_size
+    attn = spec.num_attention_heads * spec.head_dim
+    kv = spec.num_key_value_heads * spec.head_dim
+    match layout:
+        case "transformers":
+            return [("q_proj", hidden, attn), ("k_proj", hidden, kv), ("v_proj", hidden, kv),
+                    ("o_proj", attn, hidden), ("gate_proj", hidden, inter),
+                    ("up_proj", hidden, inter), ("down_proj", inter, hidden)]
+        case "fused":
+            return [("qkv", hidden, attn + 2 * kv), ("o", attn, hidden),
+                    ("gate_up", hidden, 2 * inter), ("down", inter, hidden)]
+    raise InvalidProblemError(f"unknown layout {layout!r}")  # a Layout without its shapes here
 
 
 def _spec(name: str, hidden: int, inter: int, heads: int, kv: int, layers: int) -> ModelSpec:
@@ -169,25 +225,21 @@ def spec_layers(
     bits: int | None = None,
     group_size: int | None = None,
     act_order: bool | None = None,
+    *,
+    layout: Layout | str = DEFAULT_LAYOUT,
 ) -> list[Layer]:
-    """The fused GEMMs of one decoder layer of `spec`, each counted once per decoder layer.
+    """The GEMMs of one decoder layer of `spec` in `layout`, each counted once per decoder layer.
 
     Explicit arguments win over the spec's quantization settings, which win over 4-bit,
     group 128, no act-order. An AWQ checkpoint's layers are the same problems as GPTQ's (they
     are converted to the GPTQ layout at load and run the same kernels), never act-order.
     """
+    shapes = layout_shapes(spec, parse_layout(layout))
     b = bits if bits is not None else (spec.bits if spec.bits is not None else 4)
     g = group_size if group_size is not None else (spec.group_size if spec.group_size is not None else 128)
     a = act_order if act_order is not None else bool(spec.act_order)
-    attn = spec.num_attention_heads * spec.head_dim
-    shapes = {
-        "qkv": (spec.hidden_size, (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim),
-        "o": (attn, spec.hidden_size),
-        "gate_up": (spec.hidden_size, 2 * spec.intermediate_size),
-        "down": (spec.intermediate_size, spec.hidden_size),
-    }
     layers = []
-    for name, (k, n) in shapes.items():
+    for name, k, n in shapes:
         try:
             problem = Problem(k, n, b, g, a)
         except InvalidProblemError as exc:
@@ -201,13 +253,16 @@ def model_layers(
     bits: int | None = None,
     group_size: int | None = None,
     act_order: bool | None = None,
+    *,
+    layout: Layout | str = DEFAULT_LAYOUT,
 ) -> list[Layer]:
-    """Fused GEMM layers (qkv, o, gate_up, down) of a preset or a config.json.
+    """The GEMM layers of a preset or a config.json in `layout` (default: the separate
+    projections gemmtune's runtime runs; `"fused"`: qkv, o, gate_up, down).
 
     `None` means: from the config's `quantization_config` (GPTQ or AWQ) if present, else 4 bits,
     group 128, no act-order.
     """
-    return spec_layers(model_spec(name_or_path), bits, group_size, act_order)
+    return spec_layers(model_spec(name_or_path), bits, group_size, act_order, layout=layout)
 
 
 _SHAPE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")

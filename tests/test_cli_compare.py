@@ -192,7 +192,8 @@ def test_plot_without_matplotlib_fails_before_comparing_files(pair: tuple[str, s
 
 
 @pytest.mark.parametrize("case", ["plot-format", "report-under-a-file",
-                                  "missing-file", "tuned-in-memory", "tuned-bare-word"])
+                                  "missing-file", "tuned-in-memory", "tuned-bare-word",
+                                  "bad-layout"])
 def test_every_error_exits_2_before_measuring(fake_gpu: list[Any], tmp_path: Path,
                                               case: str) -> None:
     (tmp_path / "afile").write_text("x")
@@ -203,6 +204,7 @@ def test_every_error_exits_2_before_measuring(fake_gpu: list[Any], tmp_path: Pat
                          "no such file"),
         "tuned-in-memory": (["--db", "sqlite://"], "in-memory"),
         "tuned-bare-word": (["--db", "tuning"], "neither a URL nor a file path"),
+        "bad-layout": (["--layout", "vllm"], "unknown layout 'vllm': choose transformers or fused"),
     }[case]
     a, b = "exllamav2-0.0.11", ("tuned" if case.startswith("tuned") else "exllamav2-0.0.12")
     if case == "missing-file":
@@ -221,7 +223,29 @@ def test_compare_presets_measured_interleaved(fake_gpu: list[Any], tmp_path: Pat
     doc = json.loads(js.read_text())
     assert doc["a"]["mode"] == "interleaved" and doc["a"]["source"]["label"] == "exllamav2-0.0.11"
     assert {row["m"] for row in doc["rows"]} == {1, 4, 48}
-    assert "qkv×80" in r.output
+    # the default layout: the linears a transformers Llama-2-70B runs, shared shapes once
+    layers = {(p["problem"]["k"], p["problem"]["n"]): p["layers"] for p in doc["a"]["problems"]}
+    assert layers == {(8192, 8192): ["q_proj×80", "o_proj×80"],
+                      (8192, 1024): ["k_proj×80", "v_proj×80"],
+                      (8192, 28672): ["gate_proj×80", "up_proj×80"], (28672, 8192): ["down_proj×80"]}
+    assert "q_proj×80" in r.output
+
+
+def test_compare_a_fused_layout_measures_the_engines_shapes(fake_gpu: list[Any]) -> None:
+    r = run("compare", "exllamav2-0.0.11", "exllamav2-0.0.12", "--model", "llama-2-70b",
+            "--layout", "fused", "--m", "1")
+    assert r.exit_code == 1, r.output  # the fake's 4 rows per block are slower: a regression
+    assert sorted((ev.problem.k, ev.problem.n) for ev in fake_gpu) == [
+        (8192, 8192), (8192, 10240), (8192, 57344), (28672, 8192)]
+    assert "qkv×80" in r.output and "gate_up×80" in r.output
+
+
+def test_a_bad_layout_is_an_error_even_between_results_files(pair: tuple[str, str, str]) -> None:
+    assert "unknown layout 'fuse'" in _error_line(
+        CliRunner().invoke(main, ["compare", pair[0], pair[1], "--layout", "fuse"]))
+    r = CliRunner().invoke(main, ["bench", pair[0], "--layout", "fuse"])
+    assert r.exit_code == 1 and r.stderr.strip().startswith("error: unknown layout 'fuse'")
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_bench_writes_results_then_compare_against_a_live_source(fake_gpu: list[Any],

@@ -68,14 +68,28 @@ def test_no_gpu_is_one_line_and_touches_no_database(monkeypatch: pytest.MonkeyPa
     assert not path.exists()
 
 
-def test_tunes_every_shape_of_a_model_and_stores_it(monkeypatch: pytest.MonkeyPatch, db_url: str) -> None:
+# Llama-3-8B's distinct shapes: as transformers runs it (q/o, k/v, gate/up, down) and fused.
+LLAMA_3_8B = {
+    (): {"4096x4096-b4-g128", "4096x1024-b4-g128", "4096x14336-b4-g128", "14336x4096-b4-g128"},
+    ("--layout", "fused"): {"4096x6144-b4-g128", "4096x4096-b4-g128", "4096x28672-b4-g128",
+                            "14336x4096-b4-g128"},
+}
+
+
+@pytest.mark.parametrize("layout", list(LLAMA_3_8B), ids=["default-transformers", "fused"])
+def test_tunes_every_shape_of_a_model_and_stores_it(monkeypatch: pytest.MonkeyPatch, db_url: str,
+                                                    layout: tuple[str, ...]) -> None:
     db = db_url  # SQLite file and (when the suite has a server) PostgreSQL
     gpu = FakeGPU(monkeypatch)
-    result = run("--model", "llama-3-8b", "--workload", "decode", "--trials", "6", "--db", db)
+    result = CliRunner().invoke(main, ["tune", "--model", "llama-3-8b", *layout, "--workload",
+                                       "decode", "--trials", "6", "--db", db],
+                                env={"COLUMNS": "200"}, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "4096x6144-b4-g128" in result.output and "14336x4096-b4-g128" in result.output
+    assert {ev.problem.key() for ev in gpu.evaluators} == LLAMA_3_8B[layout]  # each shape once
+    assert all(key in result.output for key in LLAMA_3_8B[layout])
+    assert ("q_proj×32, o_proj×32" if not layout else "qkv×32") in result.output
     assert "tuned" in result.output and "speedup" in result.output
-    assert len(gpu.evaluators) == 4  # qkv, o, gate_up, down: each shape once
+    assert len(gpu.evaluators) == 4
     assert all(ev.closed for ev in gpu.evaluators)
     entries = stored(db)
     assert {e.problem_key for e in entries} == {ev.problem.key() for ev in gpu.evaluators}
@@ -160,21 +174,26 @@ def test_ctrl_c_stops_after_the_trial_and_resumes(monkeypatch: pytest.MonkeyPatc
     (("--shape", "4096x4096", "--device", "3"), "GPU 3 does not exist"),
     (("--shape", "4096x4096", "--device", "first"), "GPU index or `all`"),
     (("--model", "no-such-model"), "no-such-model"),
+    (("--model", "llama-3-8b", "--layout", "vllm"), "unknown layout 'vllm': choose transformers or fused"),
+    (("--shape", "4096x4096", "--layout", "fuse"), "unknown layout 'fuse'"),
     ((), "nothing to tune"),
 ])
 def test_bad_input_is_one_line(monkeypatch: pytest.MonkeyPatch, db: str, args: tuple[str, ...],
                                message: str) -> None:
-    FakeGPU(monkeypatch)
+    gpu = FakeGPU(monkeypatch)
     result = run(*args, "--db", db)
-    assert result.exit_code != 0
+    assert result.exit_code == 1  # tune's status for every input error
     assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.output
+    assert gpu.evaluators == []  # refused before anything was measured
 
 
 def test_help_teaches() -> None:
     out = CliRunner().invoke(main, ["tune", "--help"]).output
     for needle in ("gemmtune tune --model llama-3-8b", "--sampler grid", "--device all",
-                   "postgresql", "decode", "prefill", "mixed", "resume"):
+                   "postgresql", "decode", "prefill", "mixed", "resume", "--layout",
+                   "transformers", "fused", "gate_up", "[default: transformers]"):
         assert needle in out
 
 
@@ -222,8 +241,9 @@ def test_an_awq_checkpoint_is_tuned_with_its_own_group_size(monkeypatch: pytest.
     target = str(d / "config.json") if flag == "--config" else str(d)
     result = run(flag, target, "--workload", "decode", "--trials", "3", "--db", db)
     assert result.exit_code == 0, result.output
+    # the checkpoint's linears: q/o 1024x1024, k/v 1024x256 (4 kv heads of 64), gate/up, down
     assert {ev.problem.key() for ev in gpu.evaluators} == {
-        "1024x1536-b4-g64", "1024x1024-b4-g64", "1024x5632-b4-g64", "2816x1024-b4-g64"}
+        "1024x1024-b4-g64", "1024x256-b4-g64", "1024x2816-b4-g64", "2816x1024-b4-g64"}
 
 
 @pytest.mark.parametrize("qc, field", [

@@ -1,13 +1,19 @@
-"""Model presets and config.json parsing produce the fused GEMM shapes engines run."""
+"""Model presets and config.json parsing produce the GEMM shapes that will run: by default the
+separate linears of a transformers model (what gemmtune's `patch` runs), with `layout="fused"`
+the fused qkv / gate_up GEMMs engines run. Expected shapes are derived here from the published
+config values (hidden, intermediate, heads, kv heads, head_dim), never from the code under test."""
 
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gemmtune.autotune.models import (
+    DEFAULT_LAYOUT,
+    LAYOUTS,
     MODEL_PRESETS,
     Layer,
     model_layers,
@@ -41,26 +47,70 @@ def test_every_published_model_is_a_preset() -> None:
     assert set(MODEL_PRESETS) == set(PUBLISHED)
 
 
+def transformers_shapes(hidden: int, inter: int, heads: int, kv: int,
+                        head_dim: int) -> dict[str, tuple[int, int]]:
+    """A transformers Llama's nn.Linear (in_features, out_features) per projection."""
+    return {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim),
+            "v_proj": (hidden, kv * head_dim), "o_proj": (heads * head_dim, hidden),
+            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+
+
+def fused_shapes(hidden: int, inter: int, heads: int, kv: int,
+                 head_dim: int) -> dict[str, tuple[int, int]]:
+    """What an engine that fuses q/k/v and gate/up multiplies."""
+    return {"qkv": (hidden, (heads + 2 * kv) * head_dim), "o": (heads * head_dim, hidden),
+            "gate_up": (hidden, 2 * inter), "down": (inter, hidden)}
+
+
+def test_the_default_layout_is_what_patch_runs() -> None:
+    assert DEFAULT_LAYOUT == "transformers" and set(LAYOUTS) == {"transformers", "fused"}
+    assert model_layers("llama-3-8b") == model_layers("llama-3-8b", layout="transformers")
+
+
 def test_llama_3_8b_and_llama_2_70b_shapes() -> None:
+    # Llama-3-8B: hidden 4096, intermediate 14336, 32 heads, 8 kv heads, head_dim 128.
     assert shapes(model_layers("llama-3-8b")) == {
+        "q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024),
+        "o_proj": (4096, 4096), "gate_proj": (4096, 14336), "up_proj": (4096, 14336),
+        "down_proj": (14336, 4096),
+    }
+    # Llama-2-70B: hidden 8192, intermediate 28672, 64 heads, 8 kv heads, head_dim 128.
+    assert shapes(model_layers("llama-2-70b")) == {
+        "q_proj": (8192, 8192), "k_proj": (8192, 1024), "v_proj": (8192, 1024),
+        "o_proj": (8192, 8192), "gate_proj": (8192, 28672), "up_proj": (8192, 28672),
+        "down_proj": (28672, 8192),
+    }
+    assert shapes(model_layers("llama-3-8b", layout="fused")) == {
         "qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
     }
-    assert shapes(model_layers("llama-2-70b")) == {
+    assert shapes(model_layers("llama-2-70b", layout="fused")) == {
         "qkv": (8192, 10240), "o": (8192, 8192), "gate_up": (8192, 57344), "down": (28672, 8192),
     }
 
 
+def test_counts_per_forward_and_shared_shapes_are_tuned_once() -> None:
+    # Llama-3-8B, 32 decoder layers: q and o share 4096x4096, k and v 4096x1024, gate and up
+    # 4096x14336; each distinct shape is one problem weighted by every linear that runs it.
+    assert unique_problems(model_layers("llama-3-8b")) == {
+        Problem(4096, 4096): 64, Problem(4096, 1024): 64, Problem(4096, 14336): 64,
+        Problem(14336, 4096): 32}
+    assert unique_problems(model_layers("llama-2-70b")) == {
+        Problem(8192, 8192): 160, Problem(8192, 1024): 160, Problem(8192, 28672): 160,
+        Problem(28672, 8192): 80}
+    assert unique_problems(model_layers("llama-3-8b", layout="fused")) == {
+        Problem(4096, 6144): 32, Problem(4096, 4096): 32, Problem(4096, 28672): 32,
+        Problem(14336, 4096): 32}
+    # Llama-2-7B has no GQA: q, k, v and o are one 4096x4096 problem run 4 times a layer.
+    assert unique_problems(model_layers("llama-2-7b"))[Problem(4096, 4096)] == 4 * 32
+
+
+@pytest.mark.parametrize("layout, expected", [("transformers", transformers_shapes),
+                                              ("fused", fused_shapes)])
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
-def test_preset_shapes_follow_the_fused_projection_rules(name: str) -> None:
+def test_preset_shapes_follow_the_projection_rules(name: str, layout: str, expected: Any) -> None:
     hidden, inter, heads, kv, n_layers = PUBLISHED[name]
-    head_dim = hidden // heads
-    layers = model_layers(name, bits=4, group_size=128, act_order=True)
-    assert shapes(layers) == {
-        "qkv": (hidden, (heads + 2 * kv) * head_dim),
-        "o": (heads * head_dim, hidden),
-        "gate_up": (hidden, 2 * inter),
-        "down": (inter, hidden),
-    }
+    layers = model_layers(name, bits=4, group_size=128, act_order=True, layout=layout)
+    assert shapes(layers) == expected(hidden, inter, heads, kv, hidden // heads)
     for layer in layers:
         assert layer.count == n_layers
         assert (layer.problem.bits, layer.problem.group_size, layer.problem.act_order) == (4, 128, True)
@@ -70,8 +120,18 @@ def test_preset_shapes_follow_the_fused_projection_rules(name: str) -> None:
 @pytest.mark.parametrize("bits", [3, 4, 8])
 @pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
 def test_every_preset_fits_the_problem_rules(name: str, bits: int, group_size: int) -> None:
-    # Includes the Qwen2.5 intermediate sizes 18944, 13824, 27648, 29568 as K of `down`.
-    assert len(model_layers(name, bits=bits, group_size=group_size)) == 4
+    # Includes the Qwen2.5 intermediate sizes 18944, 13824, 27648, 29568 as K of `down` and
+    # Qwen2.5-7B's 512-wide k/v (4 kv heads of 128).
+    assert len(model_layers(name, bits=bits, group_size=group_size)) == 7
+    assert len(model_layers(name, bits=bits, group_size=group_size, layout="fused")) == 4
+
+
+def test_a_bad_layout_is_one_clear_error() -> None:
+    assert model_layers("llama-3-8b", layout=" Fused ") == model_layers("llama-3-8b", layout="fused")
+    for bad in ("vllm", "", "fuse"):
+        with pytest.raises(InvalidProblemError, match="unknown layout .*transformers or fused") as info:
+            model_layers("llama-3-8b", layout=bad)
+        assert "\n" not in str(info.value)
 
 
 def test_defaults_and_lenient_preset_names() -> None:
@@ -102,7 +162,9 @@ def test_config_json_matches_the_preset_and_reads_quantization(tmp_path: Path) -
         quantization_config={"quant_method": "gptq", "bits": 8, "group_size": 32, "desc_act": True},
     )
     layers = model_layers(path)
-    assert shapes(layers) == shapes(model_layers("llama-3-8b"))
+    assert shapes(layers) == transformers_shapes(hidden, inter, heads, kv, hidden // heads)
+    assert shapes(model_layers(path, layout="fused")) == fused_shapes(hidden, inter, heads, kv,
+                                                                      hidden // heads)
     assert all(lay.problem == Problem(lay.problem.k, lay.problem.n, 8, 32, True) for lay in layers)
     assert all(lay.count == n_layers for lay in layers)
     assert model_layers(tmp_path) == layers  # a model directory works too
@@ -115,11 +177,16 @@ def test_config_json_matches_the_preset_and_reads_quantization(tmp_path: Path) -
 def test_config_defaults_kv_heads_and_honours_explicit_head_dim(tmp_path: Path) -> None:
     path = write_config(tmp_path, hidden_size=2048, intermediate_size=5632,
                         num_attention_heads=16, num_hidden_layers=4)
-    assert shapes(model_layers(path))["qkv"] == (2048, 3 * 2048)  # kv heads default to heads
+    # kv heads default to heads
+    assert shapes(model_layers(path)) == transformers_shapes(2048, 5632, 16, 16, 128)
+    assert shapes(model_layers(path, layout="fused"))["qkv"] == (2048, 3 * 2048)
     # Mistral-NeMo style: head_dim given and heads * head_dim != hidden.
     path = write_config(tmp_path, hidden_size=5120, intermediate_size=14336, num_attention_heads=32,
                         num_key_value_heads=8, head_dim=128, num_hidden_layers=40)
     got = shapes(model_layers(path))
+    assert got["q_proj"] == (5120, 32 * 128) and got["o_proj"] == (32 * 128, 5120)
+    assert got["k_proj"] == got["v_proj"] == (5120, 8 * 128)
+    got = shapes(model_layers(path, layout="fused"))
     assert got["o"] == (32 * 128, 5120) and got["qkv"] == (5120, 48 * 128)
 
 
@@ -195,5 +262,5 @@ def test_shape_layers_and_unique_problems() -> None:
     assert unique_problems(layers) == {Problem(4096, 4096, 8, 64): 2, Problem(14336, 4096, 8, 64): 1}
     with pytest.raises(InvalidProblemError, match="multiple of 32"):
         shape_layers(["4100x4096"])
-    both = model_layers("llama-3-8b") + model_layers("mistral-7b")
-    assert all(count == 64 for count in unique_problems(both).values())
+    both = model_layers("llama-3-8b", layout="fused") + model_layers("mistral-7b", layout="fused")
+    assert all(count == 64 for count in unique_problems(both).values())  # same shapes: summed

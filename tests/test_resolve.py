@@ -322,7 +322,7 @@ def test_resolve_asks_the_profile_first_and_names_a_foreign_card(tmp_path: Path,
     layer = next(x for x in json.loads(r.stdout)["layers"] if x["problem_key"] == P.key())
     assert [(b["source"], b["config_key"]) for b in layer["bands"]] == [
         ("profile", CUSTOM_CFG.key()), ("database", MIXED_CFG.key())]
-    assert layer["layers"] == ["o×32"]
+    assert layer["layers"] == ["q_proj×32", "k_proj×32", "v_proj×32", "o_proj×32"]  # no GQA
     # the same profile seen from another card: skipped as a whole, nothing tuned there
     other = "0123456789abcdef"
     r = _resolve_cli("--shape", "4096x4096", "--db", db, "--profile", profile, "--fingerprint",
@@ -367,8 +367,16 @@ def test_resolve_reads_an_awq_checkpoint_and_refuses_exl2_in_one_line(tmp_path: 
     awq = config({"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm"})
     r = _resolve_cli("--config", awq, "--db", db, "--fingerprint", "0123456789abcdef", "--json")
     assert r.exit_code == 0, r.output
+    assert {x["problem_key"] for x in json.loads(r.stdout)["layers"]} == {  # q/k/v/o, gate/up, down
+        "4096x4096-b4-g64", "4096x11008-b4-g64", "11008x4096-b4-g64"}
+    r = _resolve_cli("--config", awq, "--layout", "fused", "--db", db, "--fingerprint",
+                     "0123456789abcdef", "--json")
     assert {x["problem_key"] for x in json.loads(r.stdout)["layers"]} == {
         "4096x12288-b4-g64", "4096x4096-b4-g64", "4096x22016-b4-g64", "11008x4096-b4-g64"}
+    r = _resolve_cli("--config", awq, "--layout", "qkv", "--db", db, "--fingerprint",
+                     "0123456789abcdef")
+    assert r.exit_code == 1 and r.output.strip() == "error: unknown layout 'qkv': choose " \
+        "transformers or fused"
     exl2 = config({"quant_method": "exl2", "bits": 4.65})
     r = _resolve_cli("--config", exl2, "--db", db, "--fingerprint", "0123456789abcdef")
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
+from gemmtune.autotune.models import DEFAULT_LAYOUT, LAYOUTS
 from gemmtune.kernels.errors import GemmtuneError
 
 console = Console()
@@ -63,9 +64,16 @@ def _db_option(func: F) -> F:
     return click.option("--db", "db_url", metavar="URL", default=None, help=_DB_HELP)(func)  # type: ignore[return-value]
 
 
+_LAYOUT_HELP = ("Which linears --model / --config derive: "
+                + "; ".join(f"{name}: {what}" for name, what in LAYOUTS.items())
+                + f" [default: {DEFAULT_LAYOUT}].")
+
+
 def _shape_options(func: F) -> F:
-    """--model/--config/--shape/--bits/--group/--act-order: which layer shapes (tune, bench,
-    compare and resolve spell them alike)."""
+    """--model/--config/--layout/--shape/--bits/--group/--act-order: which layer shapes (tune,
+    bench, compare and resolve spell them alike). `--layout` is a plain string checked by
+    `models.parse_layout` in the command body, so a bad value is one `error:` line with the
+    command's exit status, as a bad --model is."""
     opts = [
         click.option("--model", metavar="NAME|PATH",
                      help="Model preset (llama-3-8b, llama-2-70b, mistral-7b, qwen2.5-7b, …) or a "
@@ -73,6 +81,8 @@ def _shape_options(func: F) -> F:
         click.option("--config", "config_path", metavar="PATH",
                      help="A Hugging Face config.json (its quantization_config supplies "
                           "bits/group/act-order)."),
+        click.option("--layout", metavar="|".join(LAYOUTS), default=DEFAULT_LAYOUT,
+                     help=_LAYOUT_HELP),
         click.option("--shape", "shapes", metavar="KxN", multiple=True,
                      help="An explicit layer shape, K = in_features (repeatable)."),
         click.option("--bits", type=click.Choice(["4", "8"]), default=None,
@@ -87,16 +97,18 @@ def _shape_options(func: F) -> F:
     return func
 
 
-def _tune_problems(model: str | None, config_path: str | None, shapes: tuple[str, ...],
-                   bits: int | None, group: int | None, act_order: bool | None,
-                   what: str = "tune") -> Any:
-    """Distinct problems to tune, each with the layer names that use it (first-seen order)."""
-    from gemmtune.autotune.models import model_layers, shape_layers
+def _tune_problems(model: str | None, config_path: str | None, layout: str,
+                   shapes: tuple[str, ...], bits: int | None, group: int | None,
+                   act_order: bool | None, what: str = "tune") -> Any:
+    """Distinct problems to tune, each with the layer names that use it (first-seen order).
+    The layout is checked even when only --shape is given: a typo is never silently ignored."""
+    from gemmtune.autotune.models import model_layers, parse_layout, shape_layers
 
+    kind = parse_layout(layout)
     layers = []
     for source in (model, config_path):
         if source:
-            layers += model_layers(source, bits, group, act_order)
+            layers += model_layers(source, bits, group, act_order, layout=kind)
     if shapes:
         layers += shape_layers(shapes, bits if bits is not None else 4,
                                group if group is not None else 128, bool(act_order))

@@ -31,6 +31,7 @@ SOURCE is one of:
 Examples:
   gemmtune bench default --model llama-3-8b -o default.json
   gemmtune bench tuned --model llama-2-70b --m 1,2,4,8 -o tuned.json
+  gemmtune bench default --model llama-3-8b --layout fused    # qkv, o, gate_up, down shapes
   gemmtune bench exllamav2-0.0.12 --shape 8192x8192 --workload decode
 """
 
@@ -49,6 +50,7 @@ matplotlib), reported before anything is measured: usable as a CI gate.
 Examples:
   gemmtune compare exllamav2-0.0.11 exllamav2-0.0.12 --model llama-2-70b --plot cmp.png
   gemmtune compare exllamav2-0.0.12 tuned --model llama-3-8b --report cmp.md
+  gemmtune compare exllamav2-0.0.12 tuned --model llama-3-8b --layout fused   # engines' fused shapes
   gemmtune compare main.json pr.json --threshold 5%      # CI: results of two builds
 """
 
@@ -76,12 +78,16 @@ def _problem_options(func: F) -> F:
     return func
 
 
-def _bench_problems(model: str | None, config_path: str | None, shapes: tuple[str, ...],
-                    bits: str | None, group: str | None, act_order: bool | None) -> dict[Any, list[str]]:
+def _bench_problems(model: str | None, config_path: str | None, layout: str,
+                    shapes: tuple[str, ...], bits: str | None, group: str | None,
+                    act_order: bool | None) -> dict[Any, list[str]]:
     """Problems named on the command line ({} when none: a results file may supply them)."""
     if not (model or config_path or shapes):
+        from gemmtune.autotune.models import parse_layout
+
+        parse_layout(layout)  # a bad --layout is an error even where no model is named
         return {}
-    return dict(_tune_problems(model, config_path, shapes, int(bits) if bits else None,
+    return dict(_tune_problems(model, config_path, layout, shapes, int(bits) if bits else None,
                                int(group) if group else None, act_order))
 
 
@@ -146,7 +152,8 @@ def _bench_table(results: Any) -> Any:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Write the results JSON here (input for `gemmtune compare`).")
 @_friendly
-def bench(source: str, model: str | None, config_path: str | None, shapes: tuple[str, ...],
+def bench(source: str, model: str | None, config_path: str | None, layout: str,
+          shapes: tuple[str, ...],
           bits: str | None, group: str | None, act_order: bool | None, m_text: str | None,
           workload_text: str | None, tuned_workload: str | None, device_index: int,
           db_url: str | None, check: bool, output: str | None) -> None:
@@ -163,7 +170,7 @@ def bench(source: str, model: str | None, config_path: str | None, shapes: tuple
 
     if output:
         cmp.check_output(output, "-o")  # before minutes of measuring, not after
-    problems = _bench_problems(model, config_path, shapes, bits, group, act_order)
+    problems = _bench_problems(model, config_path, layout, shapes, bits, group, act_order)
     ms = cmp.parse_ms(m_text, workload_text)
     if cmp.classify_source(source) == "results":
         results = cmp.load_results(source)
@@ -238,7 +245,8 @@ def _compare_table(c: Any) -> Any:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str), default=None,
               metavar="FILE.json", help="Write the comparison (rows and both results) as JSON.")
 @_friendly_exit(COMPARE_ERROR_EXIT)
-def compare(a: str, b: str, model: str | None, config_path: str | None, shapes: tuple[str, ...],
+def compare(a: str, b: str, model: str | None, config_path: str | None, layout: str,
+            shapes: tuple[str, ...],
             bits: str | None, group: str | None, act_order: bool | None, m_text: str | None,
             workload_text: str | None, tuned_workload: str | None, device_index: int,
             db_url: str | None, threshold_text: str, rounds: int, plot_path: str | None,
@@ -260,7 +268,7 @@ def compare(a: str, b: str, model: str | None, config_path: str | None, shapes: 
     for what, out in (("--report", report_path), ("--json", json_path)):
         if out:
             cmp.check_output(out, what)
-    problems = _bench_problems(model, config_path, shapes, bits, group, act_order)
+    problems = _bench_problems(model, config_path, layout, shapes, bits, group, act_order)
     ms_given = bool(m_text or workload_text)
     ms = cmp.parse_ms(m_text, workload_text)
     kinds, loaded, problems, ms = cmp.compare_inputs(a, b, problems, ms, ms_given)

@@ -22,6 +22,7 @@ _RESOLVE_EPILOG = """\b
 Examples:
   gemmtune resolve --model llama-2-13b                   # this GPU, or the one tuned card
   gemmtune resolve --model llama-2-70b --fingerprint 2c0ad6e0 --db tuning.db
+  gemmtune resolve --model llama-3-8b --layout fused     # an engine's fused qkv / gate_up shapes
   gemmtune resolve --shape 4096x4096 --profile h100.json --json
 
 \b
@@ -77,7 +78,7 @@ def _resolve_json(ex: Any) -> dict[str, Any]:
 @_db_option
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
 @_friendly
-def resolve_cmd(model: str | None, config_path: str | None, shapes: tuple[str, ...],
+def resolve_cmd(model: str | None, config_path: str | None, layout: str, shapes: tuple[str, ...],
                 bits: str | None, group: str | None, act_order: bool | None,
                 workload_text: str | None, fingerprint_spec: str | None, profile_path: str,
                 db_url: str | None, as_json: bool) -> None:
@@ -91,7 +92,7 @@ def resolve_cmd(model: str | None, config_path: str | None, shapes: tuple[str, .
     from gemmtune.kernels.workload import Workload
     from gemmtune.runtime.explain import explain, find_card
 
-    problems = _tune_problems(model, config_path, shapes, int(bits) if bits else None,
+    problems = _tune_problems(model, config_path, layout, shapes, int(bits) if bits else None,
                               int(group) if group else None, act_order, "resolve")
     workload = Workload.parse(workload_text) if workload_text else None
     card = find_card(fingerprint_spec, db_url, profile_path)

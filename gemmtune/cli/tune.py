@@ -19,8 +19,9 @@ from gemmtune.cli._common import (
 
 _TUNE_EPILOG = """\b
 Examples:
-  gemmtune tune --model llama-3-8b                     # every layer shape of the model, mixed workload
+  gemmtune tune --model llama-3-8b                     # the linears patch(model) runs, mixed workload
   gemmtune tune --config ./Llama-3-8B-GPTQ/config.json # shapes and bits/group from the checkpoint
+  gemmtune tune --model llama-3-8b --layout fused      # qkv, o, gate_up, down (ExLlamaV2, vLLM)
   gemmtune tune --shape 4096x4096 --shape 4096x14336 --bits 4 --group 128
   gemmtune tune --model llama-2-70b --workload decode --trials 100
   gemmtune tune --model mistral-7b --workload 1:8,2:4,16:1,512:0.5
@@ -33,6 +34,11 @@ Workloads (the objective is the weighted sum of per-M latencies):
   decode   M = 1..8, equal weights            prefill  M = 128..2048, equal weights
   mixed    1..512, mostly decode (default)    1,2,4    these Ms, equal weights
   1:4,512:1  these Ms with these weights
+
+\b
+Layouts (--layout, for --model / --config): transformers (default) tunes q, k, v, o, gate, up
+and down as the separate linears gemmtune's patch / load_quantized run; fused tunes the fused
+qkv and gate_up GEMMs of engines that fuse projections (and of the C header export).
 
 \b
 Each (GPU model, kernel build, shape, workload) is one Optuna study in the database: an
@@ -104,8 +110,8 @@ def _plan_label(r: Any) -> str:
               "search starts over; an unfinished one resumes).")
 @click.option("--seed", type=int, default=None, help="Sampler seed (reproducible proposals).")
 @_friendly
-def tune(model: str | None, config_path: str | None, shapes: tuple[str, ...], bits: str | None,
-         group: str | None, act_order: bool | None, workload_text: str, trials: int | None,
+def tune(model: str | None, config_path: str | None, layout: str, shapes: tuple[str, ...],
+         bits: str | None, group: str | None, act_order: bool | None, workload_text: str, trials: int | None,
          timeout_s: float | None, sampler: str, space_name: str, device_spec: str,
          db_url: str | None, retune: bool, seed: int | None) -> None:
     """Search kernel parameters for each layer shape on this GPU and store the winners.
@@ -120,7 +126,7 @@ def tune(model: str | None, config_path: str | None, shapes: tuple[str, ...], bi
     from gemmtune.kernels.workload import Workload
 
     workload = Workload.parse(workload_text)
-    problems = _tune_problems(model, config_path, shapes, int(bits) if bits else None,
+    problems = _tune_problems(model, config_path, layout, shapes, int(bits) if bits else None,
                               int(group) if group else None, act_order)
     n_gpus = st.gpu_count()
     if n_gpus == 0:
