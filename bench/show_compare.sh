@@ -6,6 +6,9 @@
 #   8b     tune llama-3-8b (mixed workload) into a throw-away database, then
 #          exllamav2-0.0.12 vs tuned on its shapes
 #
+# Both use the fused layout (qkv, o, gate_up, down), as when docs/compare-* were first measured
+# (before --layout existed), so reruns stay comparable with them.
+#
 # Writes docs/compare-*.json (comparison incl. both results), docs/compare-*.md (table),
 # docs/compare-*.png (latency against M with each config's fused/reconstruct switch) and the
 # tuned profile docs/compare-tuned-llama-3-8b.profile.json. When $OUT is set (the device runner)
@@ -43,13 +46,13 @@ run_compare() {  # name, then compare arguments
 
 if [[ "$what" == 70b || "$what" == all ]]; then
     run_compare exllamav2-0.0.11-vs-0.0.12-llama-2-70b exllamav2-0.0.11 exllamav2-0.0.12 \
-        --model llama-2-70b
+        --model llama-2-70b --layout fused
 fi
 
 if [[ "$what" == 8b || "$what" == all ]]; then
     tmpdb="$(mktemp -d)/tuning.db"
-    echo "== gemmtune tune --model llama-3-8b --workload mixed --db $tmpdb"
-    "$GEMMTUNE" tune --model llama-3-8b --workload mixed --db "$tmpdb" --trials "$TRIALS" \
+    echo "== gemmtune tune --model llama-3-8b --layout fused --workload mixed --db $tmpdb"
+    "$GEMMTUNE" tune --model llama-3-8b --layout fused --workload mixed --db "$tmpdb" --trials "$TRIALS" \
         --timeout "$TUNE_TIMEOUT" 2>&1 | tee "$logs/tune-llama-3-8b.txt"
     tune_rc=${PIPESTATUS[0]}
     if [[ $tune_rc -ne 0 ]]; then
@@ -58,7 +61,7 @@ if [[ "$what" == 8b || "$what" == all ]]; then
     "$GEMMTUNE" export --db "$tmpdb" -o docs/compare-tuned-llama-3-8b.profile.json \
         && written+=(docs/compare-tuned-llama-3-8b.profile.json)
     GEMMTUNE_DB="$tmpdb" run_compare exllamav2-0.0.12-vs-tuned-llama-3-8b exllamav2-0.0.12 tuned \
-        --model llama-3-8b --db "$tmpdb"
+        --model llama-3-8b --layout fused --db "$tmpdb"
 fi
 
 if [[ -n "${OUT:-}" ]]; then
