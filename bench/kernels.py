@@ -101,44 +101,29 @@ def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float
 
     acts = {m: torch.randn(m, k, device="cuda", dtype=torch.float16) for m in ms}
     fused: dict[str, dict[int, float]] = {}
-    cands = candidates()
-    # stage 1: every candidate on a few Ms
-    for c in cands:
-        fused[c.variant_key()] = {}
-        for m in STAGE1_MS:
-            if m in acts:
-                fused[c.variant_key()][m] = run_cfg(c, acts[m]).median_us
-    stage1 = [m for m in STAGE1_MS if m in acts]
-    def score(c: KernelConfig) -> float:
-        d = fused[c.variant_key()]
-        return sum(math.log(d[m]) for m in stage1)
-    top = sorted(cands, key=score)[:6]
-    # best per stage-1 M too, so each M's best variant is in stage 2
-    for m in stage1:
-        best_m = min(cands, key=lambda c: fused[c.variant_key()][m])
-        if best_m not in top:
-            top.append(best_m)
-    for c in top:
-        for m in ms:
-            if m not in fused[c.variant_key()]:
-                fused[c.variant_key()][m] = run_cfg(c, acts[m]).median_us
+
+    def sweep(cands: list[KernelConfig], stage1: list[int], stage2: list[int]) -> list[KernelConfig]:
+        """Two stages: every candidate at `stage1`, then the six best (geometric mean) and each
+        stage-1 M's best at every M of `stage2`; returns those finalists."""
+        for c in cands:
+            fused[c.variant_key()] = {m: run_cfg(c, acts[m]).median_us for m in stage1}
+        def score(c: KernelConfig) -> float:
+            return sum(math.log(fused[c.variant_key()][m]) for m in stage1)
+        top = sorted(cands, key=score)[:6]
+        for m in stage1:  # so each M's best variant is in stage 2
+            best_m = min(cands, key=lambda c: fused[c.variant_key()][m])
+            if best_m not in top:
+                top.append(best_m)
+        for c in top:
+            for m in stage2:
+                if m not in fused[c.variant_key()]:
+                    fused[c.variant_key()][m] = run_cfg(c, acts[m]).median_us
+        return top
+
+    top = sweep(candidates(), [m for m in STAGE1_MS if m in acts], ms)
     # the tiled family the same way, from M = TILED_MIN_M up
     tms = [m for m in ms if m >= TILED_MIN_M]
-    tcands = tiled_candidates() if tms else []
-    t1 = [m for m in TILED_STAGE1_MS if m in tms] or tms[:1]
-    for c in tcands:
-        fused[c.variant_key()] = {m: run_cfg(c, acts[m]).median_us for m in t1}
-    def tscore(c: KernelConfig) -> float:
-        return sum(math.log(fused[c.variant_key()][m]) for m in t1)
-    ttop = sorted(tcands, key=tscore)[:6]
-    for m in t1:
-        best_m = min(tcands, key=lambda c: fused[c.variant_key()][m])
-        if best_m not in ttop:
-            ttop.append(best_m)
-    for c in ttop:
-        for m in tms:
-            if m not in fused[c.variant_key()]:
-                fused[c.variant_key()][m] = run_cfg(c, acts[m]).median_us
+    ttop = sweep(tiled_candidates(), [m for m in TILED_STAGE1_MS if m in tms] or tms[:1], tms) if tms else []
     top += ttop
     # explicit K splits of the three best of each family (the sweep above uses the launcher's
     # automatic split, which scores whole waves and not the split-K reduction's traffic; the
