@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import pytest
 import torch
 from gemmtune.kernels import reference
@@ -17,6 +20,8 @@ def cuda_ok() -> bool:
         return False
     return True
 
+
+T = TypeVar("T")
 
 requires_gpu = pytest.mark.skipif(not cuda_ok(), reason="needs a CUDA GPU and CuPy (run `pytest -m gpu` on the GPU machine)")
 
@@ -36,6 +41,22 @@ def reference_product(a: torch.Tensor, t: GPTQTensors, w_ref: torch.Tensor | Non
         return a.reshape(-1, t.k).float() @ w_ref
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def capture(call: Callable[[], T], warmups: int = 1) -> tuple[torch.cuda.CUDAGraph, T]:
+    """`call()` warmed up on a side stream (compiles, allocates, picks cuBLAS handles outside the
+    capture), then captured on the current device: the graph and what the captured call returned
+    (its output tensors, which each replay rewrites)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmups):
+            call()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    return graph, out
 
 
 def activations(m: int, k: int, seed: int, device: str = "cuda") -> torch.Tensor:

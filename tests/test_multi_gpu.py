@@ -16,7 +16,7 @@ from gemmtune.kernels import reference
 from gemmtune.kernels.dispatch import Plan
 from gemmtune.runtime import QuantLinear
 
-from tests.gpu_util import activations, cuda_ok, layer, reference_product
+from tests.gpu_util import activations, capture, cuda_ok, layer, reference_product
 
 two_gpus = pytest.mark.skipif(
     not cuda_ok() or torch.cuda.device_count() < 2,
@@ -88,14 +88,7 @@ def test_cuda_graph_capture_on_the_second_card() -> None:
     torch.cuda.set_device(0)
     static_in = activations(4, 4096, seed=1, device="cuda:1")
     with torch.cuda.device(1):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            q(static_in)  # warm-up outside the capture
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            static_out = q(static_in)
+        g, static_out = capture(lambda: q(static_in))
     for seed in (2, 3):
         a = activations(4, 4096, seed=seed, device="cuda:1")
         static_in.copy_(a)

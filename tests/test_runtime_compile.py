@@ -19,7 +19,7 @@ from gemmtune.runtime import QuantLinear, quantize_model
 from gemmtune.runtime import ops as gt_ops
 from torch import nn
 
-from tests.gpu_util import requires_gpu
+from tests.gpu_util import capture, requires_gpu
 from tests.tiny_llama import tiny_llama
 
 transformers = pytest.importorskip("transformers")
@@ -219,15 +219,8 @@ def test_gpu_compiled_llama_replays_in_a_cuda_graph() -> None:
     compiled = torch.compile(model, fullgraph=True)
     static_ids = _ids(40, (2, 4), "cuda")
     with torch.no_grad():
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):  # compile and warm up outside the capture
-                compiled(static_ids)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            static_logits = compiled(static_ids).logits
+        # compile and warm up (twice) outside the capture
+        g, static_logits = capture(lambda: compiled(static_ids).logits, warmups=2)
         for seed in (41, 42):
             ids = _ids(seed, (2, 4), "cuda")
             static_ids.copy_(ids)

@@ -15,7 +15,7 @@ from gemmtune.kernels import PRESETS, KernelConfig, reference
 from gemmtune.runtime import QuantLinear, describe, patch
 from torch import nn
 
-from tests.gpu_util import activations, layer, reference_product, requires_gpu
+from tests.gpu_util import activations, capture, layer, reference_product, requires_gpu
 
 pytestmark = [pytest.mark.gpu, requires_gpu, pytest.mark.usefixtures("fresh_runtime")]
 
@@ -55,14 +55,7 @@ def test_cuda_graph_capture_replays_correctly() -> None:
     t = layer(4096, 2048, 4, 128, True, seed=11)
     q = QuantLinear.from_gptq_tensors(t, torch.randn(2048, dtype=torch.float16)).cuda()
     static_in = activations(4, 4096, seed=1)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        q(static_in)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_out = q(static_in)
+    g, static_out = capture(lambda: q(static_in))
     for seed in (2, 3):
         a = activations(4, 4096, seed=seed)
         static_in.copy_(a)
@@ -251,16 +244,9 @@ def test_banded_dispatch_replays_correctly_under_cuda_graph_capture(
     w_ref = reference.dequantize(t, torch.float32).cuda()
     ms = _edge_ms(q)
     graphs = []
-    s = torch.cuda.Stream()
     for m in ms:  # one graph per M (static shapes), each captured after a warm-up
         static_in = activations(m, 4096, seed=400 + m)
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            q(static_in)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            static_out = q(static_in)
+        g, static_out = capture(lambda x=static_in: q(x))
         graphs.append((m, g, static_in, static_out))
     for seed in (1, 2):
         for m, g, static_in, static_out in graphs:

@@ -11,7 +11,7 @@ import torch
 from gemmtune.kernels import reference
 from gemmtune.kernels.config import TILED, TILES, KernelConfig, tiled_violation
 
-from tests.gpu_util import activations, layer, reference_product, requires_gpu
+from tests.gpu_util import activations, capture, layer, reference_product, requires_gpu
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
@@ -117,14 +117,7 @@ def test_tiled_under_cuda_graph_replay() -> None:
         w_ref = reference.dequantize(t, torch.float32).cuda()
         a = activations(48, t.k, seed=0)
         out = torch.empty((48, t.n), dtype=torch.float16, device="cuda")
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            plan(a, out)  # warm-up outside the graph
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            plan(a, out)
+        g, _ = capture(lambda p=plan, x=a, o=out: p(x, o))
         for seed in (3, 4):
             a.copy_(activations(48, t.k, seed=seed))
             out.fill_(float("nan"))
