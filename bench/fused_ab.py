@@ -88,9 +88,7 @@ class OldSource:
             mod = cupy.RawModule(code=self.code, options=(*ck.nvrtc_options(), *self.flags), name_expressions=[v.expression()])
             k = mod.get_function(v.expression())
             got = self.fns[v.expression()] = getattr(k, "kernel", k)
-            smem = int(getattr(v, "smem_bytes", 0))
-            if smem:  # as compile.get_kernel does for the shipped source
-                cupy.cuda.driver.funcSetAttribute(got.ptr, 8, smem)
+            ck.allow_shared_memory(got, v)
         return got
 
 

@@ -154,9 +154,8 @@ def _cupy() -> Any:
 
 
 def get_kernel(variant: Variant, device: int = 0) -> Any:
-    """The launchable `cupy.cuda.Function` of `variant` on `device` (compiled on first use).
-    A variant with dynamic shared memory is opted into exactly what it asks for here (past
-    48 KB, static shared memory included, a launch fails without it)."""
+    """The launchable `cupy.cuda.Function` of `variant` on `device` (compiled on first use, and
+    allowed the dynamic shared memory it launches with)."""
     key = (variant.expression(), device)
     fn = _functions.get(key)
     if fn is not None:
@@ -175,16 +174,21 @@ def get_kernel(variant: Variant, device: int = 0) -> Any:
                 )
                 kernel = module.get_function(variant.expression())
                 fn = getattr(kernel, "kernel", kernel)  # RawKernel -> cupy.cuda.Function
-                smem = int(getattr(variant, "smem_bytes", 0))
-                if smem:
-                    cupy.cuda.driver.funcSetAttribute(
-                        fn.ptr, _MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+                allow_shared_memory(fn, variant)
         except cupy.cuda.compiler.CompileException as exc:
             raise KernelBuildError(f"{variant.expression()} failed to compile:\n{exc}") from exc
         except cupy.cuda.driver.CUDADriverError as exc:
             raise KernelBuildError(f"{variant.expression()} failed to load: {exc}") from exc
         _functions[key] = fn
     return fn
+
+
+def allow_shared_memory(fn: Any, variant: Variant) -> None:
+    """Opt `fn` into exactly the dynamic shared memory `variant` launches with (past 48 KB, static
+    shared memory included, a launch fails without it); nothing for variants without any."""
+    smem = int(getattr(variant, "smem_bytes", 0))
+    if smem:
+        _cupy().cuda.driver.funcSetAttribute(fn.ptr, _MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
 
 
 class StreamRef:
