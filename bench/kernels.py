@@ -31,7 +31,7 @@ from gemmtune.kernels.dispatch import plan_for
 from gemmtune.kernels.gptq import random_gptq
 from gemmtune.kernels.sources import kernel_hash
 from gemmtune.kernels.weights import QuantizedWeight
-from gemmtune.kernels.workload import Workload
+from report import bench_workload
 
 SHAPES = [
     ("llama3-8b", "qkv", 4096, 6144),
@@ -145,10 +145,8 @@ def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float
     fp16 = {m: timing.graph_time(lambda i, a=acts[m]: torch.mm(a, w16[i % fp16_copies])).median_us for m in ms}
 
     # dispatch: the plan over M bands a tuner stores (autotune.bands, the same DP) from these
-    # measurements, each M weighted by 1 / its fp16 time so every M counts about equally (as in a
-    # geometric mean) instead of the largest M dominating a sum of microseconds.
-    wl = Workload("bench", tuple(ms), tuple(1.0 / fp16[m] for m in ms))
-    plan = plan_bands([Measured(c, fused[c.variant_key()]) for c in top], recon, wl)
+    # measurements, for the benchmark's workload (report.bench_workload)
+    plan = plan_bands([Measured(c, fused[c.variant_key()]) for c in top], recon, bench_workload(fp16))
     assert plan is not None
     plans_by_shape[f"{k}x{n}"] = [[m_hi, cfg.key()] for m_hi, cfg in plan.bands]
     rows = []

@@ -18,6 +18,10 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gemmtune.kernels.workload import Workload
 
 
 def geomean(xs: list[float]) -> float:
@@ -126,13 +130,23 @@ def render(result: dict, anchor: dict | None, replan: bool = False) -> str:
     return "\n".join(out) + "\n"
 
 
+def bench_workload(fp16_us: dict[int, float]) -> Workload:
+    """The workload a shape's plan is built for in the kernel benchmark: its Ms, each weighted by
+    1 / its torch fp16 time, so every M counts about equally (as in a geometric mean) instead of
+    the largest M dominating a sum of microseconds. bench/kernels.py plans with it, `--replan`
+    re-plans with it."""
+    from gemmtune.kernels.workload import Workload
+
+    ms = tuple(sorted(fp16_us))
+    return Workload("bench", ms, tuple(1.0 / fp16_us[m] for m in ms))
+
+
 def replanned(result: dict) -> list[dict]:
     """The rows with `dispatch_us` priced from this run's per-variant timings under the current
     band rule (`autotune.bands.plan_bands`, the tuner's DP), not re-measured: what the plan rule
     of this checkout would dispatch, when the run was made with an older rule."""
     from gemmtune.autotune.bands import Measured, plan_bands
     from gemmtune.kernels.config import KernelConfig
-    from gemmtune.kernels.workload import Workload
 
     out = []
     by_shape: dict[str, list[dict]] = {}
@@ -143,9 +157,7 @@ def replanned(result: dict) -> list[dict]:
                  for key, d in result["fused_by_variant"][shape].items()]
         recon = {int(c): {int(m): v for m, v in d.items()}
                  for c, d in result["recon_by_chunk"][shape].items()}
-        ms = tuple(r["M"] for r in rows)
-        wl = Workload("bench", ms, tuple(1.0 / r["fp16_us"] for r in rows))
-        plan = plan_bands(fused, recon, wl)
+        plan = plan_bands(fused, recon, bench_workload({r["M"]: r["fp16_us"] for r in rows}))
         assert plan is not None
         out += [{**r, "dispatch_us": plan.latencies_us[r["M"]]} for r in rows]
     return out
