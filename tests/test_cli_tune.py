@@ -262,3 +262,17 @@ def test_an_unsupported_checkpoint_is_one_line_and_exit_2(monkeypatch: pytest.Mo
     assert len(result.stderr.strip().splitlines()) == 1
     assert field in result.stderr and "quantization_config" in result.stderr
     assert "Traceback" not in result.output and gpu.evaluators == []
+
+
+def test_the_config_column_names_the_kernel_family_it_runs() -> None:
+    """A tiled band is spelled by its block tile and stages, not by decode factors it ignores
+    (the tune, bench and resolve tables all use this spelling)."""
+    from gemmtune.kernels.config import TILED
+
+    from gemmtune.cli._common import _config_short
+
+    tiled = KernelConfig(max_q_gemm_rows=128, kernel=TILED, tile_m=32, tile_n=128, tile_k=64,
+                         stages=3, split_k=8)
+    decode = KernelConfig(max_q_gemm_rows=8, max_q_gemm_rows_kernel=4, split_k=2)
+    assert _config_short(tiled) == "≤128 fused, tiled 32x128x64 st3 sk8 rc0"
+    assert _config_short(decode) == "≤8 fused, 4 rows, 64x64 sk2 u2 rc0"
