@@ -124,10 +124,8 @@ def _config_short(config: Any) -> str:
     """Compact config spelling for the table: threshold, then the fused kernel's own factors
     (decode: rows per block, block_n x threads, unroll; tiled: block tile and stages), split-K,
     reconstruct chunk (spaces let it wrap in a narrow terminal)."""
-    from gemmtune.kernels.config import TILED
-
     c = config
-    if c.kernel == TILED:
+    if c.tiled:
         own = f"tiled {c.tile_m}x{c.tile_n}x{c.tile_k} st{c.stages} sk{c.split_k}"
     else:
         own = f"{c.max_q_gemm_rows_kernel} rows, {c.block_n}x{c.threads} sk{c.split_k} u{c.k_unroll}"
