@@ -11,38 +11,43 @@ gemmtune.kernels and gemmtune.db; CuPy is touched only when a layer is prepared 
 
 from __future__ import annotations
 
-from gemmtune.kernels.formats import QuantFormat, read_format
+if __name__ != "gemmtune.runtime":  # imported as top-level `runtime`: not ours to answer
+    from gemmtune._toplevel import hand_over
 
-from .lookup import (
-    DB_ENV,
-    DISABLE_ENV,
-    PROFILE_ENV,
-    GemmtuneWarning,
-    LookupResult,
-    clear_cache,
-    lookup,
-    lookup_split,
-)
-from .patch import PatchedLayer, PatchReport, describe, load_quantized, patch, quantize_model
-from .quant_linear import GPTQSpec, QuantLinear
+    hand_over(__name__, __file__)
+else:
+    from gemmtune.kernels.formats import QuantFormat, read_format
 
-__all__ = [
-    "DB_ENV",
-    "DISABLE_ENV",
-    "PROFILE_ENV",
-    "GPTQSpec",
-    "GemmtuneWarning",
-    "LookupResult",
-    "PatchReport",
-    "PatchedLayer",
-    "QuantFormat",
-    "QuantLinear",
-    "clear_cache",
-    "describe",
-    "load_quantized",
-    "lookup",
-    "lookup_split",
-    "patch",
-    "quantize_model",
-    "read_format",
-]
+    from .lookup import (
+        DB_ENV,
+        DISABLE_ENV,
+        PROFILE_ENV,
+        GemmtuneWarning,
+        LookupResult,
+        clear_cache,
+        lookup,
+        lookup_split,
+    )
+    from .patch import PatchedLayer, PatchReport, describe, load_quantized, patch, quantize_model
+    from .quant_linear import GPTQSpec, QuantLinear
+
+    __all__ = [
+        "DB_ENV",
+        "DISABLE_ENV",
+        "PROFILE_ENV",
+        "GPTQSpec",
+        "GemmtuneWarning",
+        "LookupResult",
+        "PatchReport",
+        "PatchedLayer",
+        "QuantFormat",
+        "QuantLinear",
+        "clear_cache",
+        "describe",
+        "load_quantized",
+        "lookup",
+        "lookup_split",
+        "patch",
+        "quantize_model",
+        "read_format",
+    ]
