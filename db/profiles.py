@@ -419,10 +419,15 @@ def validate_profile(doc: Any, validator: ProfileValidator, *, name: str = "prof
         raise v.fail("(top level)", f"must be an object, got {_tname(doc)}")
     # Identify the format and version first: an unknown version gets that message, not a
     # list of fields it happens to lack.
-    if doc.get("format") != PROFILE_FORMAT:
-        raise v.fail("format", f"must be {PROFILE_FORMAT!r}, got {doc.get('format')!r} "
+    # A field that is absent is named as missing (as `obj` does), not as a null of a wrong type.
+    for key in ("format", "schema_version"):
+        if key not in doc:
+            raise v.fail(key, "missing field" + (" (not a gemmtune profile)"
+                                                 if key == "format" else ""))
+    if doc["format"] != PROFILE_FORMAT:
+        raise v.fail("format", f"must be {PROFILE_FORMAT!r}, got {doc['format']!r} "
                      "(not a gemmtune profile)")
-    sv = doc.get("schema_version")
+    sv = doc["schema_version"]
     if isinstance(sv, bool) or not isinstance(sv, int):
         raise v.fail("schema_version", f"must be an integer, got {_tname(sv)}")
     if sv not in SUPPORTED_SCHEMA_VERSIONS:

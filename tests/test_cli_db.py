@@ -209,6 +209,19 @@ def test_import_dry_run_writes_nothing(filled, tmp_path):
     assert not target.exists()
 
 
+def test_import_of_a_profile_without_schema_version_says_it_is_missing(filled, tmp_path):
+    good = tmp_path / "a.json"
+    assert run("export", "--db", filled, "--device", "A100", "-o", str(good)).exit_code == 0
+    doc = json.loads(good.read_text())
+    del doc["schema_version"]
+    bad = tmp_path / "old.json"
+    bad.write_text(json.dumps(doc))
+    target = tmp_path / "untouched.db"
+    line = one_error_line(run("import", str(bad), "--db", str(target)))
+    assert "schema_version" in line and "missing" in line and "null" not in line, line
+    assert not target.exists()
+
+
 def test_doctor_reports_database_and_environment(filled):
     r = run("doctor", "--db", filled)
     assert r.exit_code == 0, r.stderr

@@ -261,6 +261,9 @@ BAD_FIELDS: list[tuple[str, Any, str, str]] = [
     ("schema_version", 1, "entries[0].bands", "unknown"),  # schema 1 has no bands
     ("schema_version", "1", "schema_version", "integer"),
     ("schema_version", True, "schema_version", "integer"),
+    ("schema_version", None, "schema_version", "integer, got null"),
+    ("schema_version", _DELETE, "schema_version", "missing field"),
+    ("format", _DELETE, "format", "missing field"),
     ("tool_version", _DELETE, "tool_version", "missing"),
     ("device", _DELETE, "device", "missing"),
     ("evil", "rm -rf /", "evil", "unknown"),
