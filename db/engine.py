@@ -87,7 +87,11 @@ class Translator:
 
 
 def check_sqlite_file(path: Path, *, readonly: bool, create_parent: bool) -> bool:
-    """Validate the path of a SQLite database. Returns True when the file exists."""
+    """Validate the path of a SQLite database. Returns True when the file exists.
+
+    `create_parent` marks the default location, whose folder appears on first write: reading
+    it before then is reading an empty database. Any other path into a missing folder is an
+    error, read-only or not (a typo must not read as "nothing tuned yet")."""
     if path.is_dir():
         raise errors.DatabasePathError(
             f"{path} is a directory, not a database file; pass a file path with --db or GEMMTUNE_DB"
@@ -101,7 +105,7 @@ def check_sqlite_file(path: Path, *, readonly: bool, create_parent: bool) -> boo
                 raise errors.DatabasePathError(f"cannot create folder {parent} for the database: "
                                         f"{exc.strerror or exc}") from None
         else:
-            if readonly:
+            if readonly and create_parent:
                 return False
             raise errors.DatabasePathError(f"folder {parent} does not exist (database {path})")
     elif not parent.is_dir():

@@ -104,7 +104,8 @@ class Store:
 
         `url`: a SQLAlchemy URL or a file path; None means `GEMMTUNE_DB`, else the default file.
         `readonly=True` never writes (no schema creation or upgrade, SQLite opened `mode=ro`);
-        a missing file then reads as an empty database. Raises typed `DatabaseError`s."""
+        a missing file then reads as an empty database, but a folder that does not exist is
+        still an error (except the default location's). Raises typed `DatabaseError`s."""
         resolved = resolve_url(url)
         where = display_url(resolved)
         try:

@@ -104,6 +104,26 @@ def test_show_on_a_fresh_machine_creates_nothing(tmp_path):
     assert not default_db_path().exists()
 
 
+@pytest.mark.parametrize("args", [["show"], ["export"], ["doctor"], ["import", "--dry-run"]],
+                         ids=lambda a: "-".join(a))
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_a_database_in_a_missing_folder_is_an_error_not_an_empty_database(
+        tmp_path, filled, args, how):
+    """A typo in --db's folder must not read as "nothing tuned yet": every command that only
+    reads says the folder does not exist, exit 1, and creates nothing."""
+    missing = tmp_path / "no" / "such" / "t.db"
+    if args[0] == "import":
+        profile = tmp_path / "p.json"
+        assert run("export", "--db", filled, "--device", "A100", "-o", str(profile)).exit_code == 0
+        args = ["import", str(profile), "--dry-run"]
+    r = (run(*args, "--db", str(missing)) if how == "option"
+         else run(*args, env={"GEMMTUNE_DB": str(missing)}))
+    line = one_error_line(r)
+    assert f"folder {missing.parent} does not exist" in line, line
+    assert "nothing tuned" not in r.output
+    assert not (tmp_path / "no").exists()
+
+
 def test_db_env_var_is_used_without_option(filled):
     r = run("show", env={"GEMMTUNE_DB": filled})
     assert r.exit_code == 0 and "4096x4096-b4-g128" in r.output
