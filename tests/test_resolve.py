@@ -334,6 +334,32 @@ def test_resolve_asks_the_profile_first_and_names_a_foreign_card(tmp_path: Path,
     assert len(doc["warnings"]) == 1 and "another card" in doc["warnings"][0]
 
 
+@pytest.mark.parametrize("kind", ["missing", "directory", "garbage", "not-a-profile"])
+def test_a_profile_named_with_the_option_that_cannot_be_read_is_an_error(
+        tmp_path: Path, make_entry, kind: str) -> None:
+    """--profile is the user's explicit choice: unreadable, it is one line naming the option and
+    exit 1, before any table (not the defaults and a GEMMTUNE_PROFILE warning). The same file
+    from GEMMTUNE_PROFILE keeps the runtime's fallback, which is what a model load would do."""
+    bad = tmp_path / "h100.json"
+    if kind == "directory":
+        bad.mkdir()
+    elif kind == "garbage":
+        bad.write_bytes(b"\x00garbage{")
+    elif kind == "not-a-profile":
+        bad.write_text('{"format": "gemmtune-bench-results"}')
+    db = _database(tmp_path, make_entry, TUNES["decode"])
+    args = ("--shape", "4096x4096", "--db", db, "--fingerprint", DEV.fingerprint)
+    r = _resolve_cli(*args, "--profile", str(bad))
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --profile: "), r.stderr
+    assert str(bad) in lines[0] and "GEMMTUNE_PROFILE" not in r.output
+    assert r.stdout == ""  # no table of defaults
+    r = CliRunner().invoke(main, ["resolve", *args], env={"GEMMTUNE_PROFILE": str(bad)})
+    assert r.exit_code == 0, r.output
+    assert "GEMMTUNE_PROFILE profile is not usable" in r.stderr
+
+
 def test_resolve_without_a_gpu_needs_a_card_it_can_name(tmp_path: Path, make_entry) -> None:
     empty = str(tmp_path / "none.db")
     r = _resolve_cli("--shape", "4096x4096", "--db", empty)

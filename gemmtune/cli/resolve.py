@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from gemmtune.cli._common import (
     _age,
@@ -16,6 +17,7 @@ from gemmtune.cli._common import (
     _tune_problems,
     console,
     err_console,
+    fail,
 )
 
 _RESOLVE_EPILOG = """\b
@@ -30,6 +32,23 @@ As a model load would (QuantLinear without a workload): explicit config > profil
 ($GEMMTUNE_PROFILE or --profile) > database > default; a decode-tuned entry serves M up to 8
 beside a larger workload's entry. Stale entries (another kernel build) are listed, never used.
 """
+
+
+def _check_named_profile(path: str) -> None:
+    """A profile named with --profile is one the user asked for: one that cannot be read is an
+    error naming the option (as a bad --db is), not the load-time fallback to the database with
+    a GEMMTUNE_PROFILE warning. The environment's profile keeps the runtime's behaviour, which
+    `resolve` reports as a model load would meet it."""
+    from pathlib import Path
+
+    from gemmtune.cli.db import _profile_validator
+    from gemmtune.db.errors import ProfileError
+    from gemmtune.db.profiles import read_profile
+
+    try:
+        read_profile(Path(path).expanduser(), _profile_validator())
+    except ProfileError as exc:
+        fail(f"--profile: {exc}")
 
 
 def _band_source(band: Any) -> str:
@@ -95,6 +114,9 @@ def resolve_cmd(model: str | None, config_path: str | None, layout: str, shapes:
     problems = _tune_problems(model, config_path, layout, shapes, int(bits) if bits else None,
                               int(group) if group else None, act_order, "resolve")
     workload = Workload.parse(workload_text) if workload_text else None
+    if profile_path.strip() and click.get_current_context().get_parameter_source(
+            "profile_path") is ParameterSource.COMMANDLINE:
+        _check_named_profile(profile_path)
     card = find_card(fingerprint_spec, db_url, profile_path)
     ex = explain(problems, card, workload=workload, profile=profile_path, db_url=db_url)
     if as_json:
