@@ -92,8 +92,9 @@ def _resolve_json(ex: Any) -> dict[str, Any]:
               help="The card: a fingerprint, its prefix or part of a tuned card's name [default: "
                    "GPU 0 here, else the one card the database and profile know].")
 @click.option("--profile", "profile_path", metavar="PATH", envvar="GEMMTUNE_PROFILE",
-              default="", help="A profile to consult before the database [default: "
-                               "$GEMMTUNE_PROFILE].")
+              default="", help="A profile to consult before the database; named here, one "
+                               "that cannot be read is an error [default: $GEMMTUNE_PROFILE, "
+                               "used as a model load uses it].")
 @_db_option
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
 @_friendly
