@@ -8,6 +8,7 @@ current stream. Nothing but the output is allocated per call, so calls record in
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -36,7 +37,11 @@ class Plan:
 
     def __init__(self, weight: QuantizedWeight, config: KernelConfig) -> None:
         p = weight.problem
-        self.weight = weight
+        # The weight's tensors are held directly and the weight itself only weakly: it caches
+        # this plan (`weight.plans`), so a strong reference back would be a cycle that keeps a
+        # re-prepared layer's old weights on the GPU until Python's cyclic GC happens to run.
+        self._weight = weakref.ref(weight)
+        self.qweight, self.sz, self.perm = weight.qweight, weight.sz, weight.perm
         self.config = config
         self.device_index = weight.device.index
         self.k, self.n = p.k, p.n
@@ -70,7 +75,7 @@ class Plan:
             self._tiled = {split: ck.TiledVariant(p.bits, wm, mt, wn, nw, ks, config.stages, split)
                            for split in (False, True)}
             self.smem = self._tiled[False].smem_bytes
-            self.perm_index = weight.perm if p.act_order else None
+            self.perm_index = self.perm if p.act_order else None
         split_rows = min(self.max_rows, SPLIT_MAX_ROWS)
         tiles = self.grid_x * _cdiv(max(split_rows, 1), self.tile_m if self.tiled else self.m_count)
         self.ws.ensure(split_rows * p.n, tiles, p.k * self.chunk)
@@ -78,6 +83,11 @@ class Plan:
         self._slots: dict[int, int] = {}
         self._recon_fn: object | None = None
         self._launch_cache: dict[int, tuple[tuple[int, int, int], object]] = {}
+
+    @property
+    def weight(self) -> QuantizedWeight | None:
+        """The weight this plan runs (None once it is gone; the plan keeps its tensors)."""
+        return self._weight()
 
     # -- variants and grid ----------------------------------------------------------------------
     def tiled_fn(self, split: bool) -> object:
@@ -172,7 +182,6 @@ class Plan:
 
     # -- paths ---------------------------------------------------------------------------------
     def run_tiled(self, a: torch.Tensor, c: torch.Tensor, m: int, stream: int) -> None:
-        w = self.weight
         cached = self._launch_cache.get(m)
         if cached is None:
             gy = self.split_for(m)
@@ -187,7 +196,7 @@ class Plan:
             a = torch.index_select(a, 1, self.perm_index)
         ws = self.ws
         args = (
-            ck.ptr(a.data_ptr()), ck.ptr(w.qweight.data_ptr()), ck.ptr(w.sz.data_ptr()),
+            ck.ptr(a.data_ptr()), ck.ptr(self.qweight.data_ptr()), ck.ptr(self.sz.data_ptr()),
             ck.ptr(c.data_ptr()), ck.ptr(ws.partials.data_ptr()), ck.ptr(ws.counters.data_ptr()),
             ck.i32(m), ck.i32(self.k), ck.i32(self.n), ck.i32(self.group_shift),
         )
@@ -197,7 +206,6 @@ class Plan:
         if self.tiled:
             self.run_tiled(a, c, m, stream)
             return
-        w = self.weight
         cached = self._launch_cache.get(m)
         if cached is None:
             rows = self.rows_for(m)
@@ -207,20 +215,19 @@ class Plan:
         grid, fn = cached
         ws = self.ws
         args = (
-            ck.ptr(a.data_ptr()), ck.ptr(w.qweight.data_ptr()), ck.ptr(w.sz.data_ptr()),
-            ck.ptr(w.perm.data_ptr()), ck.ptr(c.data_ptr()), ck.ptr(ws.partials.data_ptr()),
+            ck.ptr(a.data_ptr()), ck.ptr(self.qweight.data_ptr()), ck.ptr(self.sz.data_ptr()),
+            ck.ptr(self.perm.data_ptr()), ck.ptr(c.data_ptr()), ck.ptr(ws.partials.data_ptr()),
             ck.ptr(ws.counters.data_ptr()), ck.i32(m), ck.i32(self.k), ck.i32(self.n),
             ck.i32(self.group_shift),
         )
         ck.launch(fn, grid, self.threads, args, stream)
 
     def reconstruct(self, out: torch.Tensor, n0: int, count: int, ldo: int, stream: int) -> None:
-        w = self.weight
-        steps = self.k * w.problem.bits // 32 // 4
+        steps = self.k * self.bits // 32 // 4
         threads = _cdiv(count, 4) * steps
         grid = (_cdiv(threads, ck.ReconVariant.threads), 1, 1)
         args = (
-            ck.ptr(w.qweight.data_ptr()), ck.ptr(w.sz.data_ptr()), ck.ptr(w.perm.data_ptr()),
+            ck.ptr(self.qweight.data_ptr()), ck.ptr(self.sz.data_ptr()), ck.ptr(self.perm.data_ptr()),
             ck.ptr(out.data_ptr()), ck.i32(self.k), ck.i32(self.n), ck.i32(self.group_shift),
             ck.i32(n0), ck.i32(count), ck.i32(ldo),
         )

@@ -10,6 +10,17 @@ Preparation happens at load, never per call:
   rows, the 4 x 32 words a warp reads at once are 512 contiguous bytes, lane-major (lane 4g+t
   holds row t, columns 4g..4g+3). A warp walking K then reads one contiguous stream instead of
   128-byte pieces of rows N*4 bytes apart, which keeps DRAM pages open.
+
+This layout is the only copy of a prepared layer's weight on the GPU (issue 21: the checkpoint
+tensors beside it doubled a model's memory). Nothing of the checkpoint is lost in it, so
+`gptq_tensors()` rebuilds the GPTQ tensors bit for bit on demand (saving, `.cpu()`, copies):
+- qweight: untiling is a pure re-layout, and act-order rows come back through `perm`;
+- g_idx: a valid act-order g_idx is exactly `g_idx[perm[i]] = i // group_size` (the check at
+  build time), so `perm` alone gives it back, whatever order the groups were in;
+- scales are stored as they are; zeros as fp16 `1024 + zero`, exact for every zero an 8-bit
+  or 4-bit layer can hold (0..256: fp16 counts by one from 1024 to 2048), re-stored in the
+  weight's own v1/v2 convention.
+The only extras kept are two plain fields (`zero_format`, whether a g_idx was given).
 """
 
 from __future__ import annotations
@@ -19,8 +30,34 @@ from typing import Any
 import torch
 
 from .errors import InvalidProblemError, InvalidTensorError
-from .gptq import GPTQTensors, pack_rows, unpack_rows, zeros
+from .gptq import GPTQTensors, ZeroFormat, pack_cols, pack_rows, unpack_rows, zeros
 from .problem import KERNEL_BITS, Problem
+
+# Act-order rows are permuted through their unpacked values (one int32 per weight): done in
+# column slices of at most this many values, so a 70B layer (28672 x 8192) costs ~128 MB of
+# scratch at a time instead of ~1.9 GB, which would break the ~1 layer of head room a
+# streaming load promises.
+_PERMUTE_VALUES = 1 << 24
+
+
+def packed_bytes(problem: Problem) -> int:
+    """Bytes of a layer's checkpoint weight: packed qweight + packed qzeros + fp16 scales (the
+    figure resident bytes are compared with; g_idx and bias are not weight data)."""
+    g, n, bits = problem.groups, problem.n, problem.bits
+    return problem.k * n * bits // 8 + g * n * bits // 8 + g * n * 2
+
+
+def permute_packed_rows(qweight: torch.Tensor, bits: int, k: int, index: torch.Tensor) -> torch.Tensor:
+    """Packed rows of `unpack_rows(qweight)[index]`: row i of the result holds stored row
+    `index[i]`, computed in column slices (see _PERMUTE_VALUES)."""
+    n = qweight.shape[1]
+    out = torch.empty_like(qweight)
+    step = max(32, _PERMUTE_VALUES // max(k, 1) // 32 * 32)
+    idx = index.to(device=qweight.device, dtype=torch.int64)
+    for n0 in range(0, n, step):
+        q = unpack_rows(qweight[:, n0:n0 + step], bits, k)
+        out[:, n0:n0 + step] = pack_rows(q.index_select(0, idx), bits)
+    return out
 
 
 def tile_qweight(qweight: torch.Tensor) -> torch.Tensor:
@@ -39,16 +76,24 @@ def tile_qweight(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def untile_qweight(tiled: torch.Tensor, rows: int, n: int) -> torch.Tensor:
-    """Inverse of `tile_qweight` (tests and debugging)."""
+    """Inverse of `tile_qweight`: new [R, N] packed rows (what `gptq_tensors` rebuilds from)."""
     n_pad = -(-n // 32) * 32
     q = tiled.view(n_pad // 32, rows // 4, 8, 4, 4).permute(1, 3, 0, 2, 4).reshape(rows, n_pad)
     return q[:, :n].contiguous()
 
 
 class QuantizedWeight:
-    """Device-resident, kernel-ready form of one GPTQ linear weight."""
+    """Device-resident, kernel-ready form of one GPTQ linear weight (module docstring).
 
-    def __init__(self, tensors: GPTQTensors, device: torch.device | str | int | None = None) -> None:
+    `plans` caches one dispatch Plan per KernelConfig. A Plan refers back to its weight only
+    weakly (kernels/dispatch.py), so dropping the last reference to a QuantizedWeight frees its
+    tensors at once, without waiting for Python's cyclic GC.
+    """
+
+    def __init__(self, tensors: GPTQTensors, device: torch.device | str | int | None = None, *,
+                 allow_cpu: bool = False) -> None:
+        """`allow_cpu` builds the same layout on the host: the kernels cannot run it, but it
+        rebuilds (`gptq_tensors`) like a GPU one, which is how CPU tests check the layout."""
         tensors.validate()
         problem = tensors.problem
         if problem.bits not in KERNEL_BITS:
@@ -57,16 +102,19 @@ class QuantizedWeight:
                 "use the CPU reference path"
             )
         dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-        if dev.type != "cuda":
+        if dev.type != "cuda" and not (allow_cpu and dev.type == "cpu"):
             raise InvalidTensorError(f"QuantizedWeight needs a CUDA device, got {dev}")
-        if dev.index is None:
+        if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         self.problem: Problem = problem
         self.device = dev
+        self.zero_format: ZeroFormat = tensors.zero_format
+        self.has_g_idx = tensors.g_idx is not None
         t = tensors.to(dev)
         z = zeros(t).to(torch.float32)
         sz = torch.stack([t.scales.to(torch.float16), (1024.0 + z).to(torch.float16)], dim=-1)
         self.sz = sz.contiguous()  # [G, N, 2] fp16
+        del z, sz
         if problem.act_order:
             assert t.g_idx is not None
             g = t.g_idx.to(torch.int64)
@@ -77,14 +125,38 @@ class QuantizedWeight:
                     "g_idx is irregular: after sorting, every group must hold exactly "
                     f"group_size={problem.group_size} rows (GPTQ act-order guarantees this)"
                 )
-            q = unpack_rows(t.qweight, problem.bits, problem.k)
-            self.qweight = pack_rows(q[perm], problem.bits).contiguous()
+            rows = permute_packed_rows(t.qweight, problem.bits, problem.k, perm)
             self.perm = perm.to(torch.int32).contiguous()
         else:
-            self.qweight = t.qweight.contiguous()
+            rows = t.qweight.contiguous()
             self.perm = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.qweight = tile_qweight(self.qweight)
+        del t
+        self.qweight = tile_qweight(rows)
         self.plans: dict[Any, Any] = {}  # KernelConfig -> dispatch plan (see dispatch.py)
+
+    def gptq_tensors(self, device: torch.device | str | None = None) -> GPTQTensors:
+        """The GPTQ tensors this weight was built from, bit for bit (module docstring): new
+        tensors, computed on this weight's device and returned on `device` (default: the same).
+        A g_idx comes back when one was given (the trivial one unless act-order)."""
+        p = self.problem
+        rows = p.k * p.bits // 32
+        qweight = untile_qweight(self.qweight, rows, p.n)
+        g_idx: torch.Tensor | None = None
+        if p.act_order:
+            perm = self.perm.to(torch.int64)
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(p.k, device=perm.device)
+            qweight = permute_packed_rows(qweight, p.bits, p.k, inverse)
+            g_idx = torch.empty(p.k, dtype=torch.int32, device=perm.device)
+            g_idx[perm] = torch.arange(p.k, dtype=torch.int32, device=perm.device) // p.group_size
+        elif self.has_g_idx:
+            g_idx = torch.arange(p.k, dtype=torch.int32, device=self.qweight.device)
+            g_idx = torch.zeros_like(g_idx) if p.group_size == -1 else g_idx // p.group_size
+        scales = self.sz[..., 0].contiguous()
+        z = (self.sz[..., 1].to(torch.float32) - 1024.0).to(torch.int32)
+        qzeros = pack_cols(z - 1 if self.zero_format == "v1" else z, p.bits)
+        t = GPTQTensors(qweight, qzeros, scales, g_idx, p.bits, p.group_size, self.zero_format)
+        return t if device is None or torch.device(device) == self.device else t.to(device)
 
     @property
     def k(self) -> int:
@@ -95,7 +167,12 @@ class QuantizedWeight:
         return self.problem.n
 
     def nbytes(self) -> int:
+        """Bytes this weight holds on its device (tiled qweight, scale/zero pairs, perm)."""
         return sum(x.numel() * x.element_size() for x in (self.qweight, self.sz, self.perm))
+
+    def packed_bytes(self) -> int:
+        """The checkpoint's bytes for the same weight (`packed_bytes`)."""
+        return packed_bytes(self.problem)
 
     def __repr__(self) -> str:
         return f"QuantizedWeight({self.problem.key()}, device={self.device})"
