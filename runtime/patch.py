@@ -6,11 +6,19 @@ GPTQModel / AutoAWQ models all qualify without importing those packages. The ten
 say which format a module holds (`kernels.awq.is_awq_layout`: AWQ's qweight is [K, N/8], GPTQ's
 [K*bits/32, N]); AWQ layers are converted to the GPTQ layout as they are replaced. It reports
 every replacement with the problem and the config it resolved to, because "which config did my
-model actually get" is the first question when a tuned model is not faster.
+model actually get" is the first question when a tuned model is not faster, and the bytes its
+weights hold against their packed size, because "does it fit" is the second.
+
+Loading streams: `load_quantized` reads the checkpoint one tensor at a time (safetensors maps the
+file; nothing holds a second copy of it in host memory) and `patch` converts one module at a
+time; with a CUDA `device` each layer goes to the GPU and is prepared (its kernel layout then its
+only copy) before the next is read, so GPU memory while loading stays within about one layer of
+the final resident size. `load_quantized` also fills a model built on the `meta` device.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -41,6 +49,14 @@ class PatchedLayer:
     """The config's key; for a plan over M bands every band's, `M 1-8: key; M >= 9: key`."""
     source: str
     device: str
+    resident_bytes: int = 0
+    """Bytes the layer holds for its weight on `device` (QuantLinear.resident_bytes)."""
+    packed_bytes: int = 0
+    """The checkpoint's bytes of the same weight: packed qweight and zeros, fp16 scales."""
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 @dataclass
@@ -63,15 +79,39 @@ class PatchReport:
             out[k] = out.get(k, 0) + 1
         return out
 
+    def resident_bytes(self) -> int:
+        """Bytes all reported layers hold for their weights (see PatchedLayer.resident_bytes)."""
+        return sum(la.resident_bytes for la in self.layers)
+
+    def packed_bytes(self) -> int:
+        """The checkpoint's bytes of the same weights."""
+        return sum(la.packed_bytes for la in self.layers)
+
+    def memory(self) -> str:
+        """One line: the quantized weights' resident bytes against their packed size, per
+        device ('1.02x' means the layers hold 2 % more than the checkpoint's weight bytes)."""
+        if not self.layers:
+            return "no quantized layers"
+        parts = []
+        for dev in dict.fromkeys(la.device for la in self.layers):
+            res = sum(la.resident_bytes for la in self.layers if la.device == dev)
+            packed = sum(la.packed_bytes for la in self.layers if la.device == dev)
+            ratio = f"{res / packed:.2f}x" if packed else "-"
+            parts.append(f"{_gb(res)} on {dev} ({ratio} their packed {_gb(packed)})")
+        return "quantized weights resident: " + "; ".join(parts)
+
     def table(self) -> Any:
-        """A rich Table with one row per distinct (problem, config, source)."""
+        """A rich Table with one row per distinct (problem, config, source), the bytes its layers
+        hold against their packed size, and the totals as caption."""
         from rich.table import Table
 
-        t = Table(title=f"gemmtune: {len(self.layers)} quantized layers")
-        for col in ("problem", "layers", "config", "source"):
+        t = Table(title=f"gemmtune: {len(self.layers)} quantized layers", caption=self.memory())
+        for col in ("problem", "layers", "config", "source", "resident (x packed)"):
             t.add_column(col)
         for (pk, ck, src), n in sorted(self.configs().items()):
-            t.add_row(pk, str(n), ck, src)
+            rows = [la for la in self.layers if (la.problem_key, la.config_key, la.source) == (pk, ck, src)]
+            res, packed = sum(la.resident_bytes for la in rows), sum(la.packed_bytes for la in rows)
+            t.add_row(pk, str(n), ck, src, f"{_gb(res)} ({res / packed:.2f}x)" if packed else "-")
         return t
 
     def print(self) -> None:
@@ -87,15 +127,16 @@ def _layer_row(name: str, m: QuantLinear) -> PatchedLayer:
         src = ", ".join(dict.fromkeys(b.source for b in m.bands))
     elif res is not None:
         ck, src = res.config.key(), res.source
-    elif m.qweight.is_cuda:
+    elif m.device.type == "cuda":
         ck, src = "-", "unresolved"
     else:
         ck, src = "-", "cpu reference"
-    return PatchedLayer(name, m.problem.key(), ck, src, str(m.qweight.device))
+    return PatchedLayer(name, m.problem.key(), ck, src, str(m.device), m.resident_bytes(), m.packed_bytes())
 
 
 def describe(model: nn.Module) -> PatchReport:
-    """The current state of every QuantLinear in `model` (e.g. after `model.cuda()`)."""
+    """The current state of every QuantLinear in `model` (e.g. after `model.cuda()`): config,
+    source, device and resident bytes against packed size (`PatchReport.memory()`)."""
     return PatchReport([_layer_row(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)])
 
 
@@ -177,7 +218,8 @@ def _module_tensors(name: str, m: nn.Module, spec: QuantFormat | None,
 
 def patch(model: nn.Module, quantization_config: Mapping[str, Any] | Any | None = None, *,
           config: KernelConfig | str | None = None, workload: Workload | str | None = None,
-          zero_format: ZeroFormat | None = None, verbose: bool = False) -> PatchReport:
+          zero_format: ZeroFormat | None = None, verbose: bool = False,
+          device: torch.device | str | int | None = None) -> PatchReport:
     """Replace every GPTQ or AWQ linear module of `model` (in place) with a `QuantLinear`.
 
     Modules qualify by having `qweight`, `qzeros` and `scales` tensors. AWQ GEMM modules
@@ -189,22 +231,132 @@ def patch(model: nn.Module, quantization_config: Mapping[str, Any] | Any | None 
     format contradicts a module's shapes raises InvalidTensorError; an unsupported one,
     UnsupportedFormatError. Layers on CUDA are prepared (config looked up, kernels
     compiled) now; CPU layers run the reference path and resolve their config when moved to
-    CUDA (see `describe`). `config` pins one config for every layer. Prints nothing unless
-    `verbose`, which prints a rich table of the configs used.
+    CUDA (see `describe`). `config` pins one config for every layer.
+
+    `device` (e.g. "cuda") moves the model there while patching: each module's tensors go to
+    the device and are prepared before the next module's, then the rest of the model follows,
+    so a model on the host reaches the GPU with about one layer of head room. Prints nothing
+    unless `verbose`, which prints a rich table of the configs used and the resident bytes.
     """
     spec = None if quantization_config is None else read_format(quantization_config)
-    found = [(n, m) for n, m in model.named_modules() if n and _is_quantized_module(m)]
+    target = None if device is None else _device(device)
+    # Names, not modules: a replaced module is freed as soon as it is replaced.
+    names = [n for n, m in model.named_modules() if n and _is_quantized_module(m)]
     report = PatchReport()
-    for name, m in found:
-        t, bias = _module_tensors(name, m, spec, zero_format)
+    for name in names:
+        t, bias = _module_tensors(name, model.get_submodule(name), spec, zero_format)
+        if target is not None:
+            t, bias = t.to(target), None if bias is None else bias.to(target)
         new = QuantLinear.from_gptq_tensors(t, bias, config=config, workload=workload)
-        if new.qweight.is_cuda:
+        del t, bias
+        if new.device.type == "cuda":
             new.prepare()
         _replace(model, name, new)
         report.layers.append(_layer_row(name, new))
+    if target is not None:
+        model.to(target)  # the rest; prepared layers stay as they are
     if verbose:
         report.print()
     return report
+
+
+def _device(device: torch.device | str | int) -> torch.device:
+    """`device` with a CUDA index (the current card when none is given)."""
+    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """Where `model` lives: its first tensor not on `meta`; for a model built entirely on meta,
+    the current GPU if there is one, else the host."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return _device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _persistent_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """(state-dict key, owning module, attribute, tensor) of every parameter and persistent
+    buffer, shared ones under each of their names (as `state_dict` lists them), without
+    building a state dict (which would rebuild every prepared layer's GPTQ tensors)."""
+    for mname, m in model.named_modules(remove_duplicate=False):
+        pre = f"{mname}." if mname else ""
+        for attr, p in m._parameters.items():
+            if p is not None:
+                yield pre + attr, m, attr, p
+        for attr, b in m._buffers.items():
+            if b is not None and attr not in m._non_persistent_buffers_set:
+                yield pre + attr, m, attr, b
+
+
+def _load_tensor(model: nn.Module, key: str, value: torch.Tensor, device: torch.device,
+                 aliases: dict[int, list[tuple[nn.Module, str]]]) -> bool:
+    """Load one checkpoint tensor into the model tensor named `key`, on `device` in the model
+    tensor's dtype: copied in place when that tensor is already there, otherwise put in its
+    place (a meta or host tensor), under every name that shared it. False: no such tensor."""
+    mname, _, attr = key.rpartition(".")
+    try:
+        mod = model.get_submodule(mname) if mname else model
+    except AttributeError:
+        return False
+    old = mod._parameters.get(attr)
+    if old is None:
+        old = mod._buffers.get(attr)
+        if old is None or attr in mod._non_persistent_buffers_set:
+            return False
+    if tuple(old.shape) != tuple(value.shape):
+        raise InvalidTensorError(f"{key}: the checkpoint's shape {tuple(value.shape)} is not the "
+                                 f"model's {tuple(old.shape)}")
+    new = value.to(device=device, dtype=old.dtype)
+    if old.device == new.device:
+        mod.load_state_dict({attr: new}, strict=False)  # in place: ties stay tied
+        return True
+    mod.load_state_dict({attr: new}, strict=False, assign=True)
+    placed = getattr(mod, attr)
+    for owner, name in aliases.get(id(old), ()):
+        if owner is not mod or name != attr:
+            (owner._parameters if name in owner._parameters else owner._buffers)[name] = placed
+    return True
+
+
+def _finish_on(model: nn.Module, device: torch.device) -> None:
+    """After loading: tensors a checkpoint cannot hold (non-persistent buffers such as rotary
+    frequencies) of a model built on `meta` are allocated on `device` and computed by the
+    model's own initialiser (transformers' `_init_weights`); then everything else not yet on
+    `device` moves there. A meta tensor no initialiser can fill raises InvalidTensorError."""
+    owners: dict[int, tuple[nn.Module, list[str]]] = {}
+    for mname, m in model.named_modules():
+        for attr, t in itertools.chain(m._parameters.items(), m._buffers.items()):
+            if t is not None and t.device.type == "meta":
+                owners.setdefault(id(m), (m, []))[1].append(f"{mname}.{attr}" if mname else attr)
+    if owners:
+        init = getattr(model, "_init_weights", None)
+        if not callable(init):
+            names = [n for _, ns in owners.values() for n in ns]
+            raise InvalidTensorError(
+                f"{len(names)} model tensors are still on the meta device after loading (e.g. "
+                f"{', '.join(names[:3])}): the checkpoint does not hold them and the model has no "
+                "initialiser to compute them; build those modules on a real device")
+        for m, _ in owners.values():
+            # Only the meta tensors are allocated and initialised: the module's loaded ones are
+            # marked as transformers marks loaded weights, so its initialiser leaves them alone.
+            loaded = [t for t in itertools.chain(m._parameters.values(), m._buffers.values())
+                      if t is not None and t.device.type != "meta"]
+            for attrs in (m._parameters, m._buffers):
+                for attr, t in attrs.items():
+                    if t is not None and t.device.type == "meta":
+                        fresh = torch.empty_like(t, device=device)
+                        attrs[attr] = nn.Parameter(fresh, t.requires_grad) if isinstance(t, nn.Parameter) else fresh
+            for t in loaded:
+                t._is_hf_initialized = True  # type: ignore[attr-defined]
+            try:
+                init(m)
+            finally:
+                for t in loaded:
+                    del t._is_hf_initialized  # type: ignore[attr-defined]
+    model.to(device)
 
 
 def checkpoint_quantization_config(path: str | Path) -> Mapping[str, Any]:
@@ -227,33 +379,40 @@ def load_quantized(model: nn.Module, path: str | Path,
                    quantization_config: Mapping[str, Any] | Any | None = None,
                    *, config: KernelConfig | str | None = None,
                    workload: Workload | str | None = None, strict: bool = True,
-                   verbose: bool = False) -> PatchReport:
+                   verbose: bool = False, device: torch.device | str | int | None = None) -> PatchReport:
     """Load a GPTQ or AWQ (GEMM) safetensors checkpoint into a plain (nn.Linear) model.
 
     Every `nn.Linear` whose `<name>.qweight` is in the file becomes a `QuantLinear` built from the
     file's tensors (AWQ layers converted to the GPTQ layout); all other tensors (embeddings,
-    norms, unquantized heads) are loaded with `load_state_dict`. `quantization_config` defaults
+    norms, unquantized heads) are loaded into the model's own. `quantization_config` defaults
     to the one in the `config.json` beside `path`. With `strict`, tensors of the file the model
     does not have, or model tensors the file lacks, raise InvalidTensorError.
+
+    `device` is where the loaded model lives (default: where the model is; a model built on
+    `meta` goes to the current GPU, or the host without one). The file is read one tensor at a
+    time and each layer is prepared on a CUDA `device` before the next is read (module
+    docstring). For a model built on `meta`, tensors no checkpoint holds (rotary frequencies)
+    are computed by the model's initialiser (transformers models have one).
     """
     from safetensors import safe_open
 
     if quantization_config is None:
         quantization_config = checkpoint_quantization_config(path)
     spec = read_format(quantization_config, str(path))
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    target = _model_device(model) if device is None else _device(device)
     report = PatchReport()
     with safe_open(str(path), framework="pt", device="cpu") as f:
         keys = set(f.keys())
-        linears = [(n, m) for n, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and f"{n}.qweight" in keys]
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.qweight" in keys]
+        replaced = tuple(f"{n}." for n in names)
+        expected = {k for k, *_ in _persistent_tensors(model) if not k.startswith(replaced)}
         used: set[str] = set()
-        for name, _lin in linears:
+        for name in names:
             tensors = {}
             for short in ("qweight", "qzeros", "scales", "g_idx", "bias"):
                 full = f"{name}.{short}"
                 if full in keys:
-                    tensors[short] = f.get_tensor(full).to(device)
+                    tensors[short] = f.get_tensor(full).to(target)
                     used.add(full)
             try:
                 new = QuantLinear.from_checkpoint_tensors(tensors, spec, config=config, workload=workload)
@@ -261,18 +420,27 @@ def load_quantized(model: nn.Module, path: str | Path,
                 raise InvalidTensorError(f"{path}: layer {name} lacks {exc}") from None
             except (InvalidProblemError, InvalidTensorError) as exc:
                 raise type(exc)(f"{name}: {exc}") from None
-            if new.qweight.is_cuda:
+            del tensors
+            if new.device.type == "cuda":
                 new.prepare()
             _replace(model, name, new)
             report.layers.append(_layer_row(name, new))
-        rest = {k: f.get_tensor(k) for k in keys - used}
-    replaced = tuple(f"{n}." for n, _ in linears)
-    result = model.load_state_dict(rest, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(replaced)]
-    if strict and (missing or result.unexpected_keys):
+        aliases: dict[int, list[tuple[nn.Module, str]]] = {}
+        for _, m, attr, t in _persistent_tensors(model):
+            aliases.setdefault(id(t), []).append((m, attr))
+        unexpected = []
+        for key in sorted(keys - used):
+            if _load_tensor(model, key, f.get_tensor(key), target, aliases):
+                used.add(key)
+            else:
+                unexpected.append(key)
+        del aliases
+    missing = sorted(expected - used)
+    if strict and (missing or unexpected):
         what = (f"missing {missing[:5]}" if missing else "") + \
-            (f" unexpected {result.unexpected_keys[:5]}" if result.unexpected_keys else "")
+            (f" unexpected {unexpected[:5]}" if unexpected else "")
         raise InvalidTensorError(f"{path} does not match the model: {what.strip()}")
+    _finish_on(model, target)
     if verbose:
         report.print()
     return report

@@ -6,6 +6,16 @@ Why it is shaped like this:
   under the names AutoGPTQ / GPTQModel use, so `state_dict()` round-trips with GPTQ checkpoints.
   AWQ layers are repacked into this layout once, when built (`from_awq_tensors`): their
   `state_dict()` is then GPTQ's (`gptq_v2` zeros), not the AWQ file's.
+- One copy of the weight on the GPU. Once prepared on CUDA, the kernel layout
+  (`kernels.weights.QuantizedWeight`) is the layer's only copy of its weight: the `qweight`,
+  `qzeros`, `scales` and `g_idx` buffers are emptied (None) and rebuilt bit for bit from the
+  layout when asked for: `gptq_tensors()` (on the layer's device), `state_dict()` (on the host,
+  one layer at a time, so saving a model does not need its weights twice on the GPU),
+  `load_state_dict`, `.cpu()` / a move to another device, `copy.deepcopy` and pickling. Keeping
+  the checkpoint tensors on the host instead would cost host RAM equal to the whole checkpoint
+  for the model's lifetime (35 GB for a 70B model) to save a rebuild that takes milliseconds
+  per layer and happens only when saving or moving. `resident_bytes()` / `packed_bytes()` say
+  what a layer holds against its checkpoint size (`describe` sums them).
 - Everything expensive happens once, at preparation (on `.to(cuda)` / `.cuda()`, an explicit
   `prepare()`, or the first CUDA forward): the kernel-ready `QuantizedWeight`, the config
   lookup, and the dispatch plan with every kernel it may launch compiled. `forward` then does a
@@ -42,11 +52,15 @@ from gemmtune.kernels.errors import InvalidProblemError, InvalidTensorError
 from gemmtune.kernels.formats import QuantFormat, read_format
 from gemmtune.kernels.gptq import GPTQTensors, ZeroFormat, zeros
 from gemmtune.kernels.problem import KERNEL_BITS, Problem
+from gemmtune.kernels.weights import packed_bytes
 from gemmtune.kernels.workload import Workload
 from torch import nn
 
 from . import ops
 from .lookup import LookupResult, device_info, resolve
+
+GPTQ_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
+"""The checkpoint buffers the kernel layout replaces once a layer is prepared on CUDA."""
 
 GPTQSpec = QuantFormat
 """The former name of `QuantFormat` (GPTQ only then); same fields, same positional order."""
@@ -132,6 +146,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros_like(rows) if group_size == -1 else rows // group_size)
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, **kw) if bias else None)
         self._op_handle = ops.register(self)
+        self._qw: Any = None
+        """The kernel layout (QuantizedWeight) once prepared on CUDA; while set it is the only
+        copy of the weight and the GPTQ_BUFFERS are None."""
         self._invalidate()
 
     # -- construction --------------------------------------------------------------------------
@@ -210,9 +227,33 @@ class QuantLinear(nn.Module):
 
     # -- the GPTQ view -------------------------------------------------------------------------
     def gptq_tensors(self) -> GPTQTensors:
-        """The layer's tensors as GPTQTensors (views of the buffers, on their device)."""
+        """The layer's tensors as GPTQTensors on its device: views of the buffers, or, once
+        prepared on CUDA, new tensors rebuilt from the kernel layout (edits do not reach the
+        layer then; `load_state_dict` does)."""
+        if self._qw is not None:
+            return self._qw.gptq_tensors()
         return GPTQTensors(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
                            self.group_size, self.zero_format)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the layer's weight lives (the kernel layout's device once prepared)."""
+        qw = self._qw
+        return qw.device if qw is not None else self.qweight.device
+
+    def packed_bytes(self) -> int:
+        """The checkpoint's bytes of this weight: packed qweight and zeros, fp16 scales."""
+        return packed_bytes(Problem(self.in_features, self.out_features, self.bits, self.group_size))
+
+    def resident_bytes(self) -> int:
+        """Bytes this layer holds for its weight on `device`: the kernel layout once prepared
+        on CUDA (else the GPTQ buffers), plus any dense weight the reference path cached. The
+        bias is not counted (the same in every form)."""
+        if self._qw is not None:
+            total = self._qw.nbytes()
+        else:
+            total = sum(b.numel() * b.element_size() for b in (self.qweight, self.qzeros, self.scales, self.g_idx))
+        return total + sum(w.numel() * w.element_size() for w in self._dense.values())
 
     @property
     def problem(self) -> Problem:
@@ -221,13 +262,15 @@ class QuantLinear(nn.Module):
 
     def _act_order(self) -> bool:
         if self._act is None:
-            self._act = self.gptq_tensors().act_order
+            qw = self._qw
+            self._act = qw.problem.act_order if qw is not None else self.gptq_tensors().act_order
         return self._act
 
     # -- state that follows the buffers --------------------------------------------------------
     def _invalidate(self) -> None:
-        """Drop everything derived from the buffers (called when they move or are reloaded)."""
-        self._qw: Any = None  # QuantizedWeight
+        """Drop everything derived from the weight: plans, bands, caches (called when the
+        buffers move or are reloaded, or to re-resolve the config). The kernel layout, when it
+        holds the weight, is the weight itself and stays (`_unhold` gives it up)."""
         self._plan: Any = None  # dispatch Plan of the last band (None: not prepared)
         self._plans: tuple[Any, ...] = ()  # one Plan per band, in M order
         self._edges: tuple[int, ...] = ()  # band_edges: bisect_left(_edges, M) -> band
@@ -242,30 +285,98 @@ class QuantLinear(nn.Module):
     def _buffer_ids(self) -> tuple[int, ...]:
         return tuple(id(b) for b in (self.qweight, self.qzeros, self.scales, self.g_idx, self.bias))
 
+    # -- one copy of the weight: the kernel layout holds it once prepared ---------------------
+    def _hold(self, qw: Any) -> None:
+        """Make `qw` the only copy of the weight: the GPTQ buffers are emptied (the caller
+        holds no other reference, so their memory is freed now)."""
+        self._qw = qw
+        for name in GPTQ_BUFFERS:
+            self._buffers[name] = None
+        self._act = qw.problem.act_order
+        self._dense, self._dense_version = {}, ()
+
+    def _unhold(self) -> None:
+        """Put the GPTQ tensors back into the buffers (rebuilt from the kernel layout, on its
+        device) and drop the layout and everything derived from it; no-op when not held."""
+        qw = self._qw
+        if qw is None:
+            return
+        t = qw.gptq_tensors()
+        self._buffers.update(qweight=t.qweight, qzeros=t.qzeros, scales=t.scales, g_idx=t.g_idx)
+        self._qw = None
+        self._invalidate()
+
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
         """`.to()` / `.cuda()` / `.half()` move the buffers; keep scales fp16 (format data, not
-        compute dtype), drop what was derived from the old buffers and prepare on CUDA."""
+        compute dtype), drop what was derived from the old buffers and prepare on CUDA.
+
+        A prepared layer keeps its kernel layout when `fn` leaves tensors of its device there
+        (a dtype cast, `.cuda()` on the same card): only the bias follows `fn`. A move
+        elsewhere rebuilds the GPTQ tensors (one layer at a time) and moves those."""
+        qw = self._qw
+        if qw is not None and fn(torch.empty(0, dtype=torch.int32, device=qw.device)).device != qw.device:
+            self._unhold()
         before = self._buffer_ids()
-        super()._apply(fn, recurse)
-        if self.scales.dtype != torch.float16:
+        super()._apply(fn, recurse)  # None buffers (a held weight's) are skipped
+        if self.scales is not None and self.scales.dtype != torch.float16:
             self.scales = self.scales.to(torch.float16)
         if self._buffer_ids() != before:
             self._invalidate()
-            if self.qweight.is_cuda:
-                self.prepare()
+        if self.device.type == "cuda" and self._plan is None:
+            self.prepare()
         return self
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        """A held weight's GPTQ tensors are rebuilt for the state dict, on the host: a whole
+        model's state dict then never needs its weights twice on the GPU."""
+        qw = self._qw
+        if qw is None:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
+        t = qw.gptq_tensors("cpu")
+        self._buffers.update(qweight=t.qweight, qzeros=t.qzeros, scales=t.scales, g_idx=t.g_idx)
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            for name in GPTQ_BUFFERS:
+                self._buffers[name] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies (`copy.deepcopy`, pickling) carry the GPTQ tensors (rebuilt when held, on the
+        layer's device) and nothing derived from them; a copy of a prepared layer prepares
+        itself (`__setstate__`)."""
+        state = super().__getstate__()
+        state["_prepare_on_load"] = self._plan is not None
+        qw = self._qw
+        if qw is not None:
+            t = qw.gptq_tensors()
+            rebuilt = {"qweight": t.qweight, "qzeros": t.qzeros, "scales": t.scales, "g_idx": t.g_idx}
+            state["_buffers"] = {k: rebuilt.get(k, v) for k, v in self._buffers.items()}
+        state.update(_qw=None, _plan=None, _plans=(), _edges=(), bands=(), _bias16=None, _dense={},
+                     _dense_version=(), lookup_result=None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Copies (`copy.deepcopy`, pickling) are other layers: each gets its own op handle, or a
         compiled copy would run the original's weights."""
+        prepare = bool(state.pop("_prepare_on_load", False))
         super().__setstate__(state)
         self._op_handle = ops.register(self)
+        if "_qw" not in self.__dict__:  # pickled before layers held their weight
+            self._qw = None
+        self._invalidate()
+        if prepare and self.device.type == "cuda":
+            self.prepare()
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # torch copies into the buffers, so a held weight is rebuilt into them first (tensors
+        # the state dict lacks keep their values), and the old layout is freed before the new
+        # one is built: at most about two copies of this one layer at a time.
+        was_prepared = self._plan is not None or self._qw is not None
+        self._unhold()
         super()._load_from_state_dict(*args, **kwargs)
-        was_prepared = self._qw is not None
         self._invalidate()
-        if was_prepared:
+        if was_prepared and self.device.type == "cuda":
             self.prepare()
 
     # -- preparation ---------------------------------------------------------------------------
@@ -274,10 +385,12 @@ class QuantLinear(nn.Module):
         `forward` does none of it. Returns the lookup result (None for CPU / non-kernel bits)."""
         if device is not None:
             dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
-            if dev != self.qweight.device:
+            if dev.type == "cuda" and dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+            if dev != self.device:
                 self.to(dev)  # _apply prepares
                 return self.lookup_result
-        dev = self.qweight.device
+        dev = self.device
         if dev.type != "cuda":
             return None
         if self.bits not in KERNEL_BITS:
@@ -292,12 +405,16 @@ class QuantLinear(nn.Module):
         bands = resolve(device_info(idx), self.problem, self.workload,
                         config=self.requested_config).bands
         edges = band_edges(bands)
-        qw = QuantizedWeight(self.gptq_tensors(), torch.device("cuda", idx))
+        # A held layout is reused: it does not depend on the config, so re-preparing (another
+        # config, a re-tune picked up) allocates no weight memory.
+        qw = self._qw if self._qw is not None else QuantizedWeight(self.gptq_tensors(), torch.device("cuda", idx))
         plans = tuple(plan_for(qw, b.config) for b in bands)
         for band, plan in zip(bands, plans, strict=True):
             plan.prepare(_band_ms(band))
         res = LookupResult.of(bands[-1])
-        self._qw, self._plans, self._edges, self.bands = qw, plans, edges, tuple(bands)
+        if self._qw is None:
+            self._hold(qw)  # only now: a failed preparation leaves the buffers as they were
+        self._plans, self._edges, self.bands = plans, edges, tuple(bands)
         self._plan, self.lookup_result = plans[-1], res
         self._bias16 = None if self.bias is None else self.bias.to(torch.float16).contiguous()
         return res
@@ -338,9 +455,10 @@ class QuantLinear(nn.Module):
                 return out
             out = self.forward_eager(x.to(torch.float16))
             return out.to(x.dtype)
-        if x.is_cuda and self.qweight.is_cuda and self.bits in KERNEL_BITS:
-            if x.device != self.qweight.device:
-                raise InvalidTensorError(f"input is on {x.device}, layer on {self.qweight.device}")
+        dev = self.device
+        if x.is_cuda and dev.type == "cuda" and self.bits in KERNEL_BITS:
+            if x.device != dev:
+                raise InvalidTensorError(f"input is on {x.device}, layer on {dev}")
             self.prepare()
             return self.forward_eager(x)
         return self._forward_dense(x)
@@ -348,8 +466,8 @@ class QuantLinear(nn.Module):
     def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         """Reference path: dequantize once (cached per device and dtype), `F.linear`. Half
         precision on CPU computes in fp32 and rounds back, like the oracle."""
-        if x.device != self.qweight.device:
-            raise InvalidTensorError(f"input is on {x.device}, layer on {self.qweight.device}")
+        if x.device != self.device:
+            raise InvalidTensorError(f"input is on {x.device}, layer on {self.device}")
         if not x.dtype.is_floating_point:
             raise InvalidTensorError(f"input must be a floating tensor, got {x.dtype}")
         work = x.dtype
@@ -361,7 +479,9 @@ class QuantLinear(nn.Module):
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _dense_weight(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        version = tuple(b._version for b in (self.qweight, self.qzeros, self.scales, self.g_idx))
+        # A held layout changes only through _unhold / _hold, which reset the cache.
+        version = (0,) if self._qw is not None else \
+            tuple(b._version for b in (self.qweight, self.qzeros, self.scales, self.g_idx))
         if version != self._dense_version:
             self._dense = {}
             self._dense_version = version
@@ -387,9 +507,9 @@ class QuantLinear(nn.Module):
                 cfg += ", bands=" + "; ".join(
                     f"{b.span}: {b.config.key()} ({b.source}"
                     + (f", {b.workload_key}" if b.workload_key else "") + ")" for b in self.bands)
-        elif self.qweight.is_cuda and self.bits not in KERNEL_BITS:
+        elif self.device.type == "cuda" and self.bits not in KERNEL_BITS:
             cfg = "config=none (no CUDA kernel for this bit width: dense reference path)"
-        elif self.qweight.is_cuda:
+        elif self.device.type == "cuda":
             cfg = "config=unresolved (resolved at prepare / first forward)"
         else:
             cfg = "config=none (CPU: reference path)"
