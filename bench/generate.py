@@ -6,11 +6,13 @@ Why: `bench/decode.py` times the GEMMs of a decode step; what a user gains is to
 of a whole model (attention, norms, the LM head and the host included), run the way users run
 models now: `torch.compile(fullgraph=True)` with a static KV cache and CUDA graphs.
 
-Models: `LlamaForCausalLM` of the Llama-2-13B and Llama-3-8B architectures (dims from
-`gemmtune.autotune.models.MODEL_PRESETS`, full depth), random weights, nothing downloaded. The
-fp16 model is built on the GPU; the quantized one is the same model whose every linear except
-the LM head is replaced by a `QuantLinear` holding random 4-bit g128 GPTQ weights drawn on the
-GPU, so both share embeddings, norms and head.
+Models: `LlamaForCausalLM` of the Llama-2-13B and Llama-3-8B architectures (and, asked for,
+Llama-2-70B; dims from `gemmtune.autotune.models.MODEL_PRESETS`, full depth), random weights,
+nothing downloaded. The fp16 model is built on the GPU; the quantized one is the same model whose
+every linear except the LM head is replaced by a `QuantLinear` holding random 4-bit g128 GPTQ
+weights drawn on the GPU, so both share embeddings, norms and head. Without the fp16 row the
+quantized model is built on the `meta` device and only its quantized layers, embeddings, norms
+and head are ever allocated (a 70B model's fp16 weights would not fit one card).
 
 Rows, the same run for each (same prompts, batches, steps, cache length, repeats):
   fp16               the model with its fp16 nn.Linear weights
@@ -26,8 +28,12 @@ Measured:
                      decode step (compiled forward of [B, 1] + argmax into the next input) is
                      captured as a CUDA graph and replayed --steps times; tokens/s = B * steps /
                      time, median of --repeats (every repeat restarts at the prompt's end)
+  weights            bytes the model's quantizable linears hold for their weights once
+                     loaded (fp16: their nn.Linear weights; quantized: `QuantLinear.
+                     resident_bytes`, the kernel layout, against `packed` bytes of the checkpoint)
   peak memory        torch.cuda.max_memory_allocated over the row's run (weights, cache,
-                     workspace, graphs)
+                     workspace, graphs); `load_peak_gib` of a model: the peak while its
+                     quantized layers were built and prepared
 
 Switching between the quantized rows re-prepares the layers; the compiled graph is reused (the
 op names the layer, not its plan: runtime/ops.py) and only the CUDA graphs are captured again.
@@ -75,7 +81,9 @@ GROUP_SIZE = 128
 ARCH_EXTRA: dict[str, dict[str, Any]] = {
     "llama-2-13b": {"vocab_size": 32000, "max_position_embeddings": 4096, "rope_theta": 10000.0},
     "llama-3-8b": {"vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0},
+    "llama-2-70b": {"vocab_size": 32000, "max_position_embeddings": 4096, "rope_theta": 10000.0},
 }
+DEFAULT_MODELS = ["llama-2-13b", "llama-3-8b"]
 
 # Random GPTQ scales: (q - 8) * scale with q uniform in 0..15 has a standard deviation near
 # 0.02, transformers' initializer_range, so activations stay finite through 40 layers.
@@ -142,22 +150,49 @@ def random_gptq_on(k: int, n: int, device: torch.device | str, generator: torch.
     return GPTQTensors(qweight, qzeros, scales, g_idx, 4, group_size, "v1")
 
 
-def quantize_random(model: nn.Module, config: str | None = "default", seed: int = 0) -> int:
+def quantize_random(model: nn.Module, config: str | None = "default", seed: int = 0,
+                    device: torch.device | str | None = None) -> int:
     """Replace every quantizable linear (in place, freeing its fp16 weight) by a QuantLinear
-    with random GPTQ weights on the linear's device. Returns the number replaced."""
+    with random GPTQ weights on `device` (default: the linear's), prepared there one at a time
+    on CUDA. Returns the number replaced."""
     from gemmtune.runtime import QuantLinear
 
-    targets = quantizable(model)
-    device = targets[0][1].weight.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, lin in targets:
-        q = QuantLinear.from_gptq_tensors(random_gptq_on(lin.in_features, lin.out_features, device, gen),
+    names = [n for n, _ in quantizable(model)]
+    dev = torch.device(device) if device is not None else model.get_submodule(names[0]).weight.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    for name in names:
+        lin = model.get_submodule(name)
+        q = QuantLinear.from_gptq_tensors(random_gptq_on(lin.in_features, lin.out_features, dev, gen),
                                           None, config=config)
-        if q.qweight.is_cuda:
+        if q.device.type == "cuda":
             q.prepare()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
-    return len(targets)
+        del lin
+    return len(names)
+
+
+def build_quantized(config: Any, device: torch.device | str, seed: int = 0) -> Any:
+    """The quantized model without its fp16 one: built on `meta`, every quantizable linear
+    replaced by a random QuantLinear on `device`, then embeddings, norms, head and rotary
+    buffers allocated on `device` and initialised as transformers initialises them."""
+    from gemmtune.runtime.patch import materialize
+
+    model = build_model(config, "meta")
+    quantize_random(model, "default", seed, device=device)
+    materialize(model, device)
+    return model.eval()
+
+
+def weight_bytes(model: nn.Module) -> tuple[int, int | None]:
+    """(bytes the quantizable linears hold for their weights, their checkpoint's packed bytes;
+    None for an fp16 model)."""
+    from gemmtune.runtime import QuantLinear
+
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if quant:
+        return sum(m.resident_bytes() for m in quant), sum(m.packed_bytes() for m in quant)
+    return sum(m.weight.numel() * m.weight.element_size() for _, m in quantizable(model)), None
 
 
 def set_config(model: nn.Module, config: str | None) -> dict[str, str]:
@@ -169,8 +204,7 @@ def set_config(model: nn.Module, config: str | None) -> dict[str, str]:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.requested_config = config
-            m._invalidate()
-            res = m.prepare()
+            res = m.prepare()  # new plans over the same kernel-layout weight
             used[m.problem.key()] = res.label if res is not None else "cpu reference"
             if len(m.bands) > 1:  # a plan over M bands: every band, the last one is `res`
                 used[m.problem.key()] = "; ".join(
@@ -283,6 +317,7 @@ def run_row(model: Any, caches: dict[int, Any], prompts: dict[int, torch.Tensor]
     """Prefill and decode of one row on `model` as it is now configured."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    weights, packed = weight_bytes(model)
     t0 = time.perf_counter()
     with torch.no_grad():
         b1 = min(caches)
@@ -308,6 +343,7 @@ def run_row(model: Any, caches: dict[int, Any], prompts: dict[int, torch.Tensor]
     torch.cuda.synchronize()
     return {"row": row, "prefill_ms": _median(prefill_ms), "all_prefill_ms": prefill_ms,
             "decode": decode, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "weights_gib": weights / 2**30, "packed_gib": None if packed is None else packed / 2**30,
             "seconds": time.perf_counter() - t0}
 
 
@@ -342,7 +378,9 @@ def run_model(name: str, args: argparse.Namespace, log: Callable[[str], None]) -
         clear_cache()
     log(f"{name}: {config.num_hidden_layers} layers, shapes {', '.join(result['shapes'])}")
     dev = torch.device("cuda")
-    model = build_model(config, dev)
+    torch.cuda.reset_peak_memory_stats()
+    # Without the fp16 row the fp16 model is never built (a 70B one would not fit the card).
+    model = build_model(config, dev) if "fp16" in args.rows else build_quantized(config, dev)
     gen = torch.Generator(device=dev).manual_seed(0)
     max_len = args.prompt + args.steps + 8
     batches = sorted(set(args.batches) | {1})
@@ -354,7 +392,13 @@ def run_model(name: str, args: argparse.Namespace, log: Callable[[str], None]) -
         result["rows"].append(run_row(model, caches, prompts, compiled, args, log, "fp16"))
     torch._dynamo.reset()
     compiled.clear()
-    quantize_random(model, "default")
+    if "fp16" in args.rows:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        quantize_random(model, "default")
+    torch.cuda.synchronize()
+    result["load_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    result["loaded_gib"] = torch.cuda.memory_allocated() / 2**30
     torch.cuda.empty_cache()
     for row in (r for r in QUANT_ROWS if r in args.rows):
         used = set_config(model, None if row == "tuned" else row)
@@ -405,14 +449,16 @@ def render(res: dict[str, Any]) -> str:
              f"Random weights, full depth, `torch.compile(fullgraph=True)`, static KV cache. Prefill: "
              f"one {s['prompt']}-token prompt, ms. Decode: greedy, {s['steps']} steps after the "
              f"prompt, each step one CUDA graph, tokens/s (× torch fp16). Medians of {s['repeats']} "
-             "repeats; peak memory over the row's run. Quantized rows: 4-bit, group 128.", ""]
+             "repeats; weights: what the quantizable linears hold once loaded (quantized rows: × "
+             "their packed checkpoint bytes); peak memory over the row's run. Quantized rows: 4-bit, "
+             "group 128.", ""]
     for m in res["models"]:
         rows = {r["row"]: r for r in m["rows"]}
         base = rows.get("fp16")
         batches = [str(b) for b in s["batches"]]
         lines += [f"| {m['model']} ({m['layers']} layers) | prefill (ms) | "
-                  + " | ".join(f"decode B={b}" for b in batches) + " | peak memory (GiB) |",
-                  "|---|---:|" + "---:|" * len(batches) + "---:|"]
+                  + " | ".join(f"decode B={b}" for b in batches) + " | weights (GiB) | peak memory (GiB) |",
+                  "|---|---:|" + "---:|" * len(batches) + "---:|---:|"]
         for name, r in rows.items():
             label = ROW_LABELS.get(name, name)
             if name == "tuned" and not r.get("tuned_found", True):
@@ -423,8 +469,11 @@ def render(res: dict[str, Any]) -> str:
                 ratio = "" if base is None or name == "fp16" else \
                     f" ({tps / base['decode'][b]['tokens_per_s']:.2f}×)"
                 cells.append(f"{tps:.1f}{ratio}")
+            w = r.get("weights_gib")  # absent in results of older runs
+            weights = "-" if w is None else f"{w:.2f}" + (
+                f" ({w / r['packed_gib']:.2f}×)" if r.get("packed_gib") else "")
             lines.append(f"| {label} | {r['prefill_ms']:.1f} | " + " | ".join(cells)
-                         + f" | {r['peak_memory_gib']:.1f} |")
+                         + f" | {weights} | {r['peak_memory_gib']:.1f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -455,7 +504,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join((__doc__ or "").split("\n\n")[1:]))
-    ap.add_argument("--model", type=_names(tuple(ARCH_EXTRA)), default=list(ARCH_EXTRA),
+    ap.add_argument("--model", type=_names(tuple(ARCH_EXTRA)), default=DEFAULT_MODELS,
                     help="comma-separated architectures (default: %(default)s)")
     ap.add_argument("--rows", type=_names(ROWS), default=list(ROWS),
                     help="comma-separated rows (default: all: %(default)s)")

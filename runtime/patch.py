@@ -321,11 +321,16 @@ def _load_tensor(model: nn.Module, key: str, value: torch.Tensor, device: torch.
     return True
 
 
-def _finish_on(model: nn.Module, device: torch.device) -> None:
-    """After loading: tensors a checkpoint cannot hold (non-persistent buffers such as rotary
-    frequencies) of a model built on `meta` are allocated on `device` and computed by the
-    model's own initialiser (transformers' `_init_weights`); then everything else not yet on
-    `device` moves there. A meta tensor no initialiser can fill raises InvalidTensorError."""
+def materialize(model: nn.Module, device: torch.device | str | int) -> None:
+    """Every tensor of `model` still on the `meta` device is allocated on `device` and computed
+    by the model's own initialiser (transformers' `_init_weights`, module by module; tensors
+    already loaded are left alone); then everything else not yet on `device` moves there.
+
+    `load_quantized` calls it for what a checkpoint cannot hold (non-persistent buffers such as
+    rotary frequencies); a model built on `meta` whose linears were replaced by QuantLinears
+    becomes a whole random model this way (bench/generate.py). A meta tensor no initialiser
+    can fill raises InvalidTensorError."""
+    device = _device(device)
     owners: dict[int, tuple[nn.Module, list[str]]] = {}
     for mname, m in model.named_modules():
         for attr, t in itertools.chain(m._parameters.items(), m._buffers.items()):
@@ -440,7 +445,7 @@ def load_quantized(model: nn.Module, path: str | Path,
         what = (f"missing {missing[:5]}" if missing else "") + \
             (f" unexpected {unexpected[:5]}" if unexpected else "")
         raise InvalidTensorError(f"{path} does not match the model: {what.strip()}")
-    _finish_on(model, target)
+    materialize(model, target)
     if verbose:
         report.print()
     return report

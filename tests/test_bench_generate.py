@@ -55,6 +55,7 @@ def test_bad_arguments_are_usage_errors(gen: ModuleType, argv: list[str]) -> Non
 @pytest.mark.parametrize("name,params,shapes", [
     ("llama-2-13b", 13_015_864_320, [(5120, 5120), (5120, 13824), (13824, 5120)]),
     ("llama-3-8b", 8_030_261_248, [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]),
+    ("llama-2-70b", 68_976_648_192, [(8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192)]),
 ])
 def test_the_architectures_have_the_published_size(gen: ModuleType, name: str, params: int,
                                                    shapes: list[tuple[int, int]]) -> None:
@@ -73,6 +74,25 @@ def test_random_gptq_weights_are_symmetric_checkpoints_of_initializer_scale(gen:
         GPTQSpec(4, 128, sym=True))
     assert not q.problem.act_order
     assert 0.015 < float(reference.dequantize(t).std()) < 0.025
+
+
+def test_the_quantized_model_can_be_built_without_its_fp16_one(gen: ModuleType) -> None:
+    """Quantized-only runs build on `meta`: every quantizable linear is a QuantLinear, nothing
+    is left on meta, embeddings/norms/head are initialised as transformers does, and the
+    weights column counts the layers' own bytes against their packed size."""
+    model = gen.build_quantized(tiny_llama_config(), "cpu")
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(quant) == 14 and not isinstance(model.lm_head, QuantLinear)
+    assert not [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
+    assert 0.01 < float(model.model.embed_tokens.weight.detach().float().std()) < 0.03
+    resident, packed = gen.weight_bytes(model)
+    assert packed == sum(m.packed_bytes() for m in quant) and resident == sum(m.resident_bytes() for m in quant)
+    with torch.no_grad():
+        logits = model(torch.randint(0, 256, (1, 5))).logits
+    assert torch.isfinite(logits.float()).all()
+    fp16 = gen.build_model(tiny_llama_config(), "cpu")
+    assert gen.weight_bytes(fp16) == (sum(m.weight.numel() * 2 for _, m in gen.quantizable(fp16)), None)
 
 
 def _tiny(gen: ModuleType) -> Any:
@@ -115,7 +135,10 @@ def _sample() -> dict[str, Any]:
                            for b, t in zip((1, 4), tps, strict=True)},
                 "peak_memory_gib": mem, "seconds": 1.0}
 
-    tuned = row("tuned", [150.0, 500.0], 40.0, 9.0)
+    fp16, default = row("fp16", [50.0, 190.0], 30.0, 27.5), row("default", [125.0, 380.0], 45.0, 9.0)
+    fp16 |= {"weights_gib": 23.84, "packed_gib": None}
+    default |= {"weights_gib": 6.34, "packed_gib": 6.2}
+    tuned = row("tuned", [150.0, 500.0], 40.0, 9.0)  # as results written before the weights column
     tuned["tuned_found"] = False
     return {"format": "gemmtune-generate", "schema_version": 1, "created_at": "2027-01-02T03:04:05+00:00",
             "command": "python bench/generate.py --model llama-2-13b --batches 1,4",
@@ -123,8 +146,7 @@ def _sample() -> dict[str, Any]:
             "transformers": "5.17.0",
             "settings": {"prompt": 512, "batches": [1, 4], "steps": 32, "repeats": 5, "rows": []},
             "models": [{"model": "llama-2-13b", "layers": 40, "vocab_size": 32000, "shapes": [],
-                        "rows": [row("fp16", [50.0, 190.0], 30.0, 27.5), row("default", [125.0, 380.0], 45.0, 9.0),
-                                 tuned]}]}
+                        "rows": [fp16, default, tuned]}]}
 
 
 def test_the_report_renders_the_benchmarks_table(gen: ModuleType, tmp_path: Path,
@@ -135,10 +157,12 @@ def test_the_report_renders_the_benchmarks_table(gen: ModuleType, tmp_path: Path
     out = capsys.readouterr().out
     assert "NVIDIA H200, 2027-01-02" in out and "python bench/generate.py --model llama-2-13b --batches 1,4" in out
     lines = [ln for ln in out.splitlines() if ln.startswith("|")]
-    assert lines[0] == "| llama-2-13b (40 layers) | prefill (ms) | decode B=1 | decode B=4 | peak memory (GiB) |"
-    assert lines[2] == "| torch fp16 | 30.0 | 50.0 | 190.0 | 27.5 |"
-    assert lines[3] == "| default | 45.0 | 125.0 (2.50×) | 380.0 (2.00×) | 9.0 |"
+    assert lines[0] == ("| llama-2-13b (40 layers) | prefill (ms) | decode B=1 | decode B=4 | weights (GiB) "
+                        "| peak memory (GiB) |")
+    assert lines[2] == "| torch fp16 | 30.0 | 50.0 | 190.0 | 23.84 | 27.5 |"
+    assert lines[3] == "| default | 45.0 | 125.0 (2.50×) | 380.0 (2.00×) | 6.34 (1.02×) | 9.0 |"
     assert lines[4].startswith("| tuned (nothing tuned: default) | 40.0 | 150.0 (3.00×)")
+    assert lines[4].endswith("| - | 9.0 |")
 
 
 def test_report_refuses_other_files(gen: ModuleType, tmp_path: Path) -> None:
