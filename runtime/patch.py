@@ -349,18 +349,29 @@ def materialize(model: nn.Module, device: torch.device | str | int) -> None:
             # marked as transformers marks loaded weights, so its initialiser leaves them alone.
             loaded = [t for t in itertools.chain(m._parameters.values(), m._buffers.values())
                       if t is not None and t.device.type != "meta"]
+            fresh: list[tuple[str, torch.Tensor]] = []
             for attrs in (m._parameters, m._buffers):
                 for attr, t in attrs.items():
                     if t is not None and t.device.type == "meta":
-                        fresh = torch.empty_like(t, device=device)
-                        attrs[attr] = nn.Parameter(fresh, t.requires_grad) if isinstance(t, nn.Parameter) else fresh
+                        # NaN until the initialiser writes it: one it skips is caught below
+                        new = torch.full_like(t, float("nan"), device=device) if t.is_floating_point() \
+                            else torch.zeros_like(t, device=device)
+                        attrs[attr] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+                        fresh.append((attr, attrs[attr]))
             for t in loaded:
                 t._is_hf_initialized = True  # type: ignore[attr-defined]
             try:
-                init(m)
+                with torch.no_grad():
+                    init(m)
             finally:
                 for t in loaded:
                     del t._is_hf_initialized  # type: ignore[attr-defined]
+            unset = [a for a, t in fresh if t.is_floating_point() and bool(torch.isnan(t).any())]
+            if unset:
+                names = next(ns for mod, ns in owners.values() if mod is m)
+                raise InvalidTensorError(
+                    f"the model's initialiser left {unset} of {names[0].rpartition('.')[0] or 'the model'} "
+                    "unset (on the meta device they have no value): build that module on a real device")
     model.to(device)
 
 

@@ -320,3 +320,30 @@ def test_a_meta_tensor_nothing_can_fill_is_named(tmp_path: Path) -> None:
         net = Net()
     with pytest.raises(Exception, match="meta device.*table"):
         load_quantized(net, tmp_path / "n.safetensors", {**QC, "desc_act": False}, device="cpu")
+
+
+def test_a_meta_tensor_the_initialiser_skips_is_named_not_left_as_garbage(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    t = random_gptq(64, 32, 4, 32, False, "v1", generator=torch.Generator().manual_seed(28))
+
+    class Rotary(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("freq", torch.arange(4.0), persistent=False)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(64, 32, bias=False)
+            self.rope = Rotary()
+
+        def _init_weights(self, module: nn.Module) -> None:
+            pass  # knows nothing of Rotary
+
+    save_file({"proj.qweight": t.qweight, "proj.qzeros": t.qzeros, "proj.scales": t.scales},
+              str(tmp_path / "n.safetensors"))
+    with torch.device("meta"):
+        net = Net()
+    with pytest.raises(Exception, match=r"left \['freq'\] of rope unset"):
+        load_quantized(net, tmp_path / "n.safetensors", {**QC, "desc_act": False}, device="cpu")
