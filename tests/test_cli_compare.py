@@ -17,6 +17,7 @@ from gemmtune.kernels.device import DeviceInfo
 from gemmtune.kernels.problem import Problem
 
 from gemmtune.cli import main
+from gemmtune.cli._common import _config_short
 from tests.test_compare import P1, P2, results
 
 
@@ -261,9 +262,12 @@ def test_bench_writes_results_then_compare_against_a_live_source(fake_gpu: list[
     r = run("compare", str(out), "default")
     assert r.exit_code == 0, r.output
     assert "1.000" in r.output
-    # bench of a results file shows it without a GPU
-    r = run("bench", str(out))
+    # bench of a results file shows it without a GPU; at 80 columns the config is one line,
+    # spelled as every table spells it, beside the first M of its band
+    r = CliRunner().invoke(main, ["bench", str(out)], env={"COLUMNS": "80"})
     assert r.exit_code == 0 and "4096x4096" in r.output
+    first = next(ln for ln in r.output.splitlines() if ln.startswith("4096x4096"))
+    assert _config_short(PRESETS["default"]) in first, r.output
 
 
 def test_bench_refuses_an_unwritable_output_before_measuring(fake_gpu: list[Any],

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from gemmtune.db.store import Store
+from gemmtune.kernels import KernelConfig
+from gemmtune.kernels.config import TILED
 
 from gemmtune.cli import main
+from gemmtune.cli._common import _config_short
 
 CURRENT = "c0" * 32
 """This build's kernel hash, pinned: the real one changes whenever a .cu file does, and these tests
@@ -60,30 +63,46 @@ def test_show_lists_what_is_tuned(filled):
     out = r.output
     for text in ("4096x4096-b4-g128", "8192x4096-b4-g128", "4096x11008-b4-g128", "prefill",
                  "decode", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "1.25×", "stale",
-                 "r48-mk8"):
+                 _config_short(KernelConfig(max_q_gemm_rows=48, max_q_gemm_rows_kernel=8))):
         assert text in out, text
     assert "1 stale entry" in out
 
 
-def test_show_lists_every_band_of_a_plan_with_its_ms_and_config(tmp_path, make_entry):
-    from gemmtune.kernels import KernelConfig
-
+def test_show_lists_every_band_of_a_plan_unwrapped_at_80_columns(tmp_path, make_entry):
+    """Each band is one line, its Ms beside its config as every table spells it, at a
+    terminal's default width; the full keys (which wrapped a few characters a line there) are
+    what `show --keys` prints, one tab-separated line per band, for copying."""
     plan = ((4, KernelConfig(max_q_gemm_rows=4, max_q_gemm_rows_kernel=4, split_k=8)),
-            (32, KernelConfig(max_q_gemm_rows=32, block_n=128, threads=128)),
-            (None, KernelConfig(max_q_gemm_rows=64, max_q_gemm_rows_kernel=16)))
+            (32, KernelConfig(max_q_gemm_rows=32, kernel=TILED, tile_m=16, tile_n=128, tile_k=64,
+                              stages=4)),
+            (None, KernelConfig(max_q_gemm_rows=64, max_q_gemm_rows_kernel=16,
+                                recon_chunk_n=4096)))
+    decode = KernelConfig(max_q_gemm_rows=8, block_n=128, threads=128, split_k=2)
     url = f"sqlite:///{tmp_path / 'tuning.db'}"
     with Store.open(url) as s:
-        s.put_result(make_entry(workload="mixed", bands=plan))
-        s.put_result(make_entry(workload="decode", config=KernelConfig(max_q_gemm_rows=8)))
-    r = CliRunner().invoke(main, ["show", "--db", url], env={"COLUMNS": "250"})
+        s.put_result(make_entry(4096, 14336, workload="mixed", bands=plan))
+        s.put_result(make_entry(4096, 14336, workload="decode", config=decode))
+    r = CliRunner().invoke(main, ["show", "--db", url], env={"COLUMNS": "80"})
     assert r.exit_code == 0, r.stderr
     lines = r.output.splitlines()
-    for span, (_m_hi, cfg) in zip(("M 1-4", "M 5-32", "M >= 33"), plan, strict=True):
-        assert sum(f"{span}: {cfg.key()}" in ln for ln in lines) == 1, (span, r.output)
-    mixed = next(ln for ln in lines if "mixed" in ln)
-    assert "M 1-4:" in mixed and "M >= 9" in mixed  # the plan's first band; it serves M >= 9
-    decode = next(ln for ln in lines if "decode" in ln)
-    assert "M 1-8" in decode and KernelConfig(max_q_gemm_rows=8).key() in decode
+    bands = [(span, cfg) for span, (_m_hi, cfg) in zip(("M 1-4", "M 5-32", "M >= 33"), plan,
+                                                         strict=True)] + [("every M", decode)]
+    for span, cfg in bands:
+        assert any(span in ln and _config_short(cfg) in ln for ln in lines), (span, r.output)
+        assert cfg.key() not in r.output  # one spelling
+    assert sum("4096x14336-b4-g128" in ln for ln in lines) == 2, r.output  # the shape unfolded
+    # under each entry's shape: its workload, then the Ms it serves a layer loaded without one
+    for workload, serves in (("mixed", "serves M >= 9"), ("decode", "serves M 1-8")):
+        at = next(i for i, ln in enumerate(lines) if ln.startswith(f"{workload} · "))
+        assert lines[at + 1].startswith(serves), r.output
+
+    r = CliRunner().invoke(main, ["show", "--db", url, "--keys"])
+    assert r.exit_code == 0, r.stderr
+    rows = [ln.split("\t") for ln in r.output.splitlines()]
+    fp = make_entry().device_fingerprint
+    assert sorted(rows) == sorted([fp, "4096x14336-b4-g128", workload, span, cfg.key()]
+                                  for workload, (span, cfg) in
+                                  [("mixed", b) for b in bands[:3]] + [("decode", bands[3])])
 
 
 def test_show_filters_by_device_and_hides_stale(filled, make_device):

@@ -19,6 +19,7 @@ from gemmtune.kernels.problem import Problem
 from gemmtune.kernels.workload import WORKLOADS, Workload
 
 from gemmtune.cli import main
+from gemmtune.cli._common import _config_short
 from tests.synthetic import FAKE_DEVICE, FAKE_KERNEL_HASH, SyntheticEvaluator
 
 
@@ -121,15 +122,18 @@ def test_a_tuned_plan_over_m_bands_is_shown_band_by_band_and_stored(
 
     FakeGPU(monkeypatch, landscape=_TwoRegimes())
     args = ["tune", "--shape", "4096x4096", "--trials", "8", "--db", db]
-    wide = {"COLUMNS": "200"}  # one band per line, unfolded
-    for attempt in (CliRunner().invoke(main, args, env=wide), CliRunner().invoke(main, args, env=wide)):
-        # tuned, then the stored entry
-        assert attempt.exit_code == 0, attempt.output
-        assert "M 1-4: ≤4 fused, 4 rows" in attempt.output and "M >= 5: " in attempt.output
+    narrow = {"COLUMNS": "80"}  # a terminal's default width: each band on one line, unwrapped
+    outputs = [CliRunner().invoke(main, args, env=narrow) for _ in range(2)]
     (entry,) = stored(db)
     (m_hi, first), (top, last) = entry.bands
     assert (m_hi, top) == (4, None) and last == entry.config
     assert KernelConfig.from_dict(first).variant_key() == GEMV.variant_key()
+    for attempt in outputs:  # tuned, then the stored entry
+        assert attempt.exit_code == 0, attempt.output
+        lines = attempt.output.splitlines()
+        for span, cfg in (("M 1-4", first), ("M >= 5", last)):
+            short = _config_short(KernelConfig.from_dict(cfg))
+            assert any(span in ln and short in ln for ln in lines), (span, short, attempt.output)
 
 
 def test_slower_winner_keeps_the_default(monkeypatch: pytest.MonkeyPatch, db: str) -> None:
@@ -269,10 +273,12 @@ def test_the_config_column_names_the_kernel_family_it_runs() -> None:
     (the tune, bench and resolve tables all use this spelling)."""
     from gemmtune.kernels.config import TILED
 
-    from gemmtune.cli._common import _config_short
-
     tiled = KernelConfig(max_q_gemm_rows=128, kernel=TILED, tile_m=32, tile_n=128, tile_k=64,
                          stages=3, split_k=8)
     decode = KernelConfig(max_q_gemm_rows=8, max_q_gemm_rows_kernel=4, split_k=2)
-    assert _config_short(tiled) == "≤128 fused, tiled 32x128x64 st3 sk8 rc0"
-    assert _config_short(decode) == "≤8 fused, 4 rows, 64x64 sk2 u2 rc0"
+    assert _config_short(tiled) == "≤128 fused, tiled 32x128x64 st3 sk8"
+    assert _config_short(decode) == "≤8 fused, 4 rows, 64x64 u2 sk2"
+    # split-K and the reconstruct chunk are named when they are not the defaults (0), only
+    assert _config_short(decode.replace(split_k=0)) == "≤8 fused, 4 rows, 64x64 u2"
+    assert _config_short(tiled.replace(recon_chunk_n=4096)) == \
+        "≤128 fused, tiled 32x128x64 st3 sk8 rc4096"

@@ -19,6 +19,7 @@ from gemmtune.kernels.sources import kernel_hash
 from gemmtune.runtime import clear_cache
 
 from gemmtune.cli import main
+from gemmtune.cli._common import _config_short
 from tests.conftest import TEST_DEVICE
 
 DEV = DeviceInfo(**TEST_DEVICE)
@@ -420,8 +421,15 @@ def test_resolve_lists_every_band_of_a_plan(tmp_path: Path, make_entry) -> None:
             (9, 32, GEMM_CFG, "mixed"), (33, None, MIXED_CFG, "mixed")]
     assert [(b["m_lo"], b["m_hi"], b["config"], b["workload"]) for b in bands] == [
         (lo, hi, c.to_dict(), w) for lo, hi, c, w in want]
-    r = CliRunner().invoke(main, ["resolve", "--shape", "4096x4096", "--db", db,
-                                  "--fingerprint", DEV.fingerprint], env={"COLUMNS": "200"})
+    # the table at a terminal's default width: each band one line, its Ms beside its config
+    # spelled as every table spells it (unwrapped), where it came from on the line below
+    r = CliRunner().invoke(main, ["resolve", "--model", "llama-2-7b", "--db", db,
+                                  "--fingerprint", DEV.fingerprint], env={"COLUMNS": "80"})
     assert r.exit_code == 0, r.output
-    for span in ("M 1-4", "M 5-8", "M 9-32", "M >= 33"):
-        assert span in r.output
+    lines = r.stdout.splitlines()
+    for span, (_lo, _hi, cfg, workload) in zip(("M 1-4", "M 5-8", "M 9-32", "M >= 33"), want,
+                                               strict=True):
+        at = next(i for i, ln in enumerate(lines) if span in ln)
+        assert _config_short(cfg) in lines[at], r.output
+        assert f"database: {workload} entry" in lines[at + 1], r.output
+    assert db in lines[-1]  # the database, named once

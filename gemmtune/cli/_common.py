@@ -121,15 +121,27 @@ def _tune_problems(model: str | None, config_path: str | None, layout: str,
 
 
 def _config_short(config: Any) -> str:
-    """Compact config spelling for the table: threshold, then the fused kernel's own factors
-    (decode: rows per block, block_n x threads, unroll; tiled: block tile and stages), split-K,
-    reconstruct chunk (spaces let it wrap in a narrow terminal)."""
+    """The one spelling of a config in every table (`show`, `resolve`, `tune`, `bench`): the
+    fused/reconstruct threshold, then the fused kernel's own factors (decode: rows per block,
+    block_n x threads, K-unroll; tiled: block tile and stages), then split-K and the reconstruct
+    chunk only where they are not the defaults (0: split from the SM count, whole matrix at
+    once). Short enough that a table of them fits 80 columns without wrapping one; the full key
+    (`KernelConfig.key()`) is what `show --keys` and `resolve --json` print, for copying."""
     c = config
     if c.tiled:
-        own = f"tiled {c.tile_m}x{c.tile_n}x{c.tile_k} st{c.stages} sk{c.split_k}"
+        own = f"tiled {c.tile_m}x{c.tile_n}x{c.tile_k} st{c.stages}"
     else:
-        own = f"{c.max_q_gemm_rows_kernel} rows, {c.block_n}x{c.threads} sk{c.split_k} u{c.k_unroll}"
-    return f"≤{c.max_q_gemm_rows} fused, {own} rc{c.recon_chunk_n}"
+        own = f"{c.max_q_gemm_rows_kernel} rows, {c.block_n}x{c.threads} u{c.k_unroll}"
+    extra = "".join(f" {tag}{value}" for tag, value in (("sk", c.split_k), ("rc", c.recon_chunk_n))
+                    if value)
+    return f"≤{c.max_q_gemm_rows} fused, {own}{extra}"
+
+
+CONFIG_LEGEND = ("config: ≤N fused = the fused kernel up to M = N, reconstruct + cuBLAS above; "
+                 "decode kernel: rows per block, block_n x threads, uK = K-unroll; tiled kernel: "
+                 "block tile M x N x K, stN = pipeline stages; skN = split-K (absent: from the SM "
+                 "count), rcN = reconstruct chunk (absent: whole matrix)")
+"""What `_config_short`'s abbreviations mean, for the tables that print it."""
 
 
 def _age(created: Any) -> str:
@@ -144,14 +156,17 @@ def _age(created: Any) -> str:
     return f"{int(seconds)}s"
 
 
-def _table(title: str, *columns: str) -> Any:
+def _table(title: str, *columns: str, caption: str | None = None) -> Any:
     """A left-titled table; a column name ending in `>` is right-aligned, in `~` may wrap
-    (folded), any other never wraps."""
+    (words first, then folded), any other never wraps. Tables that show configs keep the
+    config column unwrapped and let the others wrap: at 80 columns rich narrows only those."""
     from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD)
+    # No edge padding: two more columns for the cells at 80 columns.
+    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, caption=caption, caption_justify="left")
     for col in columns:
         name = col.rstrip(">~")
         if col.endswith("~"):

@@ -8,12 +8,14 @@ from typing import Any
 import click
 
 from gemmtune.cli._common import (
+    CONFIG_LEGEND,
     F,
     _config_short,
     _db_option,
     _friendly,
     _friendly_exit,
     _shape_options,
+    _table,
     _tune_problems,
     console,
     err_console,
@@ -120,17 +122,14 @@ def _new_progress() -> Any:
 
 
 def _bench_table(results: Any) -> Any:
-    from rich import box
+    """One row per (shape, M); a config is named where its M band starts, unwrapped (the other
+    columns are narrow or may wrap, so it fits 80 columns)."""
     from rich.markup import escape
-    from rich.table import Table
 
     d = results.device
-    table = Table(title=escape(f"{results.label} on {d.get('name', '?')} · kernel "
-                               f"{results.kernel_hash[:12]}"), title_justify="left",
-                  box=box.SIMPLE_HEAD, caption="µs per call: median ± interquartile range")
-    for col, just in (("shape (layers)", "left"), ("M", "right"), ("path", "left"),
-                      ("µs", "right"), ("config", "left")):
-        table.add_column(col, justify=just, no_wrap=col != "config", overflow="fold")  # type: ignore[arg-type]
+    table = _table(f"{results.label} on {d.get('name', '?')} · kernel {results.kernel_hash[:12]}",
+                   "shape (layers)~", "M>", "path", "µs>", "config",
+                   caption="µs per call: median±interquartile range; " + CONFIG_LEGEND)
     for pb in results.problems:
         first, shown = True, None
         for m in sorted(pb.points):
@@ -138,7 +137,7 @@ def _bench_table(results: Any) -> Any:
             name = pb.problem.key() + (f"\n[dim]{escape(', '.join(pb.layers))}[/]" if pb.layers else "")
             cfg = pb.config_at(m)  # a new M band: say its config
             table.add_row(name if first else "", str(m), p.path,
-                          f"{p.median_us:.2f} ± {p.spread_us:.2f}",
+                          f"{p.median_us:.2f}±{p.spread_us:.2f}",
                           _config_short(cfg) if cfg != shown else "")
             first, shown = False, cfg
     return table

@@ -9,7 +9,9 @@ import click
 
 from gemmtune import __version__
 from gemmtune.cli._common import (
+    CONFIG_LEGEND,
     _age,
+    _config_short,
     _db_option,
     _friendly,
     _table,
@@ -38,13 +40,16 @@ def _profile_validator() -> Any:
     return KernelValidator()
 
 
-def _config_label(config: dict[str, Any]) -> str:
+def _config_label(config: dict[str, Any], full: bool = False) -> str:
+    """A stored config as the tables spell it (`_config_short`), or its full key (`full`);
+    one this build cannot read is listed field by field."""
     from gemmtune.kernels import KernelConfig
 
     try:
-        return KernelConfig.from_dict(config).key()
+        cfg = KernelConfig.from_dict(config)
     except GemmtuneError:
         return ",".join(f"{k}={v}" for k, v in sorted(config.items()))
+    return cfg.key() if full else _config_short(cfg)
 
 
 def _device_label(device: dict[str, Any]) -> str:
@@ -59,9 +64,15 @@ def _device_label(device: dict[str, Any]) -> str:
               help="Only this device: fingerprint (prefix) or part of the name.")
 @click.option("--stale/--no-stale", "include_stale", default=True, show_default=True,
               help="Include stale entries (measured with another kernel build; never served).")
+@click.option("--keys", "full_keys", is_flag=True,
+              help="Instead of the tables, one tab-separated line per band with the config's "
+                   "full key (fingerprint, shape, workload, Ms, key, and `stale` if so): for "
+                   "copying and scripts.")
 @_friendly
-def show(db_url: str | None, device_spec: str | None, include_stale: bool) -> None:
-    """Show what is tuned: device, shape, workload, config, speedup vs the default, age, stale."""
+def show(db_url: str | None, device_spec: str | None, include_stale: bool,
+         full_keys: bool) -> None:
+    """Show what is tuned: per device, each shape and workload with its plan (the M bands and
+    each band's config), speedup vs the default, age, and the Ms it serves."""
     from rich.markup import escape
 
     from gemmtune.db.entry import band_spans
@@ -82,6 +93,13 @@ def show(db_url: str | None, device_spec: str | None, include_stale: bool) -> No
             entries = [e for e in entries if e.device_fingerprint in fps]
     if not include_stale:
         entries = [e for e in entries if not e.stale]
+    if full_keys:
+        for e in entries:
+            for lo, hi, cfg in band_spans(e.plan):
+                click.echo("\t".join([e.device_fingerprint, e.problem_key, e.workload_key,
+                                      Band(lo, hi, cfg, "").span, _config_label(cfg, full=True)]
+                                     + (["stale"] if e.stale else [])))
+        return
     if not entries:
         console.print(f"nothing tuned yet in {where} (run `gemmtune tune` or `gemmtune import`)",
                       highlight=False, soft_wrap=True)
@@ -91,28 +109,32 @@ def show(db_url: str | None, device_spec: str | None, include_stale: bool) -> No
         by_device.setdefault(e.device_fingerprint, []).append(e)
     for group in by_device.values():
         d = group[0].device
+        # Four columns, so that a plan's configs fit 80 columns unwrapped: what describes the
+        # entry (workload, age, the Ms it serves, notes) stands under its shape.
         table = _table(f"{d['name']} (sm_{d['compute_capability'].replace('.', '')}, "
                        f"{d['sm_count']} SMs) · fingerprint {d['fingerprint']}",
-                       "shape", "workload", "config~", "speedup>", "age>", "serves", "note~")
+                       "shape~", "M", "config", "speedup>")
         for e in group:
-            notes = [n for n in ("imported" if e.source == "imported" else "",
-                                 "[yellow]stale[/]" if e.stale else "") if n]
             band = serves.get(id(e))
+            about = [escape(e.problem_key),
+                     f"[dim]{escape(e.workload_key)} · {_age(e.created_at)} old[/]"]
+            if e.stale:
+                about.append("[yellow]stale[/]")
+            else:
+                about.append(f"[dim]serves {band.span if band is not None else 'no M'}[/]")
+            if e.source == "imported":
+                about.append("[dim]imported[/]")
             spans = band_spans(e.plan)
-            # a plan over M bands: one line per band, its M span and config
-            labels = [_config_label(cfg) if len(spans) == 1 else
-                      f"{Band(lo, hi, cfg, '').span}: {_config_label(cfg)}"
-                      for lo, hi, cfg in spans]
-            table.add_row(e.problem_key, e.workload_key, labels[0], f"{e.speedup:.2f}×",
-                          _age(e.created_at), band.span if band is not None else "–",
-                          ", ".join(notes))
-            for label in labels[1:]:
-                table.add_row("", "", label, "", "", "", "")
+            table.add_row("\n".join(about),
+                          "\n".join(Band(lo, hi, cfg, "").span for lo, hi, cfg in spans),
+                          "\n".join(_config_label(cfg) for _lo, _hi, cfg in spans),
+                          f"{e.speedup:.2f}×", end_section=True)
         console.print(table)
+        console.print()
     console.print(f"database {where}; speedup = default's objective / tuned objective over the "
-                  "workload; a plan over M bands lists each band's Ms and config; serves = the "
-                  "Ms a layer loaded without a workload runs this entry for (`gemmtune resolve` "
-                  "shows a model's)", highlight=False, soft_wrap=True, style="dim")
+                  "workload; serves = the Ms a layer loaded without a workload runs this entry "
+                  f"for (`gemmtune resolve` shows a model's); {CONFIG_LEGEND}; `--keys` prints "
+                  "the full keys", highlight=False, soft_wrap=True, style="dim")
     n_stale = sum(e.stale for e in entries)
     if n_stale:
         console.print(f"{n_stale} stale entr{'y' if n_stale == 1 else 'ies'}: measured with another "

@@ -52,13 +52,12 @@ def _check_named_profile(path: str) -> None:
 
 
 def _band_source(band: Any) -> str:
-    """Where a band's config came from, in words."""
-    if band.source == "default":
-        return f"default ({band.detail})"
+    """Where a band's config came from, in words (the file or database a stored entry came
+    from is named once, under the table: a path on every row would not fit 80 columns)."""
     if band.entry is None:
         return f"{band.source} ({band.detail})"
     e = band.entry
-    return f"{band.source} {band.detail}: {e.workload_key} entry, {_age(e.created_at)} old"
+    return f"{band.source}: {e.workload_key} entry, {_age(e.created_at)} old"
 
 
 def _resolve_json(ex: Any) -> dict[str, Any]:
@@ -124,17 +123,27 @@ def resolve_cmd(model: str | None, config_path: str | None, layout: str, shapes:
         click.echo(json.dumps(_resolve_json(ex), indent=2))
         return
     table = _table(f"{card.name or 'card'} · fingerprint {card.fingerprint} ({card.found}) · "
-                   f"kernel {ex.kernel_hash[:12]}", "shape (layers)", "M", "config~", "from~")
+                   f"kernel {ex.kernel_hash[:12]}", "shape (layers)~", "M", "config (from)")
+    where: dict[str, str] = {}  # "database" / "profile": the one it names
     for a in ex.answers:
         for i, b in enumerate(a.resolution.bands):
             name = a.problem.key() + (f"\n[dim]{escape(', '.join(a.layers))}[/]" if a.layers else "")
-            table.add_row(name if i == 0 else "", b.span, _config_short(b.config),
-                          escape(_band_source(b)))
+            if b.entry is not None:
+                where[b.source] = b.detail
+            # where it came from under the config, not in a column of its own: at 80 columns
+            # a fourth column would leave a few characters a line for either
+            table.add_row(name if i == 0 else "", b.span,
+                          f"{_config_short(b.config)}\n[dim]{escape(_band_source(b))}[/]")
         for sk in a.resolution.skipped:
-            what = f"{sk.entry.workload_key} entry" if sk.entry is not None else "profile"
-            table.add_row("", "", "[yellow]skipped[/]",
-                          escape(f"{sk.kind} {sk.where}: {what} {sk.detail}"
-                                 if sk.entry is None else f"{sk.kind} {sk.where}: {sk.detail}"))
+            where[sk.kind] = sk.where
+            # In brief (the full reason is in the warnings and --json): what, and why.
+            what = "all" if sk.entry is None else f"{sk.entry.workload_key} entry"
+            why = {"stale": "another kernel build", "device": "another card"}.get(sk.reason,
+                                                                                 sk.reason)
+            table.add_row("", "", f"[yellow]skipped[/] [dim]{escape(f'{sk.kind}: {what}, {why}')}[/]")
     console.print(table)
+    if where:
+        console.print("; ".join(f"{kind}: {escape(path)}" for kind, path in where.items()),
+                      highlight=False, soft_wrap=True, style="dim")
     for w in ex.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)

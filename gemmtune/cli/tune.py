@@ -8,10 +8,12 @@ from typing import Any
 import click
 
 from gemmtune.cli._common import (
+    CONFIG_LEGEND,
     _config_short,
     _db_option,
     _friendly,
     _shape_options,
+    _table,
     _tune_problems,
     console,
     fail,
@@ -48,45 +50,39 @@ Shapes already tuned for this GPU and kernel build are skipped unless --retune.
 
 
 def _tune_table(title: str, results: list[Any], layer_names: dict[Any, list[str]]) -> Any:
-    from rich import box
-    from rich.table import Table
+    """One row per shape: the plan's M bands and configs beside it, and under the shape its
+    layers, status and times (four columns, so that the configs fit 80 columns unwrapped)."""
+    from rich.markup import escape
+
+    from gemmtune.db.entry import band_spans
+    from gemmtune.db.resolve import Band
 
     style = {"accepted": "green", "skipped": "cyan", "rejected": "yellow", "interrupted": "yellow",
              "no-result": "red", "error": "red", "pending": "dim"}
     label = {"accepted": "tuned", "rejected": "default kept", "skipped": "stored"}
-    table = Table(title=title, box=box.SIMPLE_HEAD, caption="µs: weighted sum of per-M latencies; "
-                  "default = built-in config, re-measured interleaved with the tuned one")
-    table.add_column("shape (layers)", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    for col in ("default", "tuned", "speedup"):
-        table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("config", overflow="fold", min_width=14)
+    table = _table(title, "shape (layers)~", "M", "config", "speedup>",
+                   caption="µs: weighted sum of per-M latencies, default → tuned; default = "
+                           "built-in config, re-measured interleaved with the tuned one; "
+                           + CONFIG_LEGEND)
     for r in results:
-        speed = r.speedup
+        about = [escape(r.problem.key())]
         layers = ", ".join(layer_names.get(r.problem, []))
-        table.add_row(
-            r.problem.key() + (f"\n[dim]{layers}[/]" if layers else ""),
-            f"[{style.get(r.status, '')}]{label.get(r.status, r.status)}[/]"
-            + (f"\n[dim]{r.trials} trials[/]" if r.trials else ""),
-            f"{r.default_us:.1f}" if r.default_us is not None else "–",
-            f"{r.tuned_us:.1f}" if r.tuned_us is not None else "–",
-            f"{speed:.2f}×" if speed else "–",
-            _plan_label(r),
-        )
+        if layers:
+            about.append(f"[dim]{escape(layers)}[/]")
+        about.append(f"[{style.get(r.status, '')}]{label.get(r.status, r.status)}[/]"
+                     + (f" [dim]· {r.trials} trials[/]" if r.trials else ""))
+        if r.default_us is not None or r.tuned_us is not None:
+            about.append("[dim]µs " + " → ".join(f"{us:.1f}" if us is not None else "–"
+                                                 for us in (r.default_us, r.tuned_us)) + "[/]")
+        if r.config is None:
+            spans, configs = "", "–"
+        else:
+            plan = band_spans(r.bands) if r.bands else [(1, None, r.config)]
+            spans = "\n".join(Band(lo, hi, cfg, "").span for lo, hi, cfg in plan)
+            configs = "\n".join(_config_short(cfg) for _lo, _hi, cfg in plan)
+        table.add_row("\n".join(about), spans, configs,
+                      f"{r.speedup:.2f}×" if r.speedup else "–", end_section=True)
     return table
-
-
-def _plan_label(r: Any) -> str:
-    """The config, or for a plan over M bands one line per band with its Ms."""
-    if r.config is None:
-        return "–"
-    if not r.bands:
-        return _config_short(r.config)
-    from gemmtune.db.entry import band_spans
-    from gemmtune.db.resolve import Band
-
-    return "\n".join(f"{Band(lo, hi, cfg, '').span}: {_config_short(cfg)}"
-                     for lo, hi, cfg in band_spans(r.bands))
 
 
 @click.command(epilog=_TUNE_EPILOG)
@@ -101,8 +97,8 @@ def _plan_label(r: Any) -> str:
               show_default=True, help="tpe: model-based, good in few trials; gp: Gaussian process, "
               "best per trial, slower to ask; random; grid: every variant (exhaustive).")
 @click.option("--space", "space_name", type=click.Choice(["standard", "full"]), default="standard",
-              show_default=True, help="standard: 475 kernel variants (decode kernel 360, tiled "
-              "kernel 115); full: every valid choice (3438).")
+              show_default=True, help="standard: 510 kernel variants (decode kernel 360, tiled "
+              "kernel 115, wgmma kernel 35 on sm_90 cards); full: every valid choice (3852).")
 @click.option("--device", "device_spec", default="0", show_default=True, metavar="N|all",
               help="GPU index, or `all`: one worker process per GPU sharing the database.")
 @_db_option
