@@ -327,6 +327,35 @@ def test_broken_database_is_one_line_and_left_alone(tmp_path, filled, kind, comm
         target.chmod(0o644)
 
 
+def test_reading_commands_upgrade_an_older_schema_once_and_say_so_when_they_cannot(
+        tmp_path, make_entry):
+    """As the README's "Where it is" says: `show` opens read-only, except that a database at an
+    older schema revision is upgraded in place first; a read-only one is refused in one line
+    that says why a reading command wanted to write, and is left as it was."""
+    from gemmtune.db.migrate import head_revision
+
+    from tests.test_db_migrations import _alembic, _insert_at_0001
+
+    old = make_entry(config=KernelConfig(max_q_gemm_rows=32))
+    writable, readonly = tmp_path / "old.db", tmp_path / "old-ro.db"
+    for path in (writable, readonly):
+        _alembic(f"sqlite:///{path}", "upgrade", "0001")
+        _insert_at_0001(f"sqlite:///{path}", old)
+    readonly.chmod(0o444)
+    before = readonly.read_bytes()
+    try:
+        line = one_error_line(run("show", "--db", str(readonly)))
+        assert "read-only" in line and "older schema revision" in line, line
+        assert readonly.read_bytes() == before
+    finally:
+        readonly.chmod(0o644)
+    r = run("show", "--db", str(writable))
+    assert r.exit_code == 0, r.stderr
+    assert _config_short(KernelConfig(max_q_gemm_rows=32)) in r.output
+    with Store.open(str(writable), readonly=True) as store:
+        assert store.revision == head_revision() != "0001"
+
+
 def test_a_newer_database_is_refused_by_every_command(tmp_path, filled):
     import sqlalchemy as sa
 

@@ -25,13 +25,17 @@ from gemmtune.kernels.errors import GemmtuneError
 def _open_for_reading(db_url: str | None) -> Any:
     """Read-only open (nothing is created or changed); an older schema is upgraded when the file
     allows it, since every later command would do the same."""
-    from gemmtune.db.errors import SchemaUpgradeRequiredError
+    from gemmtune.db.errors import DatabaseReadOnlyError, SchemaUpgradeRequiredError
     from gemmtune.db.store import Store
 
     try:
         return Store.open(db_url, readonly=True)
     except SchemaUpgradeRequiredError:
-        return Store.open(db_url)
+        try:
+            return Store.open(db_url)
+        except DatabaseReadOnlyError as exc:  # say why a reading command wanted to write
+            raise DatabaseReadOnlyError(f"{exc}; it is at an older schema revision, which is "
+                                        "upgraded once before it can be read") from None
 
 
 def _profile_validator() -> Any:
