@@ -57,8 +57,13 @@ from gemmtune.kernels.config import (
     TILED,
     TILED_FIELDS,
     TUNABLES,
+    WGMMA,
+    WGMMA_CAPABILITY,
+    WGMMA_FIELDS,
+    WGMMA_TILES,
     KernelConfig,
     tiled_violation,
+    wgmma_violation,
 )
 from gemmtune.kernels.errors import InvalidConfigError
 from gemmtune.kernels.problem import KERNEL_BITS
@@ -71,11 +76,13 @@ COMPUTED_FIELDS = ("max_q_gemm_rows", "recon_chunk_n")
 VARIANT_FIELDS = tuple(f.name for f in fields(KernelConfig) if f.name not in COMPUTED_FIELDS)
 """Every field that names the fused-kernel launch: `kernel`, each family's own, the shared."""
 
-FAMILY_FIELDS: dict[int, tuple[str, ...]] = {DECODE: DECODE_FIELDS, TILED: TILED_FIELDS}
+FAMILY_FIELDS: dict[int, tuple[str, ...]] = {DECODE: DECODE_FIELDS, TILED: TILED_FIELDS,
+                                             WGMMA: WGMMA_FIELDS}
 """The fields each kernel family reads alone (sampled only when `kernel` picks the family)."""
 
-FAMILY_NAMES: dict[int, str] = {DECODE: "decode", TILED: "tiled"}
+FAMILY_NAMES: dict[int, str] = {DECODE: "decode", TILED: "tiled", WGMMA: "wgmma"}
 """Labels of the `kernel` parameter."""
+
 
 SHARED_FIELDS = tuple(f for f in VARIANT_FIELDS
                       if f != "kernel" and all(f not in fs for fs in FAMILY_FIELDS.values()))
@@ -95,7 +102,23 @@ def _why_invalid(kernel: int, **values: int) -> str | None:
             why = tiled_violation(bits, cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.stages)
             if why is not None:
                 return why
+    if cfg.wgmma:
+        for bits in KERNEL_BITS:
+            why = wgmma_violation(bits, cfg.wgmma_m, cfg.wgmma_n, cfg.wgmma_k, cfg.wgmma_stages)
+            if why is not None:
+                return why
     return None
+
+
+def families_on(compute_capability: str) -> tuple[int, ...]:
+    """The kernel families a card of this compute capability ("9.0") can run: decode and tiled
+    everywhere, wgmma only on sm_90 (it is built for sm_90a)."""
+    major, _, minor = compute_capability.partition(".")
+    try:
+        cc = (int(major), int(minor or 0))
+    except ValueError:
+        raise InvalidConfigError(f"compute capability {compute_capability!r} is not of the form 9.0") from None
+    return (DECODE, TILED, WGMMA) if cc == WGMMA_CAPABILITY else (DECODE, TILED)
 
 
 def _valid(kernel: int, **values: int) -> bool:
@@ -266,6 +289,18 @@ class Space:
         """Every parameter name of the space (a trial has `kernel`, its family's and the shared)."""
         return tuple(f.name for f in self.all_factors)
 
+    def for_device(self, compute_capability: str) -> Space:
+        """This space without the families the card cannot run (the device decides; the name
+        stays, so studies keep theirs: the device fingerprint is in a study's name already)."""
+        keep = families_on(compute_capability)
+        families = tuple(fam for fam in self.families if fam.kernel in keep)
+        if families == self.families:
+            return self
+        if not families:
+            raise InvalidConfigError(
+                f"space {self.name!r} has no kernel family a sm_{compute_capability} card runs")
+        return Space(self.name, families, self.shared, self.recon_chunk_n)
+
     def family(self, kernel: int) -> Family:
         for fam in self.families:
             if fam.kernel == kernel:
@@ -372,6 +407,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "rows_unroll": ("max_q_gemm_rows_kernel", "k_unroll"),
     "tile": ("block_n", "threads"),
     "tiled_tile": ("tile_m", "tile_n", "tile_k", "stages"),
+    "wgmma_tile": WGMMA_FIELDS,
 }
 """Fields validation couples: sampled together (labels `"16x4"`, `"64x128"`, `"64x128x64x4"`)."""
 
@@ -387,10 +423,21 @@ def _pipelines(tiles: Iterable[tuple[int, int]], tile_ks: Iterable[int]) -> tupl
     return tuple(out)
 
 
+def _wgmma_pipelines(tiles: Iterable[tuple[int, int]], wgmma_ks: Iterable[int]) -> tuple[tuple[int, ...], ...]:
+    """(wgmma_m, wgmma_n, wgmma_k, wgmma_stages): each tile and stage length at the deepest of
+    2..4 stages the wgmma rule allows at every bit width (the weights stream through STAGES - 1
+    stages in flight: more is better until shared memory runs out)."""
+    out: list[tuple[int, ...]] = []
+    for (tm, tn), tk in itertools.product(tiles, wgmma_ks):
+        fits = [st for st in (2, 3, 4) if _valid(WGMMA, wgmma_m=tm, wgmma_n=tn, wgmma_k=tk, wgmma_stages=st)]
+        out += [(tm, tn, tk, fits[-1])] if fits else []
+    return tuple(out)
+
+
 STANDARD = Space.build(
     "standard",
     {
-        "kernel": (DECODE, TILED),
+        "kernel": (DECODE, TILED, WGMMA),
         # ExLlamaV2's 4 and 8 rows per block, 16, the default 32, and 64 (measured on an H100 to
         # win from M = 48 on the 70B shapes). Fewer than 4 rows change nothing at M <= 8 (a block
         # holds every row anyway) and only lose above; they stay in `full`.
@@ -403,6 +450,8 @@ STANDARD = Space.build(
         # stages of 64 and 128. 64x256 fits only stages of 64, 128x256 only 2 of them and 8-bit
         # 16x256x128 only 2 (ptxas spills otherwise): kept, at 2, rather than losing the widest.
         "tiled_tile": _pipelines(itertools.product((16, 32, 64, 128), (128, 256)), (64, 128)),
+        # wgmma (sm_90 cards only, `Space.for_device`): every built tile, stages of 64.
+        "wgmma_tile": _wgmma_pipelines(WGMMA_TILES, (64,)),
         # 0 lets the launcher choose from the SM count; 1 = no split; 2..8 explicit.
         "split_k": (0, 1, 2, 4, 8),
         "recon_chunk_n": (0, 4096),
@@ -410,7 +459,8 @@ STANDARD = Space.build(
     GROUPS,
 )
 """decode: rows_unroll 12 (32 rows with unroll <= 2, 64 with 1) x tile 6 x split_k 5 = 360;
-tiled: tiled_tile 23 x split_k 5 = 115; 475 variants, 2 chunks resolved per trial."""
+tiled: tiled_tile 23 x split_k 5 = 115; wgmma: wgmma_tile 7 x split_k 5 = 35 (sm_90 cards only);
+510 variants, 2 chunks resolved per trial."""
 
 FULL = Space.build("full", {t.name: t.choices for t in TUNABLES}, GROUPS)
 """Every TUNABLES choice that is a valid config: decode rows_unroll 36 x tile 9 x split_k 9 = 2916;
@@ -418,6 +468,10 @@ tiled tiled_tile 58 (12 tiles x tile_k 2 x stages 3, less what the rule refuses 
 x split_k 9 = 522; 3438 variants, 6 chunks resolved per trial."""
 
 SPACES: dict[str, Space] = {"standard": STANDARD, "full": FULL}
+
+WGMMA_START = KernelConfig(kernel=WGMMA)
+"""The wgmma kernel's default (64x256, 4 stages of 64, automatic split), tried after the tiled
+default where the card runs the family."""
 
 TILED_START = KernelConfig(kernel=TILED)
 """The tiled kernel's default (64x128, 4 stages of 64, automatic split), tried right after the
@@ -438,5 +492,5 @@ def warm_start_configs(space: Space) -> list[tuple[str, KernelConfig]]:
     """Presets the study tries first (`default` first), then the tiled default, each where its
     variant lies in the space. A start point outside a custom space is left out rather than
     failing the run."""
-    starts = [*PRESETS.items(), ("tiled-default", TILED_START)]
+    starts = [*PRESETS.items(), ("tiled-default", TILED_START), ("wgmma-default", WGMMA_START)]
     return [(n, c) for n, c in starts if space.contains(c, check_chunk=False)]

@@ -352,6 +352,8 @@ def tune_problem(
     `store_outcome`."""
     settings = settings or TuneSettings()
     space = settings.space if isinstance(settings.space, Space) else get_space(settings.space)
+    # The card decides which kernel families exist (wgmma: sm_90 only).
+    space = space.for_device(evaluator.device.compute_capability)
     if settings.sampler not in SAMPLERS:
         raise InvalidConfigError(f"unknown sampler {settings.sampler!r} (known: {', '.join(SAMPLERS)})")
     if isinstance(storage, str):

@@ -1,7 +1,8 @@
 """Static build of every kernel variant with `nvcc` (no GPU needed): `gemmtune kernels check`.
 
 Each template instance the dispatch can launch (decode kernel, tiled kernel, reconstruct) is
-instantiated explicitly and compiled for the requested architectures; ptxas' resource report gives registers, spill bytes and shared memory
+instantiated explicitly and compiled for the requested architectures (the wgmma kernel, which
+exists on sm_90 cards only, for sm_90a whenever sm_90 or sm_90a is requested); ptxas' resource report gives registers, spill bytes and shared memory
 per instance. Any build failure or spill fails the check: a spilling variant would be slow on
 every card, and one that does not build would only fail at run time on a user's machine.
 """
@@ -19,8 +20,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compile import FusedVariant, ReconVariant, TiledVariant, Variant
-from .config import TILES, TUNABLES, launch_violation, tiled_shape, tiled_violation
+from .compile import FusedVariant, ReconVariant, TiledVariant, Variant, WgmmaVariant
+from .config import (
+    TILES,
+    TUNABLES,
+    WGMMA_ARCH,
+    WGMMA_TILES,
+    launch_violation,
+    tiled_shape,
+    tiled_violation,
+    wgmma_shape,
+    wgmma_violation,
+)
 from .errors import KernelBuildError
 from .problem import KERNEL_BITS
 from .sources import COMMON_FLAGS, CUDA_DIR
@@ -67,6 +78,25 @@ def tiled_variants(bits: Iterable[int] = KERNEL_BITS, quick: bool = False) -> li
     return out
 
 
+def wgmma_variants(bits: Iterable[int] = KERNEL_BITS, quick: bool = False) -> list[WgmmaVariant]:
+    """Every wgmma-kernel instance reachable from the configuration space: each built tile at
+    each `wgmma_k` and `wgmma_stages` choice `wgmma_violation` allows at that bit width, with and
+    without split-K."""
+    out = []
+    for b, (tm, tn), tk, st, split in itertools.product(
+            bits, WGMMA_TILES, _CHOICES["wgmma_k"], _CHOICES["wgmma_stages"], (False, True)):
+        if wgmma_violation(b, tm, tn, tk, st) is not None:
+            continue
+        wgm, tok, wgn = WGMMA_TILES[(tm, tn)]
+        out.append(WgmmaVariant(b, wgm, wgn, tok, wgmma_shape(b, tm, tn, tk)[0], st, split))
+    if quick:
+        # The default tile, the smallest, the widest, and 8-bit's longest stage.
+        keep = {(4, 64, 256, 64, 4), (4, 16, 128, 64, 4), (4, 128, 256, 64, 4),
+                (4, 256, 128, 64, 3), (8, 64, 256, 128, 4)}
+        out = [v for v in out if (v.bits, v.tile_m, v.tile_n, v.tile_k, v.stages) in keep]
+    return out
+
+
 def recon_variants(bits: Iterable[int] = KERNEL_BITS) -> list[ReconVariant]:
     return [ReconVariant(b, act) for b in bits for act in (False, True)]
 
@@ -83,7 +113,8 @@ class BuildResult:
     message: str = ""
 
 
-_KIND: dict[type, str] = {FusedVariant: "decode", TiledVariant: "tiled", ReconVariant: "reconstruct"}
+_KIND: dict[type, str] = {FusedVariant: "decode", TiledVariant: "tiled", WgmmaVariant: "wgmma",
+                          ReconVariant: "reconstruct"}
 """How the report names each kernel."""
 
 _RE_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\w+)'")
@@ -110,7 +141,11 @@ def build_batch(variants: list[Variant], arch: str, workdir: Path) -> list[Build
     tu = "".join(f'#include "{s}"\n' for s in sources) + "".join(_instantiation(v) for v in variants)
     src = workdir / f"check_{arch}_{abs(hash(tuple(variants)))}.cu"
     src.write_text(tu)
-    cmd = [nvcc_path(), *COMMON_FLAGS, f"-arch={arch}", f"-I{CUDA_DIR}", "-c", str(src),
+    # An arch-specific target ("sm_90a") in the -gencode form: nvcc 13.0's -arch=sm_90a shorthand
+    # also runs a plain sm_90 pass, which rejects wgmma.
+    target = (f"-gencode=arch=compute_{arch[3:]},code={arch}" if arch.endswith("a")
+              else f"-arch={arch}")
+    cmd = [nvcc_path(), *COMMON_FLAGS, target, f"-I{CUDA_DIR}", "-c", str(src),
            "-o", str(src.with_suffix(".o")), "-Xptxas", "-v", "-w"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
@@ -163,6 +198,9 @@ def _mangled_args(v: Variant) -> str:
         name = "gptq_tiled_gemm"
         args = [i(v.bits), i(v.warps_m), i(v.mt), i(v.warps_n), i(v.nw), i(v.ks), i(v.stages),
                 b(v.split)]
+    elif isinstance(v, WgmmaVariant):
+        name = "gptq_wgmma_gemm"
+        args = [i(v.bits), i(v.wgm), i(v.wgn), i(v.tn), i(v.ks), i(v.stages), b(v.split)]
     else:
         name = "gptq_reconstruct"
         args = [i(v.bits), b(v.act_order)]
@@ -183,9 +221,14 @@ def run_check(archs: list[str], bits: list[int], jobs: int, quick: bool, console
                                *recon_variants(bits)]
     batch = 24
     batches = [(variants[i:i + batch], a) for a in archs for i in range(0, len(variants), batch)]
+    if any(a in ("sm_90", WGMMA_ARCH) for a in archs):
+        # The wgmma family exists for sm_90 cards and is built for their arch-specific target.
+        wv = wgmma_variants(bits, quick)
+        step = 8  # large unrolled instances: smaller batches keep the worker threads busy
+        batches += [(list(wv[i:i + step]), WGMMA_ARCH) for i in range(0, len(wv), step)]
     results: list[BuildResult] = []
     with tempfile.TemporaryDirectory(prefix="gemmtune-check-") as tmp, Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"nvcc {len(variants)} variants x {len(archs)} arch", total=len(batches))
+        task = progress.add_task(f"nvcc {sum(len(b) for b, _ in batches)} builds", total=len(batches))
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             for res in pool.map(lambda job: build_batch(job[0], job[1], Path(tmp)), batches):
                 results.extend(res)

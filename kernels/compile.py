@@ -98,6 +98,55 @@ class TiledVariant:
 
 
 @dataclass(frozen=True)
+class WgmmaVariant:
+    """One compiled instance of the wgmma kernel (`kernels/cuda/gptq_wgmma_gemm.cu`, sm_90a)."""
+
+    bits: int
+    wgm: int
+    wgn: int
+    tn: int
+    ks: int
+    stages: int
+    split: bool
+
+    source = "gptq_wgmma_gemm.cu"
+    arch = "sm_90a"
+    """Built for exactly this target (NVRTC's `--gpu-architecture`), not the card's default."""
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.wgm * self.wgn
+
+    @property
+    def tile_m(self) -> int:
+        return self.wgm * self.tn
+
+    @property
+    def tile_n(self) -> int:
+        return 128 * self.wgn
+
+    @property
+    def tile_k(self) -> int:
+        return self.ks * 4 * (32 // self.bits)
+
+    @property
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory of one block (the launch asks for exactly this)."""
+        from .config import wgmma_smem_bytes
+
+        return wgmma_smem_bytes(self.bits, self.tile_m, self.tile_n, self.tile_k, self.stages)
+
+    def expression(self) -> str:
+        return (
+            f"gemmtune::gptq_wgmma_gemm<{self.bits},{self.wgm},{self.wgn},{self.tn},{self.ks},"
+            f"{self.stages},{'true' if self.split else 'false'}>"
+        )
+
+    def signature(self) -> str:
+        return "const half*, const uint32_t*, const half2*, half*, float*, int*, int, int, int, int"
+
+
+@dataclass(frozen=True)
 class ReconVariant:
     """One compiled instance of the reconstruct kernel (`kernels/cuda/gptq_reconstruct.cu`)."""
 
@@ -130,13 +179,14 @@ class StreamReadVariant:
         return "const uint4*, long long, uint32_t*"
 
 
-Variant = FusedVariant | TiledVariant | ReconVariant | StreamReadVariant
+Variant = FusedVariant | TiledVariant | WgmmaVariant | ReconVariant | StreamReadVariant
 
 _MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 """CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (the CUDA driver API's enum value)."""
 
 _lock = threading.Lock()
 _functions: dict[tuple[str, int], Any] = {}
+_modules: list[Any] = []
 
 
 def nvrtc_options() -> tuple[str, ...]:
@@ -167,13 +217,17 @@ def get_kernel(variant: Variant, device: int = 0) -> Any:
             return fn
         try:
             with cupy.cuda.Device(device):
-                module = cupy.RawModule(
-                    code=read_source(variant.source),
-                    options=nvrtc_options(),
-                    name_expressions=[variant.expression()],
-                )
-                kernel = module.get_function(variant.expression())
-                fn = getattr(kernel, "kernel", kernel)  # RawKernel -> cupy.cuda.Function
+                arch = getattr(variant, "arch", None)
+                if arch is not None:
+                    fn = _build_for_arch(cupy, variant, arch)
+                else:
+                    module = cupy.RawModule(
+                        code=read_source(variant.source),
+                        options=nvrtc_options(),
+                        name_expressions=[variant.expression()],
+                    )
+                    kernel = module.get_function(variant.expression())
+                    fn = getattr(kernel, "kernel", kernel)  # RawKernel -> cupy.cuda.Function
                 allow_shared_memory(fn, variant)
         except cupy.cuda.compiler.CompileException as exc:
             raise KernelBuildError(f"{variant.expression()} failed to compile:\n{exc}") from exc
@@ -181,6 +235,41 @@ def get_kernel(variant: Variant, device: int = 0) -> Any:
             raise KernelBuildError(f"{variant.expression()} failed to load: {exc}") from exc
         _functions[key] = fn
     return fn
+
+
+def _build_for_arch(cupy: Any, variant: Variant, arch: str) -> Any:
+    """NVRTC through CuPy's bindings for one named target (`--gpu-architecture=sm_90a`).
+
+    `cupy.RawModule` always appends the card's own `-arch=sm_XY` to the options, and NVRTC
+    rejects a second architecture option (NVRTC_ERROR_INVALID_OPTION), so an arch-specific
+    ("a") build cannot go through it. The same NVRTC is driven directly instead, with the include
+    directories CuPy would pass (the CUDA headers for cuda_fp16.h), and the cubin loaded as a CuPy
+    module. CuPy's disk cache does not apply: each process compiles such a variant once."""
+    from cupy.cuda import function, nvrtc
+
+    options = [*nvrtc_options(), f"--gpu-architecture={arch}", "-ftz=true",
+               "--device-as-default-execution-space"]
+    cuda_path = cupy.cuda.get_cuda_path()
+    if cuda_path:
+        options.append(f"-I{cuda_path}/include")
+    name = variant.expression()
+    prog = nvrtc.createProgram(read_source(variant.source), variant.source, [], [])
+    try:
+        nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, options)
+        except nvrtc.NVRTCError as exc:
+            raise cupy.cuda.compiler.CompileException(
+                nvrtc.getProgramLog(prog), read_source(variant.source), variant.source,
+                tuple(options), "nvrtc") from exc
+        lowered = nvrtc.getLoweredName(prog, name)
+        cubin = nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    module = function.Module()
+    module.load(cubin)
+    _modules.append(module)  # kept for the process: its functions must not outlive it
+    return module.get_function(lowered)
 
 
 def allow_shared_memory(fn: Any, variant: Variant) -> None:

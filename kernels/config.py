@@ -53,17 +53,27 @@ TUNABLES: tuple[Tunable, ...] = (
     # written before it existed still parses (as a decode-kernel config, see LATE_FIELDS).
     Tunable("kernel", "fused kernel family: 0 = decode (each warp streams its own columns and "
             "reads its rows of A itself; small M), 1 = tiled (A and weight tiles staged through a "
-            "shared-memory pipeline and shared by the block's warps; M past decode sizes)",
-            (0, 1), 0, 1),
+            "shared-memory pipeline and shared by the block's warps; M past decode sizes), "
+            "2 = wgmma (sm_90a only: the tiled pipeline feeding Hopper's warpgroup MMA)",
+            (0, 1, 2), 0, 2),
     Tunable("tile_m", "tiled kernel: rows of A per block (TILES lists the built tiles)",
             (16, 32, 64, 128), 16, 128),
     Tunable("tile_n", "tiled kernel: output columns per block", (64, 128, 256), 64, 256),
     Tunable("tile_k", "tiled kernel: K per pipeline stage", (64, 128), 64, 128),
     Tunable("stages", "tiled kernel: pipeline depth (stages of loads in flight + the one computed)",
             (2, 3, 4), 2, 8),
+    # The wgmma kernel (kernels/cuda/gptq_wgmma_gemm.cu) and its knobs; appended, so every key
+    # written before it existed still parses (see LATE_FIELDS).
+    Tunable("wgmma_m", "wgmma kernel: tokens (rows of A) per block; WGMMA_TILES lists the built "
+            "tiles", (16, 32, 64, 128, 256), 16, 256),
+    Tunable("wgmma_n", "wgmma kernel: output columns per block (128 per warpgroup)", (128, 256),
+            128, 256),
+    Tunable("wgmma_k", "wgmma kernel: K per pipeline stage", (64, 128), 64, 128),
+    Tunable("wgmma_stages", "wgmma kernel: pipeline depth (stages of weight loads in flight + the "
+            "one computed)", (2, 3, 4, 5), 2, 8),
 )
 
-DECODE, TILED = 0, 1
+DECODE, TILED, WGMMA = 0, 1, 2
 """Values of `kernel`."""
 
 TILES: dict[tuple[int, int], tuple[int, int, int, int]] = {
@@ -89,6 +99,34 @@ TILES: dict[tuple[int, int], tuple[int, int, int, int]] = {
 }
 """The tiled kernel's block tiles, an explicit list for compile time: each is one template
 instance per (bits, tile_k, stages, split), and `gemmtune kernels check` builds all of them."""
+
+WGMMA_TILES: dict[tuple[int, int], tuple[int, int, int]] = {
+    # (wgmma_m, wgmma_n): (warpgroups along M, tokens per warpgroup = the wgmma N, warpgroups
+    # along N). A warpgroup covers 128 columns as two m64 tiles, so its tokens cost 1 fp32
+    # accumulator register each per thread: 128 is the widest token tile a warpgroup holds.
+    # One warpgroup up to 64 tokens x 128 columns (small M: many blocks keep loads in flight),
+    # two along N (256 columns share each staged activation tile). 128 tokens only with two
+    # warpgroups along N: one alone (128x128), or two along M (256x128), holds 128 accumulators
+    # beside 8 prefetched activation chunks (32 registers) a thread, and spilled 24-1168 bytes
+    # at every depth (ptxas 13.0, sm_90a), so neither is built.
+    (16, 128): (1, 16, 1),
+    (16, 256): (1, 16, 2),
+    (32, 128): (1, 32, 1),
+    (32, 256): (1, 32, 2),
+    (64, 128): (1, 64, 1),
+    (64, 256): (1, 64, 2),
+    (128, 256): (1, 128, 2),
+}
+"""The wgmma kernel's block tiles, an explicit list for compile time: each is one template instance
+per (bits, wgmma_k, wgmma_stages, split), and `gemmtune kernels check` builds all of them for
+sm_90a."""
+
+WGMMA_ARCH = "sm_90a"
+"""The only target the wgmma kernel builds for (`wgmma.mma_async` is an sm_90a feature)."""
+
+WGMMA_CAPABILITY = (9, 0)
+"""Compute capability of the cards the wgmma family exists on (H100, H200): elsewhere it is not
+in the search space and a config of it is refused when a weight is bound."""
 
 SMEM_OPT_IN_SM90 = 227 * 1024
 """Largest dynamic shared memory a block may opt into on sm_90 (H100/H200): the cap a tiled
@@ -154,16 +192,76 @@ def tiled_violation(bits: int, tile_m: int, tile_n: int, tile_k: int, stages: in
                 f"shared memory at {bits}-bit, more than the {smem_limit // 1024} KB a block may use")
     return None
 
+def wgmma_shape(bits: int, wgmma_m: int, wgmma_n: int, wgmma_k: int) -> tuple[int, int]:
+    """(K steps per stage, bytes of shared memory per stage) of a wgmma instance: the A tile, the
+    weights (16 bytes per lane, 32 columns and step) and one (scale, zero) row per step. Mirrors
+    `WgmmaStage` in gptq_wgmma_gemm.cu."""
+    kstep = 4 * (32 // bits)
+    ks = wgmma_k // kstep
+    return ks, wgmma_m * wgmma_k * 2 + wgmma_n * ks * 16 + ks * wgmma_n * 4
+
+
+def wgmma_smem_bytes(bits: int, wgmma_m: int, wgmma_n: int, wgmma_k: int, stages: int) -> int:
+    return stages * wgmma_shape(bits, wgmma_m, wgmma_n, wgmma_k)[1]
+
+
+WGMMA_REGISTER_BOUND: dict[int, dict[tuple[int, int, int], int]] = {
+    # bits: {(wgmma_m, wgmma_n, wgmma_k): most stages that build without spilling} (ptxas 13.0,
+    # sm_90a, either split instance; `gemmtune kernels check --arch sm_90`). A 128-deep stage
+    # doubles the activation chunks a thread prefetches (16 -> 32 registers): beside 128
+    # accumulators (128x256) it spills 220-592 bytes; 8-bit 64x128 spills 8-32 bytes at 2-3
+    # stages and sits at 255 registers at 4-5, so it is not built at all.
+    4: {(128, 256, 128): 0},
+    8: {(128, 256, 128): 0, (64, 128, 128): 0},
+}
+"""wgmma instances ptxas cannot fit in 255 registers (see TILED_REGISTER_BOUND)."""
+
+
+def wgmma_violation(bits: int, wgmma_m: int, wgmma_n: int, wgmma_k: int, stages: int,
+                    smem_limit: int = SMEM_OPT_IN_SM90) -> str | None:
+    """Why a wgmma-kernel instance cannot be built or launched with `smem_limit` bytes of shared
+    memory per block, or None: the one statement of the wgmma kernel's rules (used by
+    `KernelConfig` at 4-bit, `dispatch.Plan` at the weight's bits and the card's limit, the search
+    space at every bit width and the static build check). The card itself (sm_90) is checked
+    where a weight is bound."""
+    if (wgmma_m, wgmma_n) not in WGMMA_TILES:
+        return (f"wgmma tile {wgmma_m}x{wgmma_n} is not a built tile (built: "
+                f"{', '.join(f'{m}x{n}' for m, n in WGMMA_TILES)})")
+    if wgmma_k % 64:
+        # A warp stages 4 rows x 8 chunks (64 halves) of activations at a time.
+        return f"wgmma_k={wgmma_k} must be a multiple of 64 (a warp stages 64 columns of a row)"
+    bound = WGMMA_REGISTER_BOUND.get(bits, {}).get((wgmma_m, wgmma_n, wgmma_k))
+    if bound is not None and stages > bound:
+        if not bound:
+            return (f"wgmma {wgmma_m}x{wgmma_n}x{wgmma_k} spills registers at {bits}-bit with any "
+                    "number of stages (ptxas, sm_90a)")
+        return (f"wgmma {wgmma_m}x{wgmma_n}x{wgmma_k} with {stages} stages spills registers at "
+                f"{bits}-bit (ptxas, sm_90a; at most {bound} stages fit)")
+    need = wgmma_smem_bytes(bits, wgmma_m, wgmma_n, wgmma_k, stages)
+    if need > smem_limit:
+        return (f"wgmma {wgmma_m}x{wgmma_n}x{wgmma_k} with {stages} stages needs {need // 1024} KB "
+                f"of shared memory at {bits}-bit, more than the {smem_limit // 1024} KB a block "
+                "may use")
+    return None
+
+
 _BY_NAME = {t.name: t for t in TUNABLES}
 
 _TILED_KEY = re.compile(r"tiled(\d+)x(\d+)x(\d+)-st(\d+)-sk(\d+)")
 _DECODE_KEY = re.compile(r"mk(\d+)-bn(\d+)-t(\d+)-sk(\d+)-u(\d+)")
+_WGMMA_KEY = re.compile(r"wgmma(\d+)x(\d+)x(\d+)-st(\d+)-sk(\d+)")
 
 DECODE_FIELDS = ("max_q_gemm_rows_kernel", "block_n", "threads", "k_unroll")
 """Fields only the decode kernel reads."""
 
 TILED_FIELDS = ("tile_m", "tile_n", "tile_k", "stages")
 """Fields only the tiled kernel reads."""
+
+WGMMA_FIELDS = ("wgmma_m", "wgmma_n", "wgmma_k", "wgmma_stages")
+"""Fields only the wgmma kernel reads."""
+
+_FAMILY_OWN = {DECODE: DECODE_FIELDS, TILED: TILED_FIELDS, WGMMA: WGMMA_FIELDS}
+_FAMILY_LABEL = {DECODE: "decode", TILED: "tiled", WGMMA: "wgmma"}
 
 
 MAX_THREADS = 1024
@@ -229,6 +327,10 @@ class KernelConfig:
     tile_n: int = 128
     tile_k: int = 64
     stages: int = 4
+    wgmma_m: int = 64
+    wgmma_n: int = 256
+    wgmma_k: int = 64
+    wgmma_stages: int = 4
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -245,12 +347,15 @@ class KernelConfig:
         why = tiled_violation(4, self.tile_m, self.tile_n, self.tile_k, self.stages)
         if why is not None:
             raise InvalidConfigError(why)
-        # One variant, one key: the family a config does not run keeps its fields at the
+        why = wgmma_violation(4, self.wgmma_m, self.wgmma_n, self.wgmma_k, self.wgmma_stages)
+        if why is not None:
+            raise InvalidConfigError(why)
+        # One variant, one key: the families a config does not run keep their fields at the
         # defaults, so two configs that launch the same kernel never differ in key.
-        unused = DECODE_FIELDS if self.kernel == TILED else TILED_FIELDS
+        unused = [f for k, own in _FAMILY_OWN.items() if k != self.kernel for f in own]
         moved = [f for f in unused if getattr(self, f) != _DEFAULTS[f]]
         if moved:
-            family = "tiled" if self.kernel == TILED else "decode"
+            family = _FAMILY_LABEL[self.kernel]
             raise InvalidConfigError(
                 f"{', '.join(moved)} {'is' if len(moved) == 1 else 'are'} not read by the {family} "
                 f"kernel (kernel={self.kernel}) and must stay at "
@@ -272,6 +377,15 @@ class KernelConfig:
         return self.kernel == TILED
 
     @property
+    def wgmma(self) -> bool:
+        return self.kernel == WGMMA
+
+    @property
+    def wgmma_layout(self) -> tuple[int, int, int]:
+        """(warpgroups along M, tokens per warpgroup, warpgroups along N) of the wgmma kernel."""
+        return WGMMA_TILES[(self.wgmma_m, self.wgmma_n)]
+
+    @property
     def tile_layout(self) -> tuple[int, int, int, int]:
         """(warps_m, row tiles per warp, warps_n, column blocks per warp) of the tiled kernel."""
         return TILES[(self.tile_m, self.tile_n)]
@@ -283,6 +397,9 @@ class KernelConfig:
             f"r{self.max_q_gemm_rows}-mk{self.max_q_gemm_rows_kernel}-bn{self.block_n}"
             f"-t{self.threads}-sk{self.split_k}-u{self.k_unroll}-rc{self.recon_chunk_n}"
         )
+        if self.wgmma:
+            return (f"{base}-wgmma{self.wgmma_m}x{self.wgmma_n}x{self.wgmma_k}"
+                    f"-st{self.wgmma_stages}")
         if not self.tiled:
             return base
         return f"{base}-tiled{self.tile_m}x{self.tile_n}x{self.tile_k}-st{self.stages}"
@@ -292,6 +409,9 @@ class KernelConfig:
         M the fused kernel handles (so measurements are memoised per (variant, M))."""
         if self.tiled:
             return f"tiled{self.tile_m}x{self.tile_n}x{self.tile_k}-st{self.stages}-sk{self.split_k}"
+        if self.wgmma:
+            return (f"wgmma{self.wgmma_m}x{self.wgmma_n}x{self.wgmma_k}-st{self.wgmma_stages}"
+                    f"-sk{self.split_k}")
         return (
             f"mk{self.max_q_gemm_rows_kernel}-bn{self.block_n}-t{self.threads}"
             f"-sk{self.split_k}-u{self.k_unroll}"
@@ -303,9 +423,13 @@ class KernelConfig:
         results that name variants by key (bench JSON, memos) read back as configs.
         InvalidConfigError for a key no config spells."""
         m = _TILED_KEY.fullmatch(key)
+        w = _WGMMA_KEY.fullmatch(key)
         if m:
             tm, tn, tk, st, sk = map(int, m.groups())
             cfg = cls(kernel=TILED, tile_m=tm, tile_n=tn, tile_k=tk, stages=st, split_k=sk)
+        elif w:
+            wm, wn, wk, st, sk = map(int, w.groups())
+            cfg = cls(kernel=WGMMA, wgmma_m=wm, wgmma_n=wn, wgmma_k=wk, wgmma_stages=st, split_k=sk)
         else:
             m = _DECODE_KEY.fullmatch(key)
             if m is None:
@@ -340,9 +464,10 @@ class KernelConfig:
 
 _DEFAULTS: dict[str, int] = {f.name: f.default for f in fields(KernelConfig)}  # type: ignore[misc]
 
-LATE_FIELDS = ("kernel", *TILED_FIELDS)
-"""Fields added after configs were first stored: a stored config without them is a decode-kernel
-config (what it was when written), so `from_dict` fills them with their defaults."""
+LATE_FIELDS = ("kernel", *TILED_FIELDS, *WGMMA_FIELDS)
+"""Fields added after configs were first stored: a stored config without them is a config of a
+family that existed when it was written (decode, or tiled without the wgmma fields), so
+`from_dict` fills them with their defaults."""
 
 PRESETS: dict[str, KernelConfig] = {
     "default": KernelConfig(),

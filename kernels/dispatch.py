@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import Any
 
 import torch
 
 from . import compile as ck
-from .config import KernelConfig, tiled_shape, tiled_violation
+from .config import (
+    WGMMA_CAPABILITY,
+    KernelConfig,
+    tiled_shape,
+    tiled_violation,
+    wgmma_shape,
+    wgmma_violation,
+)
 from .errors import InvalidConfigError, InvalidTensorError
 from .weights import QuantizedWeight
 from .workspace import Workspace, workspace
@@ -61,8 +69,12 @@ class Plan:
         self.recon_variant = ck.ReconVariant(p.bits, p.act_order)
         self.chunk = config.recon_chunk_n if 0 < config.recon_chunk_n < p.n else p.n
         self.ws: Workspace = workspace(weight.device)
-        self.tiled = config.tiled
-        if self.tiled:
+        # The wgmma kernel takes the tiled kernel's arguments and grid, so both block-tile
+        # families launch through run_tiled ("tiled" below means either).
+        self.tiled = config.tiled or config.wgmma
+        if config.wgmma:
+            self._bind_wgmma(weight, props)
+        elif self.tiled:
             why = tiled_violation(p.bits, config.tile_m, config.tile_n, config.tile_k, config.stages,
                                   props.shared_memory_per_block_optin)
             if why is not None:
@@ -88,6 +100,28 @@ class Plan:
     def weight(self) -> QuantizedWeight | None:
         """The weight this plan runs (None once it is gone; the plan keeps its tensors)."""
         return self._weight()
+
+    def _bind_wgmma(self, weight: QuantizedWeight, props: Any) -> None:
+        """The wgmma family's variants, grid and shared memory; it exists on sm_90 cards only
+        (`wgmma.mma_async` is an sm_90a instruction)."""
+        p, c = weight.problem, self.config
+        cc, name = (props.major, props.minor), props.name
+        if cc != WGMMA_CAPABILITY:
+            raise InvalidConfigError(
+                f"the wgmma kernel runs on sm_90 cards only ({name} is sm_{cc[0]}{cc[1]})")
+        why = wgmma_violation(p.bits, c.wgmma_m, c.wgmma_n, c.wgmma_k, c.wgmma_stages,
+                              props.shared_memory_per_block_optin)
+        if why is not None:
+            raise InvalidConfigError(f"{why} ({name})")
+        wgm, tn, wgn = c.wgmma_layout
+        ks = wgmma_shape(p.bits, c.wgmma_m, c.wgmma_n, c.wgmma_k)[0]
+        self.tile_m, self.stage_steps = c.wgmma_m, ks
+        self.grid_x = _cdiv(p.n, c.wgmma_n)
+        self.threads = 128 * wgm * wgn
+        self._tiled = {split: ck.WgmmaVariant(p.bits, wgm, wgn, tn, ks, c.wgmma_stages, split)
+                       for split in (False, True)}  # type: ignore[misc]
+        self.smem = self._tiled[False].smem_bytes
+        self.perm_index = weight.perm if p.act_order else None
 
     # -- variants and grid ----------------------------------------------------------------------
     def tiled_fn(self, split: bool) -> object:

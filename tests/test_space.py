@@ -26,8 +26,11 @@ from gemmtune.kernels.config import (
     TILED,
     TILED_FIELDS,
     TUNABLES,
+    WGMMA,
+    WGMMA_FIELDS,
     KernelConfig,
     tiled_violation,
+    wgmma_violation,
 )
 from gemmtune.kernels.errors import InvalidConfigError
 from gemmtune.kernels.problem import KERNEL_BITS, Problem
@@ -54,18 +57,21 @@ def _family_names(space: Space, kernel: int) -> set[str]:
 @pytest.mark.parametrize("space", SPACES, ids=lambda s: s.name)
 def test_every_point_is_a_valid_distinct_config(space: Space) -> None:
     keys = set()
-    per_family = dict.fromkeys((DECODE, TILED), 0)
+    per_family = dict.fromkeys((DECODE, TILED, WGMMA), 0)
     for cfg in space.variants():  # KernelConfig construction validates each one
         assert space.contains(cfg)
         if cfg.tiled:  # the dispatch accepts it for a weight of any bit width
             assert all(tiled_violation(b, cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.stages) is None
                        for b in KERNEL_BITS)
+        elif cfg.wgmma:
+            assert all(wgmma_violation(b, cfg.wgmma_m, cfg.wgmma_n, cfg.wgmma_k, cfg.wgmma_stages)
+                       is None for b in KERNEL_BITS)
         else:
             assert cfg.threads <= 1024
         per_family[cfg.kernel] += 1
         keys.add(cfg.variant_key())
     assert len(keys) == space.size == sum(per_family.values())
-    assert per_family == {k: space.family_size(k) for k in (DECODE, TILED)}
+    assert per_family == {k: space.family_size(k) for k in (DECODE, TILED, WGMMA)}
     assert all(per_family.values())
 
 
@@ -80,7 +86,8 @@ def test_presets_lie_inside_and_round_trip(space: Space, name: str) -> None:
 @pytest.mark.parametrize("space", SPACES, ids=lambda s: s.name)
 def test_warm_start_is_the_presets_then_the_tiled_default(space: Space) -> None:
     names = [n for n, _ in warm_start_configs(space)]
-    assert names == [*PRESETS, "tiled-default"]
+    assert names == [*PRESETS, "tiled-default", "wgmma-default"]  # wgmma: sm_90 cards only
+    assert [n for n, _ in warm_start_configs(space.for_device("8.9"))] == [*PRESETS, "tiled-default"]
     assert TILED_START.tiled and space.contains(TILED_START)
     assert space.from_params(space.params(TILED_START)) == TILED_START
     # A space without the tiled family starts from the presets alone.
@@ -91,8 +98,8 @@ def test_warm_start_is_the_presets_then_the_tiled_default(space: Space) -> None:
 
 def test_standard_is_small_enough_for_grid() -> None:
     # A trial costs ~0.2-1 s on a GPU: an exhaustive grid must stay within minutes.
-    assert STANDARD.size <= 500
-    assert STANDARD.family_size(TILED) < STANDARD.family_size(DECODE)
+    assert STANDARD.size <= 520
+    assert STANDARD.family_size(WGMMA) < STANDARD.family_size(TILED) < STANDARD.family_size(DECODE)
 
 
 def _valid_everywhere(kernel: int, values: dict[str, int]) -> KernelConfig | None:
@@ -103,12 +110,15 @@ def _valid_everywhere(kernel: int, values: dict[str, int]) -> KernelConfig | Non
     if cfg.tiled and any(tiled_violation(b, cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.stages)
                          for b in KERNEL_BITS):
         return None
+    if cfg.wgmma and any(wgmma_violation(b, cfg.wgmma_m, cfg.wgmma_n, cfg.wgmma_k, cfg.wgmma_stages)
+                         for b in KERNEL_BITS):
+        return None
     return cfg
 
 
 def test_full_is_every_valid_tunable_choice() -> None:
     expected: set[str] = set()
-    for kernel, own in ((DECODE, DECODE_FIELDS), (TILED, TILED_FIELDS)):
+    for kernel, own in ((DECODE, DECODE_FIELDS), (TILED, TILED_FIELDS), (WGMMA, WGMMA_FIELDS)):
         names = (*own, "split_k")
         for values in itertools.product(*(BY[f] for f in names)):
             cfg = _valid_everywhere(kernel, dict(zip(names, values, strict=True)))
@@ -217,7 +227,7 @@ def test_invalid_spaces_are_refused() -> None:
     with pytest.raises(InvalidConfigError, match="mixes"):
         Space.build("x", tiled, {"odd": ("block_n", "tile_n")})
     with pytest.raises(InvalidConfigError, match="not a kernel family"):
-        Space.build("x", {**ok, "kernel": (2,)}, GROUPS)
+        Space.build("x", {**ok, "kernel": (7,)}, GROUPS)
     with pytest.raises(InvalidConfigError, match="unknown space"):
         get_space("huge")
 
@@ -243,7 +253,7 @@ def test_samplers_only_propose_valid_points(sampler: str, trials: int) -> None:
         study = optuna.create_study(sampler=st.make_sampler(sampler, FULL, seed=3))
     study.optimize(_fake(FULL, seen), n_trials=trials)
     assert len(seen) == trials
-    assert {c.kernel for c in seen} == {DECODE, TILED}  # both families are searched
+    assert {c.kernel for c in seen} == {DECODE, TILED, WGMMA}  # every family is searched
     if sampler == "grid":
         assert len({c.variant_key() for c in seen}) == trials  # never a point twice
 
@@ -283,11 +293,13 @@ def test_the_cli_and_readme_state_the_space_sizes() -> None:
 
     text = " ".join(CliRunner().invoke(main, ["tune", "--help"]).output.split())
     assert (f"standard: {STANDARD.size} kernel variants (decode kernel "
-            f"{STANDARD.family_size(DECODE)}, tiled kernel {STANDARD.family_size(TILED)})") in text
+            f"{STANDARD.family_size(DECODE)}, tiled kernel {STANDARD.family_size(TILED)}, wgmma "
+            f"kernel {STANDARD.family_size(WGMMA)} on sm_90 cards)") in text
     assert f"full: every valid choice ({FULL.size})" in text
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert f"from the `standard` space ({STANDARD.size})" in readme
     assert f"decode kernel ({STANDARD.family_size(DECODE)}:" in readme
     assert f"tiled kernel ({STANDARD.family_size(TILED)}:" in readme
-    assert (f"{FULL.family_size(DECODE)} + {FULL.family_size(TILED)} = {FULL.size}") in readme
+    assert (f"{FULL.family_size(DECODE)} + {FULL.family_size(TILED)} + {FULL.family_size(WGMMA)} "
+            f"= {FULL.size}") in readme
     assert f"({STANDARD.size} trials for `standard`" in readme

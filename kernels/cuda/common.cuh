@@ -105,6 +105,16 @@ __device__ __forceinline__ void copy_async_wait() {
 #endif
 }
 
+// body(i) for thread `tid`'s share of COUNT items (i = tid, tid + THREADS, ...), fully unrolled.
+template <int COUNT, int THREADS, typename F>
+__device__ __forceinline__ void for_share(const int tid, F&& body) {
+#pragma unroll
+  for (int it = 0; it < (COUNT + THREADS - 1) / THREADS; ++it) {
+    const int i = tid + it * THREADS;
+    if (COUNT % THREADS == 0 || i < COUNT) body(i);
+  }
+}
+
 // (a & mask) | bits in one LOP3. Written as two C operators, ptxas emits two LOP3s here
 // because one instruction cannot encode two immediates; the inline PTX makes it keep `bits` in
 // a register instead (one instruction per dequantised pair in the kernels' inner loop).

@@ -61,16 +61,6 @@ struct TiledStage {
   }
 };
 
-// body(i) for thread `tid`'s share of COUNT items (i = tid, tid + THREADS, ...), fully unrolled.
-template <int COUNT, int THREADS, typename F>
-__device__ __forceinline__ void for_share(const int tid, F&& body) {
-#pragma unroll
-  for (int it = 0; it < (COUNT + THREADS - 1) / THREADS; ++it) {
-    const int i = tid + it * THREADS;
-    if (COUNT % THREADS == 0 || i < COUNT) body(i);
-  }
-}
-
 template <int BITS, int WARPS_M, int MT, int WARPS_N, int NW, int KS, int STAGES, bool SPLIT>
 __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, 1)
 gptq_tiled_gemm(const half* __restrict__ a,           // [M, K], columns in stored-row order
