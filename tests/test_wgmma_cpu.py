@@ -150,17 +150,18 @@ def test_wgmma_violation_says_why() -> None:
 
 
 def test_the_family_exists_on_sm90_cards_only() -> None:
-    assert families_on("9.0") == (0, 1, WGMMA)
+    assert WGMMA in families_on("9.0") and {0, 1} <= set(families_on("9.0"))
     for cc in ("8.0", "8.6", "8.9", "10.0", "12.0"):
         assert WGMMA not in families_on(cc)
         for space in (STANDARD, FULL):
             local = space.for_device(cc)
             assert local.name == space.name
             assert not any(c.wgmma for c in local.variants())
-            assert local.size == space.size - space.family_size(WGMMA)
+            # Only the wgmma family is dropped.
+            assert {f.kernel for f in local.families} == {f.kernel for f in space.families} - {WGMMA}
             assert "wgmma-default" not in [n for n, _ in warm_start_configs(local)]
     assert STANDARD.for_device("9.0") is STANDARD
-    assert [n for n, _ in warm_start_configs(STANDARD)][-1] == "wgmma-default"
+    assert "wgmma-default" in [n for n, _ in warm_start_configs(STANDARD)]
     assert STANDARD.contains(WGMMA_START)
     with pytest.raises(InvalidConfigError, match="compute capability"):
         families_on("sm90")
