@@ -3,6 +3,11 @@
     from gemmtune.runtime import patch
     patch(model)            # GPTQ / AWQ layers -> QuantLinear, configs looked up per device + shape
     model.cuda()            # prepares every layer: config lookup, kernels compiled, once
+    describe(model).memory()  # what the quantized weights hold on the GPU against their packed size
+
+A prepared layer keeps one copy of its weight on the GPU (the kernel layout); its GPTQ tensors
+are rebuilt from it for `state_dict()` and moves. `load_quantized(model, path, device="cuda")`
+and `patch(model, device="cuda")` go one layer at a time, and fill a model built on `meta`.
 
 Config resolution (`lookup`): explicit argument > GEMMTUNE_PROFILE > database (GEMMTUNE_DB or
 the default path) > the built-in default; GEMMTUNE_DISABLE=1 forces defaults. Imports only
