@@ -54,6 +54,8 @@ from gemmtune.kernels.config import (
     DECODE,
     DECODE_FIELDS,
     PRESETS,
+    STREAM,
+    STREAM_FIELDS,
     TILED,
     TILED_FIELDS,
     TUNABLES,
@@ -83,6 +85,8 @@ FAMILY_FIELDS: dict[int, tuple[str, ...]] = {DECODE: DECODE_FIELDS, TILED: TILED
 FAMILY_NAMES: dict[int, str] = {DECODE: "decode", TILED: "tiled", WGMMA: "wgmma"}
 """Labels of the `kernel` parameter."""
 
+FAMILY_FIELDS[STREAM] = STREAM_FIELDS
+FAMILY_NAMES[STREAM] = "stream"
 
 SHARED_FIELDS = tuple(f for f in VARIANT_FIELDS
                       if f != "kernel" and all(f not in fs for fs in FAMILY_FIELDS.values()))
@@ -118,7 +122,8 @@ def families_on(compute_capability: str) -> tuple[int, ...]:
         cc = (int(major), int(minor or 0))
     except ValueError:
         raise InvalidConfigError(f"compute capability {compute_capability!r} is not of the form 9.0") from None
-    return (DECODE, TILED, WGMMA) if cc == WGMMA_CAPABILITY else (DECODE, TILED)
+    # The stream family runs from sm_80 (its clusters, sm_90 only, are checked when bound).
+    return (DECODE, TILED, WGMMA, STREAM) if cc == WGMMA_CAPABILITY else (DECODE, TILED, STREAM)
 
 
 def _valid(kernel: int, **values: int) -> bool:
@@ -408,6 +413,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "tile": ("block_n", "threads"),
     "tiled_tile": ("tile_m", "tile_n", "tile_k", "stages"),
     "wgmma_tile": WGMMA_FIELDS,
+    "stream_tile": STREAM_FIELDS,
 }
 """Fields validation couples: sampled together (labels `"16x4"`, `"64x128"`, `"64x128x64x4"`)."""
 
@@ -434,10 +440,14 @@ def _wgmma_pipelines(tiles: Iterable[tuple[int, int]], wgmma_ks: Iterable[int]) 
     return tuple(out)
 
 
+STREAM_TILES = ((1, 8, 8, 2), (1, 8, 4, 4), (1, 4, 8, 4), (2, 4, 8, 2), (1, 16, 4, 2), (1, 8, 16, 2),
+                (1, 4, 8, 3), (1, 8, 8, 3), (2, 8, 4, 2))
+"""The stream family's (warps_n, warps_k, chunk, slots) in the standard space."""
+
 STANDARD = Space.build(
     "standard",
     {
-        "kernel": (DECODE, TILED, WGMMA),
+        "kernel": (DECODE, TILED, WGMMA, STREAM),
         # ExLlamaV2's 4 and 8 rows per block, 16, the default 32, and 64 (measured on an H100 to
         # win from M = 48 on the 70B shapes). Fewer than 4 rows change nothing at M <= 8 (a block
         # holds every row anyway) and only lose above; they stay in `full`.
@@ -452,6 +462,9 @@ STANDARD = Space.build(
         "tiled_tile": _pipelines(itertools.product((16, 32, 64, 128), (128, 256)), (64, 128)),
         # wgmma (sm_90 cards only, `Space.for_device`): every built tile, stages of 64.
         "wgmma_tile": _wgmma_pipelines(WGMMA_TILES, (64,)),
+        # stream (warps_n, warps_k, chunk, slots): 8 or 16 warps a block, 16-64 KB of weights in
+        # flight a block in chunks of 2-8 KB; split_k is its cluster size.
+        "stream_tile": STREAM_TILES,
         # 0 lets the launcher choose from the SM count; 1 = no split; 2..8 explicit.
         "split_k": (0, 1, 2, 4, 8),
         "recon_chunk_n": (0, 4096),
@@ -459,8 +472,8 @@ STANDARD = Space.build(
     GROUPS,
 )
 """decode: rows_unroll 12 (32 rows with unroll <= 2, 64 with 1) x tile 6 x split_k 5 = 360;
-tiled: tiled_tile 23 x split_k 5 = 115; wgmma: wgmma_tile 7 x split_k 5 = 35 (sm_90 cards only);
-510 variants, 2 chunks resolved per trial."""
+tiled: tiled_tile 23 x split_k 5 = 115; wgmma: wgmma_tile 8 x split_k 5 = 40 (sm_90 only);
+stream: stream_tile 9 x split_k 5 = 45; 2 chunks resolved per trial (`STANDARD.size` variants)."""
 
 FULL = Space.build("full", {t.name: t.choices for t in TUNABLES}, GROUPS)
 """Every TUNABLES choice that is a valid config: decode rows_unroll 36 x tile 9 x split_k 9 = 2916;
@@ -468,6 +481,10 @@ tiled tiled_tile 58 (12 tiles x tile_k 2 x stages 3, less what the rule refuses 
 x split_k 9 = 522; 3438 variants, 6 chunks resolved per trial."""
 
 SPACES: dict[str, Space] = {"standard": STANDARD, "full": FULL}
+
+STREAM_START = KernelConfig(kernel=STREAM)
+"""The stream kernel's default (8 warps along K, 2 slots of 8 steps, cluster chosen per M), tried
+after the block-tile defaults."""
 
 WGMMA_START = KernelConfig(kernel=WGMMA)
 """The wgmma kernel's default (64x256, 4 stages of 64, automatic split), tried after the tiled
@@ -492,5 +509,6 @@ def warm_start_configs(space: Space) -> list[tuple[str, KernelConfig]]:
     """Presets the study tries first (`default` first), then the tiled default, each where its
     variant lies in the space. A start point outside a custom space is left out rather than
     failing the run."""
-    starts = [*PRESETS.items(), ("tiled-default", TILED_START), ("wgmma-default", WGMMA_START)]
+    starts = [*PRESETS.items(), ("tiled-default", TILED_START), ("wgmma-default", WGMMA_START),
+              ("stream-default", STREAM_START)]
     return [(n, c) for n, c in starts if space.contains(c, check_chunk=False)]

@@ -1,6 +1,6 @@
 """Static build of every kernel variant with `nvcc` (no GPU needed): `gemmtune kernels check`.
 
-Each template instance the dispatch can launch (decode kernel, tiled kernel, reconstruct) is
+Each template instance the dispatch can launch (decode kernel, tiled kernel, stream kernel, reconstruct) is
 instantiated explicitly and compiled for the requested architectures (the wgmma kernel, which
 exists on sm_90 cards only, for sm_90a whenever sm_90 or sm_90a is requested); ptxas' resource report gives registers, spill bytes and shared memory
 per instance. Any build failure or spill fails the check: a spilling variant would be slow on
@@ -20,13 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compile import FusedVariant, ReconVariant, TiledVariant, Variant, WgmmaVariant
+from .compile import FusedVariant, ReconVariant, StreamVariant, TiledVariant, Variant, WgmmaVariant
 from .config import (
     TILES,
     TUNABLES,
     WGMMA_ARCH,
     WGMMA_TILES,
+    KernelConfig,
     launch_violation,
+    stream_violation,
     tiled_shape,
     tiled_violation,
     wgmma_shape,
@@ -97,6 +99,33 @@ def wgmma_variants(bits: Iterable[int] = KERNEL_BITS, quick: bool = False) -> li
     return out
 
 
+def stream_variants(bits: Iterable[int] = KERNEL_BITS, quick: bool = False,
+                    clusters: bool = True) -> list[StreamVariant]:
+    """Stream-kernel instances: every (warps_n, warps_k, chunk, slots) of the tunables'
+    choices that `stream_violation` allows, at each bit width, with and without act-order, one
+    CTA per K slice. With `clusters` (sm_90 targets), also each of them as a cluster of 2, and
+    the default block as a cluster of every `split_k` choice: the cluster size changes only the
+    trip count of the reduction loop and the compiled cluster shape, so one size per block and
+    every size of one block cover what the others compile to."""
+    bits = tuple(bits)
+    blocks = [c for c in itertools.product(_CHOICES["stream_warps_n"], _CHOICES["stream_warps_k"],
+                                           _CHOICES["stream_chunk"], _CHOICES["stream_slots"])
+              if stream_violation(*c, 0) is None]
+    out = [StreamVariant(b, *blk, act, 1) for b, blk, act in itertools.product(bits, blocks, (False, True))]
+    if clusters:
+        out += [StreamVariant(b, *blk, False, 2) for b, blk in itertools.product(bits, blocks)]
+        d = KernelConfig()
+        default = (d.stream_warps_n, d.stream_warps_k, d.stream_chunk, d.stream_slots)
+        out += [StreamVariant(b, *default, act, c) for b, act, c in itertools.product(
+            bits, (False, True), _CHOICES["split_k"]) if c > 2]
+    if quick:
+        keep = {(4, 1, 8, 8, 2, False, 1), (8, 1, 8, 8, 2, True, 1), (4, 2, 8, 8, 2, False, 1),
+                (4, 1, 16, 4, 2, False, 2), (4, 1, 8, 8, 2, True, 16), (8, 2, 8, 4, 4, False, 1)}
+        out = [v for v in out if (v.bits, v.warps_n, v.warps_k, v.chunk, v.slots, v.act_order,
+                                  v.cluster) in keep]
+    return out
+
+
 def recon_variants(bits: Iterable[int] = KERNEL_BITS) -> list[ReconVariant]:
     return [ReconVariant(b, act) for b in bits for act in (False, True)]
 
@@ -114,7 +143,7 @@ class BuildResult:
 
 
 _KIND: dict[type, str] = {FusedVariant: "decode", TiledVariant: "tiled", WgmmaVariant: "wgmma",
-                          ReconVariant: "reconstruct"}
+                          ReconVariant: "reconstruct", StreamVariant: "stream"}
 """How the report names each kernel."""
 
 _RE_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\w+)'")
@@ -206,6 +235,10 @@ def _mangled_args(v: Variant) -> str:
         name = "gptq_tiled_gemm"
         args = [i(v.bits), i(v.warps_m), i(v.mt), i(v.warps_n), i(v.nw), i(v.ks), i(v.stages),
                 b(v.split)]
+    elif isinstance(v, StreamVariant):
+        name = "gptq_stream_gemm" if v.cluster == 1 else "gptq_stream_gemm_cluster"
+        args = [i(v.bits), i(v.warps_n), i(v.warps_k), i(v.chunk), i(v.slots), b(v.act_order)]
+        args += [i(v.cluster)] if v.cluster > 1 else []
     elif isinstance(v, WgmmaVariant):
         name = "gptq_wgmma_gemm"
         args = [i(v.bits), i(v.wgm), i(v.wgn), i(v.tn), i(v.ks), i(v.stages), b(v.split)]
@@ -234,6 +267,10 @@ def run_check(archs: list[str], bits: list[int], jobs: int, quick: bool, console
         wv = wgmma_variants(bits, quick)
         step = 8  # large unrolled instances: smaller batches keep the worker threads busy
         batches += [(list(wv[i:i + step]), WGMMA_ARCH) for i in range(0, len(wv), step)]
+    for a in archs:
+        # Thread-block clusters exist from sm_90: its targets build the cluster instances too.
+        sv = stream_variants(bits, quick, clusters=int(re.sub(r"\D", "", a)) >= 90)
+        batches += [(sv[i:i + batch], a) for i in range(0, len(sv), batch)]
     results: list[BuildResult] = []
     with tempfile.TemporaryDirectory(prefix="gemmtune-check-") as tmp, Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"nvcc {sum(len(b) for b, _ in batches)} builds", total=len(batches))

@@ -9,6 +9,7 @@ records into CUDA graphs.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -179,7 +180,40 @@ class StreamReadVariant:
         return "const uint4*, long long, uint32_t*"
 
 
-Variant = FusedVariant | TiledVariant | WgmmaVariant | ReconVariant | StreamReadVariant
+@dataclass(frozen=True)
+class StreamVariant:
+    """One compiled instance of the stream kernel (`kernels/cuda/gptq_stream_gemm.cu`): one CTA
+    per K slice (`cluster` = 1, sm_80+) or a thread-block cluster of `cluster` CTAs (sm_90)."""
+
+    bits: int
+    warps_n: int
+    warps_k: int
+    chunk: int
+    slots: int
+    act_order: bool
+    cluster: int
+
+    source = "gptq_stream_gemm.cu"
+    smem_bytes = 0
+    """Its dynamic shared memory depends on the layer and M (rows of A): `kernels.stream` opts
+    each function in to the card's limit and launches with what a launch needs."""
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_n * self.warps_k
+
+    def expression(self) -> str:
+        args = (f"{self.bits},{self.warps_n},{self.warps_k},{self.chunk},{self.slots},"
+                f"{'true' if self.act_order else 'false'}")
+        if self.cluster == 1:
+            return f"gemmtune::gptq_stream_gemm<{args}>"
+        return f"gemmtune::gptq_stream_gemm_cluster<{args},{self.cluster}>"
+
+    def signature(self) -> str:
+        return "const half*, const uint32_t*, const half2*, const int*, half*, int, int, int, int"
+
+
+Variant = FusedVariant | TiledVariant | WgmmaVariant | ReconVariant | StreamReadVariant | StreamVariant
 
 _MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 """CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (the CUDA driver API's enum value)."""
@@ -321,6 +355,49 @@ def blocks_per_sm(fn: Any, threads: int, shared_mem: int = 0) -> int:
         by_regs = 65536 // (((regs * 32 + 255) // 256) * 256 * warps)
         by_smem = (228 * 1024) // smem if smem else 32
         return max(1, min(by_regs, by_smem, 2048 // threads, 32))
+
+
+_NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14
+"""CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED (the CUDA driver API's enum value)."""
+
+
+def allow_dynamic_shared_memory(fn: Any, nbytes: int, cluster: int = 1) -> None:
+    """Let `fn` launch with up to `nbytes` of dynamic shared memory (for kernels whose need
+    varies by launch), and with clusters past the portable 8 CTAs when `cluster` asks for them."""
+    driver = _cupy().cuda.driver
+    driver.funcSetAttribute(fn.ptr, _MAX_DYNAMIC_SHARED_SIZE_BYTES, int(nbytes))
+    if cluster > 8:
+        driver.funcSetAttribute(fn.ptr, _NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig of the CUDA driver API (cuda.h, CUDA 12 and 13)."""
+
+    _fields_ = [("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
+                ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
+                ("shared_mem", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.c_void_p), ("num_attrs", ctypes.c_uint)]
+
+
+_libcuda: list[Any] = []
+
+
+def max_active_clusters(fn: Any, cluster: int, threads: int, shared_mem: int) -> int | None:
+    """Clusters of `fn` (whose cluster shape is compiled in) resident on the GPU at once with
+    `threads` threads and `shared_mem` bytes of dynamic shared memory per CTA: the driver's
+    cuOccupancyMaxActiveClusters, which knows how clusters pack into the GPU's processor clusters
+    (CuPy does not wrap it, so it is called through ctypes). None where the driver cannot say."""
+    try:
+        if not _libcuda:
+            _libcuda.append(ctypes.CDLL("libcuda.so.1"))
+        lib = _libcuda[0]
+        cfg = _LaunchConfig(cluster, 1, 1, threads, 1, 1, shared_mem, None, None, 0)
+        out = ctypes.c_int(0)
+        rc = lib.cuOccupancyMaxActiveClusters(ctypes.byref(out), ctypes.c_void_p(fn.ptr),
+                                              ctypes.byref(cfg))
+        return int(out.value) if rc == 0 else None
+    except (OSError, AttributeError):
+        return None
 
 
 def ptr(value: int) -> np.uint64:

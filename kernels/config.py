@@ -54,8 +54,10 @@ TUNABLES: tuple[Tunable, ...] = (
     Tunable("kernel", "fused kernel family: 0 = decode (each warp streams its own columns and "
             "reads its rows of A itself; small M), 1 = tiled (A and weight tiles staged through a "
             "shared-memory pipeline and shared by the block's warps; M past decode sizes), "
-            "2 = wgmma (sm_90a only: the tiled pipeline feeding Hopper's warpgroup MMA)",
-            (0, 1, 2), 0, 2),
+            "2 = wgmma (sm_90a only: the tiled pipeline feeding Hopper's warpgroup MMA), "
+            "3 = stream (M <= 8: one wave of persistent blocks, the weight stream in flight from "
+            "the first cycle, K slices reduced on chip)",
+            (0, 1, 2, 3), 0, 3),
     Tunable("tile_m", "tiled kernel: rows of A per block (TILES lists the built tiles)",
             (16, 32, 64, 128), 16, 128),
     Tunable("tile_n", "tiled kernel: output columns per block", (64, 128, 256), 64, 256),
@@ -71,9 +73,21 @@ TUNABLES: tuple[Tunable, ...] = (
     Tunable("wgmma_k", "wgmma kernel: K per pipeline stage", (64, 128), 64, 128),
     Tunable("wgmma_stages", "wgmma kernel: pipeline depth (stages of weight loads in flight + the "
             "one computed)", (2, 3, 4, 5), 2, 8),
+    # The stream kernel (kernels/cuda/gptq_stream_gemm.cu) and its knobs; appended, so every key
+    # written before it existed still parses (see LATE_FIELDS). Its K split across blocks is
+    # `split_k`: the CTAs of a thread-block cluster.
+    Tunable("stream_warps_n", "stream kernel: 32-column tiles a block covers at once (one warp "
+            "each)", (1, 2, 4), 1, 16),
+    Tunable("stream_warps_k", "stream kernel: warps splitting a block's K slice of each tile",
+            (1, 2, 4, 8, 16), 1, 16),
+    Tunable("stream_chunk", "stream kernel: K steps (512 bytes of weights each) one bulk copy "
+            "brings into a warp's ring", (2, 4, 8, 16), 1, 32),
+    Tunable("stream_slots", "stream kernel: ring slots per warp (chunks in flight)",
+            (2, 3, 4, 6, 8), 2, 16),
 )
 
 DECODE, TILED, WGMMA = 0, 1, 2
+STREAM = 3
 """Values of `kernel`."""
 
 TILES: dict[tuple[int, int], tuple[int, int, int, int]] = {
@@ -245,11 +259,72 @@ def wgmma_violation(bits: int, wgmma_m: int, wgmma_n: int, wgmma_k: int, stages:
     return None
 
 
+STREAM_ROWS = 8
+"""Rows of A one launch of the stream kernel takes (one 8-row MMA tile); a larger M is served by
+launches of STREAM_ROWS rows each, every one reading the whole weight (correct, not fast: the
+band plan keeps the stream kernel where it measures fastest, M <= 8)."""
+
+STREAM_MAX_THREADS = 512
+"""Most threads of a stream block: ptxas holds the kernel at 70-100 registers, and 1024 threads
+would cap it at 64."""
+
+STREAM_MAX_CLUSTER = 16
+"""Most CTAs of one thread-block cluster (8 portable; 16 on sm_90 with the non-portable opt-in,
+which the launch sets)."""
+
+
+def stream_fixed_smem(warps_n: int, warps_k: int, chunk: int, slots: int) -> int:
+    """Shared memory of a stream block apart from its rows of A: each warp's ring (per slot,
+    `chunk` steps of 512 weight bytes and room for one 128-byte (scale, zero) row per step), the
+    ring's mbarriers (padded to 16 bytes), and the 8 x 32 fp32 partial of every warp,
+    double-buffered. Mirrors the layout in gptq_stream_gemm.cu."""
+    warps = warps_n * warps_k
+    bars = -(-warps * slots * 8 // 16) * 16
+    return warps * slots * chunk * (512 + 128) + bars + 2 * warps * 8 * 32 * 4
+
+
+def stream_a_row_bytes(bits: int, k: int, cluster: int) -> int:
+    """Shared memory one row of A takes in a stream block: the block's K slice (the longer one
+    when `cluster` does not divide the steps) plus 16 bytes that keep rows off each other's
+    banks."""
+    kstep = 4 * (32 // bits)
+    steps = k // kstep
+    return (-(-steps // cluster) * kstep + 8) * 2
+
+
+def stream_smem_bytes(bits: int, warps_n: int, warps_k: int, chunk: int, slots: int, rows: int,
+                      k: int, cluster: int) -> int:
+    """Dynamic shared memory of one stream launch of `rows` rows (the launch asks for this)."""
+    return stream_fixed_smem(warps_n, warps_k, chunk, slots) + rows * stream_a_row_bytes(bits, k, cluster)
+
+
+def stream_violation(warps_n: int, warps_k: int, chunk: int, slots: int, split_k: int,
+                     smem_limit: int = SMEM_OPT_IN_SM90) -> str | None:
+    """Why a stream-kernel instance cannot be built or launched, or None: the rules that hold for
+    every layer (used by `KernelConfig`, the search space and the static build check). What
+    depends on the layer and the card -- at least one row of A beside the rings, clusters only on
+    sm_90 -- is checked where a weight is bound (`kernels.stream`)."""
+    threads = 32 * warps_n * warps_k
+    if threads > STREAM_MAX_THREADS:
+        return (f"stream kernel with {warps_n} x {warps_k} warps has {threads} threads, more than "
+                f"{STREAM_MAX_THREADS} (its registers would be capped at {65536 // threads})")
+    if split_k > STREAM_MAX_CLUSTER:
+        return (f"split_k={split_k}: the stream kernel splits K across the CTAs of one "
+                f"thread-block cluster, at most {STREAM_MAX_CLUSTER}")
+    need = stream_fixed_smem(warps_n, warps_k, chunk, slots)
+    if need > smem_limit:
+        return (f"stream kernel with {warps_n} x {warps_k} warps, {slots} slots of {chunk} steps "
+                f"needs {need // 1024} KB of shared memory for its rings alone, more than the "
+                f"{smem_limit // 1024} KB a block may use")
+    return None
+
+
 _BY_NAME = {t.name: t for t in TUNABLES}
 
 _TILED_KEY = re.compile(r"tiled(\d+)x(\d+)x(\d+)-st(\d+)-sk(\d+)")
 _DECODE_KEY = re.compile(r"mk(\d+)-bn(\d+)-t(\d+)-sk(\d+)-u(\d+)")
 _WGMMA_KEY = re.compile(r"wgmma(\d+)x(\d+)x(\d+)-st(\d+)-sk(\d+)")
+_STREAM_KEY = re.compile(r"stream(\d+)x(\d+)-ch(\d+)-sl(\d+)-sk(\d+)")
 
 DECODE_FIELDS = ("max_q_gemm_rows_kernel", "block_n", "threads", "k_unroll")
 """Fields only the decode kernel reads."""
@@ -262,6 +337,11 @@ WGMMA_FIELDS = ("wgmma_m", "wgmma_n", "wgmma_k", "wgmma_stages")
 
 _FAMILY_OWN = {DECODE: DECODE_FIELDS, TILED: TILED_FIELDS, WGMMA: WGMMA_FIELDS}
 _FAMILY_LABEL = {DECODE: "decode", TILED: "tiled", WGMMA: "wgmma"}
+
+STREAM_FIELDS = ("stream_warps_n", "stream_warps_k", "stream_chunk", "stream_slots")
+"""Fields only the stream kernel reads (its K split is the shared `split_k`)."""
+_FAMILY_OWN[STREAM] = STREAM_FIELDS
+_FAMILY_LABEL[STREAM] = "stream"
 
 
 MAX_THREADS = 1024
@@ -331,6 +411,10 @@ class KernelConfig:
     wgmma_n: int = 256
     wgmma_k: int = 64
     wgmma_stages: int = 4
+    stream_warps_n: int = 1
+    stream_warps_k: int = 8
+    stream_chunk: int = 8
+    stream_slots: int = 2
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -348,6 +432,10 @@ class KernelConfig:
         if why is not None:
             raise InvalidConfigError(why)
         why = wgmma_violation(4, self.wgmma_m, self.wgmma_n, self.wgmma_k, self.wgmma_stages)
+        if why is not None:
+            raise InvalidConfigError(why)
+        why = stream_violation(self.stream_warps_n, self.stream_warps_k, self.stream_chunk,
+                               self.stream_slots, self.split_k if self.stream else 0)
         if why is not None:
             raise InvalidConfigError(why)
         # One variant, one key: the families a config does not run keep their fields at the
@@ -381,6 +469,10 @@ class KernelConfig:
         return self.kernel == WGMMA
 
     @property
+    def stream(self) -> bool:
+        return self.kernel == STREAM
+
+    @property
     def wgmma_layout(self) -> tuple[int, int, int]:
         """(warpgroups along M, tokens per warpgroup, warpgroups along N) of the wgmma kernel."""
         return WGMMA_TILES[(self.wgmma_m, self.wgmma_n)]
@@ -400,6 +492,9 @@ class KernelConfig:
         if self.wgmma:
             return (f"{base}-wgmma{self.wgmma_m}x{self.wgmma_n}x{self.wgmma_k}"
                     f"-st{self.wgmma_stages}")
+        if self.stream:
+            return (f"{base}-stream{self.stream_warps_n}x{self.stream_warps_k}"
+                    f"-ch{self.stream_chunk}-sl{self.stream_slots}")
         if not self.tiled:
             return base
         return f"{base}-tiled{self.tile_m}x{self.tile_n}x{self.tile_k}-st{self.stages}"
@@ -412,6 +507,9 @@ class KernelConfig:
         if self.wgmma:
             return (f"wgmma{self.wgmma_m}x{self.wgmma_n}x{self.wgmma_k}-st{self.wgmma_stages}"
                     f"-sk{self.split_k}")
+        if self.stream:
+            return (f"stream{self.stream_warps_n}x{self.stream_warps_k}-ch{self.stream_chunk}"
+                    f"-sl{self.stream_slots}-sk{self.split_k}")
         return (
             f"mk{self.max_q_gemm_rows_kernel}-bn{self.block_n}-t{self.threads}"
             f"-sk{self.split_k}-u{self.k_unroll}"
@@ -424,6 +522,11 @@ class KernelConfig:
         InvalidConfigError for a key no config spells."""
         m = _TILED_KEY.fullmatch(key)
         w = _WGMMA_KEY.fullmatch(key)
+        s = _STREAM_KEY.fullmatch(key)
+        if s:
+            wn, wk, ch, sl, sk = map(int, s.groups())
+            return cls(kernel=STREAM, stream_warps_n=wn, stream_warps_k=wk, stream_chunk=ch,
+                       stream_slots=sl, split_k=sk)
         if m:
             tm, tn, tk, st, sk = map(int, m.groups())
             cfg = cls(kernel=TILED, tile_m=tm, tile_n=tn, tile_k=tk, stages=st, split_k=sk)
@@ -464,7 +567,7 @@ class KernelConfig:
 
 _DEFAULTS: dict[str, int] = {f.name: f.default for f in fields(KernelConfig)}  # type: ignore[misc]
 
-LATE_FIELDS = ("kernel", *TILED_FIELDS, *WGMMA_FIELDS)
+LATE_FIELDS = ("kernel", *TILED_FIELDS, *WGMMA_FIELDS, *STREAM_FIELDS)
 """Fields added after configs were first stored: a stored config without them is a config of a
 family that existed when it was written (decode, or tiled without the wgmma fields), so
 `from_dict` fills them with their defaults."""

@@ -23,6 +23,7 @@ from .config import (
     wgmma_violation,
 )
 from .errors import InvalidConfigError, InvalidTensorError
+from .stream import StreamPlan
 from .weights import QuantizedWeight
 from .workspace import Workspace, workspace
 
@@ -88,7 +89,12 @@ class Plan:
                            for split in (False, True)}
             self.smem = self._tiled[False].smem_bytes
             self.perm_index = self.perm if p.act_order else None
-        split_rows = min(self.max_rows, SPLIT_MAX_ROWS)
+        # The stream family: its own launch plan (one wave, K split on chip: no workspace).
+        self.stream: StreamPlan | None = None
+        if config.stream:
+            self.stream = StreamPlan(p, config, self.device_index, props,
+                                     (weight.qweight, weight.sz, weight.perm), self.group_shift)
+        split_rows = 0 if self.stream else min(self.max_rows, SPLIT_MAX_ROWS)
         tiles = self.grid_x * _cdiv(max(split_rows, 1), self.tile_m if self.tiled else self.m_count)
         self.ws.ensure(split_rows * p.n, tiles, p.k * self.chunk)
         self._fns: dict[tuple[int, bool], object] = {}
@@ -202,6 +208,11 @@ class Plan:
     def prepare(self, ms: tuple[int, ...] = ()) -> None:
         """Compile every kernel this plan launches at the given Ms (default: every fused row
         count), so a timed or captured call compiles nothing."""
+        if self.stream is not None:
+            fused = ms if ms else range(1, self.max_rows + 1)
+            self.stream.prepare(tuple(m for m in fused if m <= self.max_rows))
+            self.recon_fn()
+            return
         if self.tiled:
             self.tiled_fn(False)
             self.tiled_fn(True)
@@ -237,6 +248,9 @@ class Plan:
         ck.launch(fn, grid, self.threads, args, stream, self.smem)
 
     def run_fused(self, a: torch.Tensor, c: torch.Tensor, m: int, stream: int) -> None:
+        if self.stream is not None:
+            self.stream.run(a, c, m, stream)
+            return
         if self.tiled:
             self.run_tiled(a, c, m, stream)
             return

@@ -23,6 +23,8 @@ from gemmtune.kernels.config import (
     DECODE,
     DECODE_FIELDS,
     PRESETS,
+    STREAM,
+    STREAM_FIELDS,
     TILED,
     TILED_FIELDS,
     TUNABLES,
@@ -57,7 +59,7 @@ def _family_names(space: Space, kernel: int) -> set[str]:
 @pytest.mark.parametrize("space", SPACES, ids=lambda s: s.name)
 def test_every_point_is_a_valid_distinct_config(space: Space) -> None:
     keys = set()
-    per_family = dict.fromkeys((DECODE, TILED, WGMMA), 0)
+    per_family = dict.fromkeys((DECODE, TILED, WGMMA, STREAM), 0)
     for cfg in space.variants():  # KernelConfig construction validates each one
         assert space.contains(cfg)
         if cfg.tiled:  # the dispatch accepts it for a weight of any bit width
@@ -71,7 +73,7 @@ def test_every_point_is_a_valid_distinct_config(space: Space) -> None:
         per_family[cfg.kernel] += 1
         keys.add(cfg.variant_key())
     assert len(keys) == space.size == sum(per_family.values())
-    assert per_family == {k: space.family_size(k) for k in (DECODE, TILED, WGMMA)}
+    assert per_family == {k: space.family_size(k) for k in (DECODE, TILED, WGMMA, STREAM)}
     assert all(per_family.values())
 
 
@@ -86,8 +88,9 @@ def test_presets_lie_inside_and_round_trip(space: Space, name: str) -> None:
 @pytest.mark.parametrize("space", SPACES, ids=lambda s: s.name)
 def test_warm_start_is_the_presets_then_the_tiled_default(space: Space) -> None:
     names = [n for n, _ in warm_start_configs(space)]
-    assert names == [*PRESETS, "tiled-default", "wgmma-default"]  # wgmma: sm_90 cards only
-    assert [n for n, _ in warm_start_configs(space.for_device("8.9"))] == [*PRESETS, "tiled-default"]
+    assert names == [*PRESETS, "tiled-default", "wgmma-default", "stream-default"]  # wgmma: sm_90 only
+    assert [n for n, _ in warm_start_configs(space.for_device("8.9"))] == [*PRESETS, "tiled-default",
+                                                                            "stream-default"]
     assert TILED_START.tiled and space.contains(TILED_START)
     assert space.from_params(space.params(TILED_START)) == TILED_START
     # A space without the tiled family starts from the presets alone.
@@ -98,8 +101,9 @@ def test_warm_start_is_the_presets_then_the_tiled_default(space: Space) -> None:
 
 def test_standard_is_small_enough_for_grid() -> None:
     # A trial costs ~0.2-1 s on a GPU: an exhaustive grid must stay within minutes.
-    assert STANDARD.size <= 520
+    assert STANDARD.size <= 600
     assert STANDARD.family_size(WGMMA) < STANDARD.family_size(TILED) < STANDARD.family_size(DECODE)
+    assert STANDARD.family_size(STREAM) < STANDARD.family_size(TILED)
 
 
 def _valid_everywhere(kernel: int, values: dict[str, int]) -> KernelConfig | None:
@@ -118,7 +122,8 @@ def _valid_everywhere(kernel: int, values: dict[str, int]) -> KernelConfig | Non
 
 def test_full_is_every_valid_tunable_choice() -> None:
     expected: set[str] = set()
-    for kernel, own in ((DECODE, DECODE_FIELDS), (TILED, TILED_FIELDS), (WGMMA, WGMMA_FIELDS)):
+    for kernel, own in ((DECODE, DECODE_FIELDS), (TILED, TILED_FIELDS), (WGMMA, WGMMA_FIELDS),
+                        (STREAM, STREAM_FIELDS)):
         names = (*own, "split_k")
         for values in itertools.product(*(BY[f] for f in names)):
             cfg = _valid_everywhere(kernel, dict(zip(names, values, strict=True)))
@@ -253,7 +258,7 @@ def test_samplers_only_propose_valid_points(sampler: str, trials: int) -> None:
         study = optuna.create_study(sampler=st.make_sampler(sampler, FULL, seed=3))
     study.optimize(_fake(FULL, seen), n_trials=trials)
     assert len(seen) == trials
-    assert {c.kernel for c in seen} == {DECODE, TILED, WGMMA}  # every family is searched
+    assert {c.kernel for c in seen} == {DECODE, TILED, WGMMA, STREAM}  # every family is searched
     if sampler == "grid":
         assert len({c.variant_key() for c in seen}) == trials  # never a point twice
 
@@ -294,12 +299,14 @@ def test_the_cli_and_readme_state_the_space_sizes() -> None:
     text = " ".join(CliRunner().invoke(main, ["tune", "--help"]).output.split())
     assert (f"standard: {STANDARD.size} kernel variants (decode kernel "
             f"{STANDARD.family_size(DECODE)}, tiled kernel {STANDARD.family_size(TILED)}, wgmma "
-            f"kernel {STANDARD.family_size(WGMMA)} on sm_90 cards)") in text
+            f"kernel {STANDARD.family_size(WGMMA)} on sm_90 cards, stream kernel "
+            f"{STANDARD.family_size(STREAM)})") in text
     assert f"full: every valid choice ({FULL.size})" in text
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert f"from the `standard` space ({STANDARD.size})" in readme
     assert f"decode kernel ({STANDARD.family_size(DECODE)}:" in readme
     assert f"tiled kernel ({STANDARD.family_size(TILED)}:" in readme
+    assert f"stream kernel ({STANDARD.family_size(STREAM)}:" in readme
     assert (f"{FULL.family_size(DECODE)} + {FULL.family_size(TILED)} + {FULL.family_size(WGMMA)} "
-            f"= {FULL.size}") in readme
+            f"+ {FULL.family_size(STREAM)} = {FULL.size}") in readme
     assert f"({STANDARD.size} trials for `standard`" in readme

@@ -1,0 +1,158 @@
+"""The stream decode kernel's rules, keys and launch plan, without a GPU."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from gemmtune.autotune.space import FULL, STANDARD, STREAM_START, families_on
+from gemmtune.kernels.buildcheck import _mangled_args, stream_variants
+from gemmtune.kernels.config import (
+    STREAM,
+    STREAM_ROWS,
+    KernelConfig,
+    stream_a_row_bytes,
+    stream_fixed_smem,
+    stream_violation,
+)
+from gemmtune.kernels.errors import InvalidConfigError
+from gemmtune.kernels.problem import Problem
+from gemmtune.kernels.stream import StreamPlan
+
+H100 = SimpleNamespace(multi_processor_count=132, shared_memory_per_block_optin=227 * 1024,
+                       name="H100 (fake)", major=9, minor=0)
+A100 = SimpleNamespace(multi_processor_count=108, shared_memory_per_block_optin=163 * 1024,
+                       name="A100 (fake)", major=8, minor=0)
+
+
+def stream(**kw: int) -> KernelConfig:
+    return KernelConfig(kernel=STREAM, **kw)
+
+
+def plan(k: int, n: int, cfg: KernelConfig, props=H100, per_sm: int | None = None) -> StreamPlan:  # noqa: ANN001
+    """A StreamPlan whose residency is computed from shared memory alone (no driver): one CTA
+    per 228 KB of an SM, whole clusters."""
+    p = StreamPlan(Problem(k, n), cfg, 0, props, (None, None, None), 7)
+
+    def resident(cluster: int, smem: int) -> int:
+        fits = per_sm if per_sm is not None else max(0, 228 * 1024 // (smem + 1024))
+        return props.multi_processor_count * fits // cluster * cluster
+    p.resident = resident  # type: ignore[method-assign]
+    p.fn = lambda cluster: f"kernel with clusters of {cluster}"  # type: ignore[method-assign]
+    return p
+
+
+def test_keys_name_the_stream_block_and_round_trip() -> None:
+    cfg = stream(stream_warps_n=2, stream_warps_k=4, stream_chunk=4, stream_slots=3, split_k=8)
+    assert cfg.stream and not cfg.tiled and not cfg.wgmma
+    assert cfg.variant_key() == "stream2x4-ch4-sl3-sk8"
+    assert cfg.key().endswith("-stream2x4-ch4-sl3")
+    assert KernelConfig.from_variant_key(cfg.variant_key()) == cfg.replace(max_q_gemm_rows=64)
+    assert KernelConfig.from_dict(cfg.to_dict()) == cfg
+    # Another family's config never spells the stream fields, and a key stored before the stream
+    # family existed (no stream fields) still reads back as what it was.
+    assert "stream" not in KernelConfig().key()
+    old = {k: v for k, v in KernelConfig().to_dict().items() if not k.startswith("stream_")}
+    assert KernelConfig.from_dict(old) == KernelConfig()
+
+
+def test_the_fields_of_the_stream_family_stay_at_defaults_elsewhere() -> None:
+    with pytest.raises(InvalidConfigError, match="stream_slots is not read by the decode kernel"):
+        KernelConfig(stream_slots=4)
+    with pytest.raises(InvalidConfigError, match="block_n, threads are not read by the stream kernel"):
+        stream(block_n=128, threads=128)
+
+
+def test_stream_violation_says_why() -> None:
+    assert stream_violation(1, 8, 8, 2, 0) is None
+    assert "512" in stream_violation(4, 8, 4, 2, 0)  # 1024 threads
+    assert "cluster" in stream_violation(1, 8, 8, 2, 32)
+    assert "shared memory" in stream_violation(1, 16, 16, 8, 0)
+    with pytest.raises(InvalidConfigError, match="cluster"):
+        stream(split_k=17)
+    assert KernelConfig(split_k=32).split_k == 32  # the decode kernel's split is not a cluster
+    # Smaller cards: the rings are checked against their own limit.
+    assert stream_violation(1, 8, 16, 2, 0, smem_limit=99 * 1024) is not None
+
+
+def test_shared_memory_grows_with_what_a_block_holds() -> None:
+    base = stream_fixed_smem(1, 8, 8, 2)
+    assert stream_fixed_smem(1, 8, 8, 4) > base and stream_fixed_smem(2, 8, 8, 2) > base
+    # A row of A is the block's K slice (+16 bytes): halved by a cluster of 2, 4-bit and 8-bit
+    # hold the same halves.
+    assert stream_a_row_bytes(4, 4096, 1) == 4096 * 2 + 16
+    assert stream_a_row_bytes(4, 4096, 2) == 2048 * 2 + 16
+    assert stream_a_row_bytes(8, 4096, 1) == stream_a_row_bytes(4, 4096, 1)
+    assert stream_a_row_bytes(4, 640, 8) == 3 * 32 * 2 + 16  # 20 steps over 8: the longer slice
+
+
+def test_long_k_takes_fewer_rows_per_launch() -> None:
+    p = plan(28672, 8192, stream(split_k=1))
+    assert p.rows_fit(1) < STREAM_ROWS
+    launches = p.launches(STREAM_ROWS)
+    assert [ln.rows for ln in launches] == [p.rows_fit(1)] * (STREAM_ROWS // p.rows_fit(1))
+    assert [ln.row0 for ln in launches] == list(range(0, STREAM_ROWS, p.rows_fit(1)))
+    assert all(ln.smem <= H100.shared_memory_per_block_optin for ln in launches)
+
+
+def test_a_row_that_does_not_fit_is_refused_when_bound() -> None:
+    cfg = stream(stream_warps_k=8, stream_chunk=16, stream_slots=2, split_k=1)
+    with pytest.raises(InvalidConfigError, match="does not fit"):
+        plan(28672, 64, cfg)
+    assert plan(28672, 64, cfg.replace(split_k=2)).rows_fit(2) == 1
+
+
+def test_more_rows_than_one_launch_holds_are_more_launches() -> None:
+    p = plan(4096, 4096, stream(split_k=1))
+    got = p.launches(2 * STREAM_ROWS + 1)
+    assert [(ln.row0, ln.rows) for ln in got] == [(0, 8), (8, 8), (16, 1)]
+    assert [(ln.row0, ln.rows) for ln in p.launches(3)] == [(0, 3)]
+
+
+def test_auto_cluster_fills_one_wave_and_the_grid_never_exceeds_it() -> None:
+    # 4096 x 1024: 32 column tiles, far fewer than 132 SMs: K is split across a cluster.
+    p = plan(4096, 1024, stream(split_k=0), per_sm=1)
+    cluster, rows = p.choose(1)
+    assert cluster == 4 and rows == 1  # 128 CTAs of 132
+    (ln,) = p.launches(1)
+    assert ln.grid == 32 * 4 and ln.grid % cluster == 0
+    # 8192 x 57344: 1792 tiles, many waves of units: no split, a persistent grid of one wave.
+    p = plan(8192, 57344, stream(split_k=0), per_sm=1)
+    assert p.choose(1)[0] == 1
+    assert p.launches(1)[0].grid == 132
+
+
+def test_fewer_launches_beat_a_fuller_wave() -> None:
+    # K = 28672, 8 rows: one CTA per K slice holds 2 rows (4 launches), a cluster of 4 all 8.
+    p = plan(28672, 8192, stream(split_k=0))
+    cluster, rows = p.choose(8)
+    assert rows == 8 and cluster >= 4
+
+
+def test_clusters_need_sm90() -> None:
+    with pytest.raises(InvalidConfigError, match="sm_90"):
+        plan(4096, 4096, stream(split_k=2), props=A100)
+    assert plan(4096, 1024, stream(split_k=0), props=A100).clusters == [1]
+
+
+def test_the_space_holds_the_stream_family() -> None:
+    for space in (STANDARD, FULL):
+        fam = space.family(STREAM)
+        assert space.family_size(STREAM) > 0 and [f.name for f in fam.factors] == ["stream_tile"]
+        assert all(cfg.threads == KernelConfig().threads for cfg in space.variants() if cfg.stream)
+    assert STANDARD.contains(STREAM_START)
+    assert all(FULL.contains(c) for c in STANDARD.variants() if c.stream)
+    assert STREAM in families_on("8.0") and STREAM in families_on("9.0")
+
+
+def test_the_static_build_covers_stream_instances() -> None:
+    every = stream_variants()
+    assert {v.cluster for v in every} == {1, 2, 3, 4, 6, 8, 12, 16}
+    assert {v.cluster for v in stream_variants(clusters=False)} == {1}
+    # Each (block, bits, act-order, cluster) compiles once, under a name no other has.
+    assert len({_mangled_args(v) for v in every}) == len(every)
+    default = KernelConfig()
+    blocks = {(v.warps_n, v.warps_k, v.chunk, v.slots) for v in every}
+    assert (default.stream_warps_n, default.stream_warps_k, default.stream_chunk,
+            default.stream_slots) in blocks
+    assert all(stream_violation(*b, 0) is None for b in blocks)
