@@ -14,6 +14,15 @@ M = 1: eager calls (Python + launch) against graph replay.
     python bench/decode.py -o out/decode.json                 # 32 layers (~ a minute on an H100)
     python bench/decode.py --layers 8 --profile my.json        # tuned = that profile
     python bench/decode.py --lookup-only                       # CPU: 70B lookup cost from SQLite
+    python bench/decode.py --gemv -o out/gemv.json             # per-layer M <= 8: stream vs decode
+
+`--gemv` times single layers instead of a step: for each shape of GEMV_SHAPES and M of GEMV_MS,
+the stream kernel's best of STREAM_CANDIDATES and the decode kernel's best of DECODE_CANDIDATES
+(the per-shape winners of the H200 kernel benchmark), each checked first against the reconstruct
+path on the same input, CUDA-graph timed over weight copies that defeat L2 (autotune.timing),
+beside the read floor of the same run (`kernels/cuda/stream_read.cu`: the layer's checkpoint
+bytes at the measured streaming-read bandwidth) and a launch of nothing (stream_read over 16
+bytes: what a graph node costs before any byte moves).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import sys
 import tempfile
@@ -224,6 +234,132 @@ def lookup_only(layers: int = 80) -> dict[str, float]:
             "cached_lookup_us": cached_us, "layers": layers, "distinct_problems": len(problems)}
 
 
+GEMV_SHAPES = [(4096, 4096), (4096, 1024), (4096, 6144), (14336, 4096), (8192, 8192),
+               (8192, 57344), (28672, 8192), (4096, 28672), (8192, 10240)]
+GEMV_MS = [1, 2, 4, 8]
+STREAM_CANDIDATES = [
+    # (warps_n, warps_k, chunk, slots, split_k): split_k 0 = the launch plan picks the cluster.
+    (1, 8, 8, 2, 0), (1, 8, 4, 4, 0), (1, 4, 8, 4, 0), (2, 4, 8, 2, 0), (1, 16, 4, 2, 0),
+    (1, 8, 16, 2, 0), (1, 8, 8, 2, 1), (1, 4, 8, 3, 0), (1, 8, 8, 3, 0), (2, 8, 4, 2, 0),
+]
+DECODE_CANDIDATES = ["mk16-bn128-t128-sk0-u2", "mk8-bn128-t128-sk0-u8", "mk16-bn64-t64-sk0-u2",
+                     "mk32-bn128-t128-sk0-u2", "mk64-bn128-t128-sk0-u1", "mk64-bn64-t64-sk0-u1",
+                     "mk8-bn128-t128-sk0-u2", "mk16-bn128-t128-sk0-u4", "mk8-bn64-t64-sk0-u2",
+                     "mk16-bn64-t256-sk0-u4"]
+
+
+def _floor_us(k: int, n: int, m: int, bw_tbps: float, group: int = 128) -> float:
+    """The layer's fewest bytes (checkpoint weight, scales and packed zeros, A, C) at the
+    streaming-read bandwidth: bench/kernels.py's roofline without its (here negligible) FLOP term."""
+    g = k // group
+    nbytes = k * n // 2 + g * n * 2 + g * n // 2 + m * k * 2 + m * n * 2
+    return nbytes / (bw_tbps * 1e12) * 1e6
+
+
+def _gemv_shape(k: int, n: int, ms: list[int], streams: list[Any], decodes: list[Any], bw: float,
+                failures: list[str]) -> list[dict[str, Any]]:
+    """One shape of `gemv_bench`: every candidate at every M, checked, then timed."""
+    from gemmtune.autotune import timing
+    from gemmtune.kernels import reference
+    from gemmtune.kernels.config import KernelConfig
+    from gemmtune.kernels.dispatch import plan_for
+    from gemmtune.kernels.gptq import random_gptq
+    from gemmtune.kernels.weights import QuantizedWeight
+
+    t = random_gptq(k, n, 4, 128, False, "v1", generator=torch.Generator().manual_seed(k + 3 * n))
+    copies = timing.copies_needed(t.problem.weight_bytes())
+    weights = [QuantizedWeight(t, "cuda") for _ in range(copies)]
+    acts = {m: torch.randn(m, k, device="cuda", dtype=torch.float16) for m in ms}
+    recon = KernelConfig(max_q_gemm_rows=0)
+    refs = {m: plan_for(weights[0], recon)(acts[m]).float() for m in ms}
+    tol = reference.fp16_tolerance(k)
+
+    def measure(cfg: KernelConfig, m: int) -> float | None:
+        key = f"{k}x{n} M={m} {cfg.variant_key()}"
+        try:
+            plans = [plan_for(w, cfg) for w in weights]
+            plans[0].prepare((m,))
+            out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+            plans[0](acts[m], out)
+            torch.cuda.synchronize()
+            err = reference.relative_error(out.float(), refs[m])
+            if not err < tol:  # NaN (an unwritten output) fails too
+                failures.append(f"{key}: relative error {err:.2e} over {tol:.2e}")
+                return None
+            return timing.graph_time(lambda i: plans[i % copies](acts[m])).median_us
+        except Exception as exc:  # a variant that cannot run is a result, not a crash
+            failures.append(f"{key}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            return None
+
+    rows = []
+    for m in ms:
+        st = {c.variant_key(): measure(c, m) for c in streams}
+        de = {c.variant_key(): measure(c, m) for c in decodes}
+        floor = _floor_us(k, n, m, bw)
+        sbest = min(((v, key) for key, v in st.items() if v is not None), default=(math.nan, ""))
+        dbest = min(((v, key) for key, v in de.items() if v is not None), default=(math.nan, ""))
+        row = {"K": k, "N": n, "M": m, "floor_us": round(floor, 3),
+               "stream_us": round(sbest[0], 3), "stream_variant": sbest[1],
+               "stream_pct_floor": round(100 * floor / sbest[0], 1),
+               "decode_us": round(dbest[0], 3), "decode_variant": dbest[1],
+               "decode_pct_floor": round(100 * floor / dbest[0], 1),
+               "stream_vs_decode": round(dbest[0] / sbest[0], 2),
+               "stream_all": {key: (round(v, 3) if v is not None else None) for key, v in st.items()},
+               "decode_all": {key: (round(v, 3) if v is not None else None) for key, v in de.items()}}
+        rows.append(row)
+        print(f"{k:6d}x{n:<6d} M={m}  floor {floor:7.2f}  stream {sbest[0]:7.2f} ({row['stream_pct_floor']:5.1f}%) "
+              f"[{sbest[1]}]  decode {dbest[0]:7.2f} ({row['decode_pct_floor']:5.1f}%) [{dbest[1]}]  "
+              f"x{row['stream_vs_decode']:.2f}", file=sys.stderr, flush=True)
+    return rows
+
+
+def gemv_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Single-layer M <= 8 timings: stream kernel vs decode kernel vs the read floor."""
+    from gemmtune.autotune import timing
+    from gemmtune.kernels import compile as ck
+    from gemmtune.kernels.config import STREAM, KernelConfig
+    from gemmtune.kernels.device import query_device
+    from gemmtune.kernels.sources import kernel_hash
+
+    dev = query_device()
+    bw = timing.read_bandwidth_tbps()
+    probe = ck.StreamReadVariant()
+    fn = ck.get_kernel(probe, torch.cuda.current_device())
+    src = torch.zeros(4, dtype=torch.int32, device="cuda")
+    sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+    empty_us = timing.graph_time(lambda i: ck.launch(
+        fn, (1, 1, 1), probe.threads, (ck.ptr(src.data_ptr()), ck.i64(1), ck.ptr(sink.data_ptr())),
+        torch.cuda.current_stream().cuda_stream)).median_us
+    print(f"# {dev.name}: read {bw:.2f} TB/s, an empty launch {empty_us:.2f} us", file=sys.stderr, flush=True)
+    streams = [KernelConfig(max_q_gemm_rows=max(args.gemv_ms), kernel=STREAM, stream_warps_n=wn,
+                            stream_warps_k=wk, stream_chunk=ch, stream_slots=sl, split_k=sk)
+               for wn, wk, ch, sl, sk in STREAM_CANDIDATES]
+    decodes = [KernelConfig.from_variant_key(key).replace(max_q_gemm_rows=64) for key in DECODE_CANDIDATES]
+    rows: list[dict[str, Any]] = []
+    failures: list[str] = []
+    for k, n in args.gemv_shapes:
+        rows += _gemv_shape(k, n, args.gemv_ms, streams, decodes, bw, failures)
+        torch.cuda.empty_cache()
+    return {"what": "single-layer decode GEMM (4-bit g128), stream vs decode kernel vs read floor",
+            "device": dev.to_dict(), "kernel_hash": kernel_hash(), "date": dt.datetime.now(dt.UTC).isoformat(),
+            "read_bandwidth_TBps": round(bw, 3), "empty_launch_us": round(empty_us, 3),
+            "command": " ".join(sys.argv), "rows": rows, "failures": failures}
+
+
+def gemv_markdown(res: dict[str, Any]) -> str:
+    lines = [f"Single-layer decode GEMM, 4-bit g128, {res['device']['name']}, {res['date'][:10]}; read "
+             f"{res['read_bandwidth_TBps']} TB/s, an empty launch {res['empty_launch_us']} µs.", "",
+             "| K x N | M | floor µs | stream µs (% floor) | decode µs (% floor) | stream speed-up |",
+             "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['floor_us']:.2f} | {r['stream_us']:.2f} "
+                     f"({r['stream_pct_floor']:.0f} %) | {r['decode_us']:.2f} ({r['decode_pct_floor']:.0f} %) "
+                     f"| {r['stream_vs_decode']:.2f}x |")
+    if res["failures"]:
+        lines += ["", f"{len(res['failures'])} variant runs failed:"] + [f"- {f}" for f in res["failures"][:40]]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", "--output", help="write the results as JSON here")
@@ -232,9 +368,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--profile", help="profile JSON to serve the 'tuned' configs")
     ap.add_argument("--lookup-only", action="store_true", help="only time the 70B lookup (CPU)")
+    ap.add_argument("--gemv", action="store_true",
+                    help="single layers at M <= 8: stream kernel vs decode kernel vs read floor")
+    ap.add_argument("--gemv-shapes", default=",".join(f"{k}x{n}" for k, n in GEMV_SHAPES))
+    ap.add_argument("--gemv-ms", default=",".join(map(str, GEMV_MS)))
     args = ap.parse_args()
     args.ms = [int(m) for m in args.ms.split(",")]
-    if args.lookup_only:
+    args.gemv_shapes = [tuple(int(x) for x in s.split("x")) for s in args.gemv_shapes.split(",")]
+    args.gemv_ms = [int(m) for m in args.gemv_ms.split(",")]
+    if args.gemv:
+        if not torch.cuda.is_available():
+            sys.exit("bench/decode.py --gemv needs a CUDA GPU")
+        res = gemv_bench(args)
+        text = gemv_markdown(res)
+    elif args.lookup_only:
         res: dict[str, Any] = {"lookup_70b": lookup_only()}
         text = json.dumps(res, indent=2)
     else:
