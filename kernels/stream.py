@@ -105,7 +105,12 @@ class StreamPlan:
         fn = self._fns.get(cluster)
         if fn is None:
             fn = ck.get_kernel(self.variant(cluster), self.device_index)
-            ck.allow_dynamic_shared_memory(fn, self.smem_limit, cluster)
+            try:
+                ck.allow_dynamic_shared_memory(fn, self.smem_limit, cluster)
+            except Exception as exc:  # the driver refuses the attribute: this card cannot run it
+                raise InvalidConfigError(
+                    f"stream kernel: {self.name} refuses a cluster of {cluster} CTAs with "
+                    f"{self.smem_limit // 1024} KB of shared memory each ({exc})") from exc
             self._fns[cluster] = fn
         return fn
 

@@ -156,3 +156,10 @@ def test_the_static_build_covers_stream_instances() -> None:
     assert (default.stream_warps_n, default.stream_warps_k, default.stream_chunk,
             default.stream_slots) in blocks
     assert all(stream_violation(*b, 0) is None for b in blocks)
+
+
+def test_tables_spell_a_stream_config_by_its_own_fields() -> None:
+    from gemmtune.cli._common import _config_short
+
+    cfg = stream(max_q_gemm_rows=8, stream_warps_n=2, stream_warps_k=4, split_k=4)
+    assert _config_short(cfg) == "≤8 fused, stream 2x4 ch8 sl2 sk4"

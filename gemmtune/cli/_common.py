@@ -130,6 +130,8 @@ def _config_short(config: Any) -> str:
     c = config
     if c.tiled:
         own = f"tiled {c.tile_m}x{c.tile_n}x{c.tile_k} st{c.stages}"
+    elif c.stream:
+        own = f"stream {c.stream_warps_n}x{c.stream_warps_k} ch{c.stream_chunk} sl{c.stream_slots}"
     else:
         own = f"{c.max_q_gemm_rows_kernel} rows, {c.block_n}x{c.threads} u{c.k_unroll}"
     extra = "".join(f" {tag}{value}" for tag, value in (("sk", c.split_k), ("rc", c.recon_chunk_n))
@@ -139,8 +141,10 @@ def _config_short(config: Any) -> str:
 
 CONFIG_LEGEND = ("config: ≤N fused = the fused kernel up to M = N, reconstruct + cuBLAS above; "
                  "decode kernel: rows per block, block_n x threads, uK = K-unroll; tiled kernel: "
-                 "block tile M x N x K, stN = pipeline stages; skN = split-K (absent: from the SM "
-                 "count), rcN = reconstruct chunk (absent: whole matrix)")
+                 "block tile M x N x K, stN = pipeline stages; stream kernel: warps along N x K, "
+                 "chN = K steps a copy, slN = copies in flight a warp; skN = split-K (absent: from "
+                 "the SM count; the stream kernel's is a cluster), rcN = reconstruct chunk (absent: "
+                 "whole matrix)")
 """What `_config_short`'s abbreviations mean, for the tables that print it."""
 
 
