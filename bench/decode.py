@@ -239,9 +239,10 @@ GEMV_SHAPES = [(4096, 4096), (4096, 1024), (4096, 6144), (14336, 4096), (8192, 8
 GEMV_MS = [1, 2, 4, 8]
 STREAM_CANDIDATES = [
     # (warps_n, warps_k, chunk, slots, split_k): split_k 0 = the launch plan picks the cluster.
-    (1, 8, 8, 2, 0), (1, 8, 4, 4, 0), (1, 4, 8, 4, 0), (2, 4, 8, 2, 0), (1, 16, 4, 2, 0),
-    (1, 8, 16, 2, 0), (1, 4, 8, 3, 0), (1, 8, 8, 3, 0), (2, 8, 4, 2, 0),
-    (1, 8, 8, 2, 1), (1, 8, 4, 4, 1), (1, 4, 8, 4, 1),  # one CTA per K slice (no cluster)
+    (1, 16, 4, 2, 0), (1, 8, 4, 4, 0), (1, 8, 8, 2, 0), (2, 8, 4, 2, 0), (1, 8, 2, 4, 0),
+    (1, 16, 2, 4, 0), (2, 4, 8, 2, 0), (1, 4, 8, 4, 0),
+    (1, 16, 4, 2, 1), (1, 8, 4, 4, 1),  # one CTA per K slice (no cluster)
+    (1, 8, 4, 4, 4), (1, 8, 4, 4, 8),  # clusters of 4 and 8 whatever the layer
 ]
 DECODE_CANDIDATES = ["mk16-bn128-t128-sk0-u2", "mk8-bn128-t128-sk0-u8", "mk16-bn64-t64-sk0-u2",
                      "mk32-bn128-t128-sk0-u2", "mk64-bn128-t128-sk0-u1", "mk64-bn64-t64-sk0-u1",

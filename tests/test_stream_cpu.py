@@ -120,10 +120,14 @@ def test_auto_cluster_fills_one_wave_and_the_grid_never_exceeds_it() -> None:
     p = plan(8192, 57344, stream(split_k=0), per_sm=1)
     assert p.choose(1)[0] == 1
     assert p.launches(1)[0].grid == 132
+    # 4096 x 6144: 192 units fill 132 CTAs with one CTA per K slice; a cluster of 2 would have
+    # to loop over units (a cluster barrier each), so it is not chosen.
+    assert plan(4096, 6144, stream(split_k=0), per_sm=1).choose(1)[0] == 1
 
 
 def test_fewer_launches_beat_a_fuller_wave() -> None:
-    # K = 28672, 8 rows: one CTA per K slice holds 2 rows (4 launches), a cluster of 4 all 8.
+    # K = 28672, 8 rows: one CTA per K slice holds 2 rows (4 launches), a cluster of 4 all 8
+    # (and loops over units: still better than reading the weight 4 times).
     p = plan(28672, 8192, stream(split_k=0))
     cluster, rows = p.choose(8)
     assert rows == 8 and cluster >= 4

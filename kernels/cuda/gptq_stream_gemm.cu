@@ -281,24 +281,55 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
   __syncthreads();
 
   // Accumulators: lane (g, t) holds C[2t + e][col0 + 2x + h] in acc[x][2h + e] (col0 = 4g).
-  float acc[2][4], part[2][4];
-  float sf[4] = {0.f, 0.f, 0.f, 0.f};
-  half2 z2[4], nz2[4];
-#pragma unroll
-  for (int x = 0; x < 2; ++x)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) part[x][e] = 0.f;
-  auto flush = [&]() {
-#pragma unroll
-    for (int x = 0; x < 2; ++x)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        acc[x][e] = fmaf(part[x][e], sf[2 * x + e / 2], acc[x][e]);
-        part[x][e] = 0.f;
+  // Each step's MMAs start from zero and the step's exact (q - zero) x A sums are scaled into
+  // `acc` in fp32 right away: steps carry no dependency through the tensor cores (only through
+  // 8 FMAs), and no branch on the group, so the unrolled steps of a chunk overlap (a warp works
+  // through its few steps at the rate of issue, not of MMA latency). Scaling once per group
+  // instead (as the decode kernel does) chains every MMA of a group on the one before: on an
+  // H100 that version sat ~4 us above the read floor whatever the layer's size, 2 MB included.
+  float acc[2][4];
+  // Pair p of a packed word as the exact integers (q - zero): see gptq_gemm.cu's `dequant`.
+  auto dequant = [&](const uint32_t w, const uint32_t w8, const int p, const half2 z2,
+                     const half2 nz2) -> uint32_t {
+    half2 d;
+    if constexpr (BITS == 4) {
+      const uint32_t src = p < 2 ? w : w8;
+      if (p % 2 == 0) {
+        d = __hsub2(u32_as_h2(and_or<0x000F000Fu, 0x64006400u>(src)), z2);
+      } else {
+        d = __hfma2(u32_as_h2(and_or<0x00F000F0u, 0x64006400u>(src)), __float2half2_rn(0.0625f), nz2);
       }
+    } else {
+      const uint32_t src = p == 0 ? w : w8;
+      d = __hsub2(u32_as_h2(and_or<0x00FF00FFu, 0x64006400u>(src)), z2);
+    }
+    return h2_as_u32(d);
   };
-  auto new_group = [&](const uint4 szv) {
+
+  const bool row_ok = g < M;
+  const half* arow = as + g * a_stride + t * V;
+  // One K step: weights, (scale, zero) of its group and activations from shared memory.
+  auto step_mma = [&](const unsigned char* src, const int s, const int step, const int g0) {
+    const int gi = ((step * KSTEP) >> group_shift) - g0;
+    const uint4 szv = *reinterpret_cast<const uint4*>(src + CHUNK * kStepBytes + gi * kSzRowBytes + g * 16);
+    const uint4 wq = reinterpret_cast<const uint4*>(src + s * kStepBytes)[lane];
+    uint32_t av[AWORDS];
+    if (row_ok) {
+      const half* ap = arow + (step - k_lo) * KSTEP;
+      if constexpr (AWORDS == 4) {
+        const uint4 v = *reinterpret_cast<const uint4*>(ap);
+        av[0] = v.x; av[1] = v.y; av[2] = v.z; av[3] = v.w;
+      } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(ap);
+        av[0] = v.x; av[1] = v.y;
+      }
+    } else {
+#pragma unroll
+      for (int w = 0; w < AWORDS; ++w) av[w] = 0u;
+    }
     const uint32_t szc[4] = {szv.x, szv.y, szv.z, szv.w};
+    half2 z2[4], nz2[4];
+    float sf[4];
 #pragma unroll
     for (int cc = 0; cc < 4; ++cc) {
       const half2 v = u32_as_h2(szc[cc]);
@@ -306,33 +337,16 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
       nz2[cc] = __hsub2(__float2half2_rn(960.f), z2[cc]);
       sf[cc] = __low2float(v);
     }
-  };
-  // Pair p of a packed word as the exact integers (q - zero): see gptq_gemm.cu's `dequant`.
-  auto dequant = [&](const uint32_t w, const uint32_t w8, const int p, const int cc) -> uint32_t {
-    half2 d;
-    if constexpr (BITS == 4) {
-      const uint32_t src = p < 2 ? w : w8;
-      if (p % 2 == 0) {
-        d = __hsub2(u32_as_h2(and_or<0x000F000Fu, 0x64006400u>(src)), z2[cc]);
-      } else {
-        d = __hfma2(u32_as_h2(and_or<0x00F000F0u, 0x64006400u>(src)), __float2half2_rn(0.0625f), nz2[cc]);
-      }
-    } else {
-      const uint32_t src = p == 0 ? w : w8;
-      d = __hsub2(u32_as_h2(and_or<0x00FF00FFu, 0x64006400u>(src)), z2[cc]);
-    }
-    return h2_as_u32(d);
-  };
-  auto compute = [&](const uint4 wq, const uint32_t (&av)[AWORDS]) {
     const uint32_t wcol[4] = {wq.x, wq.y, wq.z, wq.w};
     const uint32_t wcol8[4] = {wcol[0] >> 8, wcol[1] >> 8, wcol[2] >> 8, wcol[3] >> 8};
+    float part[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
     for (int ks = 0; ks < KS_PER_WORD; ++ks) {
       uint32_t p0[4], p1[4];
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
-        p0[cc] = dequant(wcol[cc], wcol8[cc], 2 * ks, cc);
-        p1[cc] = dequant(wcol[cc], wcol8[cc], 2 * ks + 1, cc);
+        p0[cc] = dequant(wcol[cc], wcol8[cc], 2 * ks, z2[cc], nz2[cc]);
+        p1[cc] = dequant(wcol[cc], wcol8[cc], 2 * ks + 1, z2[cc], nz2[cc]);
       }
       const uint32_t fa0[4] = {p0[0], p0[1], p1[0], p1[1]};
       const uint32_t fa1[4] = {p0[2], p0[3], p1[2], p1[3]};
@@ -342,10 +356,12 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
       mma_16816(part[0], fa0, fb);
       mma_16816(part[1], fa1, fb);
     }
+#pragma unroll
+    for (int x = 0; x < 2; ++x)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[x][e] = fmaf(part[x][e], sf[2 * x + e / 2], acc[x][e]);
   };
 
-  const bool row_ok = g < M;
-  const half* arow = as + g * a_stride + t * V;
   int j = 0;  // this warp's chunk counter
   for (int it = 0; it < n_units; ++it) {
     const int unit = cid + it * clusters;
@@ -354,7 +370,6 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
     for (int x = 0; x < 2; ++x)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[x][e] = 0.f;
-    int cur_grp = -1;
     for (int ch = 0; ch < n_chunks; ++ch, ++j) {
       const int slot = j % SLOTS;
       bar_wait(bar0 + 8 * slot, (uint32_t)(j / SLOTS) & 1u);
@@ -363,89 +378,77 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
         const int s0 = w_lo + ch * CHUNK;
         const int cnt = min(CHUNK, w_hi - s0);
         const int g0 = (s0 * KSTEP) >> group_shift;
+        if (cnt == CHUNK) {  // warp-uniform; every chunk but a warp's last
 #pragma unroll
-        for (int s = 0; s < CHUNK; ++s) {
-          if (s < cnt) {  // warp-uniform
-            const int step = s0 + s;
-            const int grp = (step * KSTEP) >> group_shift;
-            if (grp != cur_grp) {
-              flush();
-              cur_grp = grp;
-              new_group(*reinterpret_cast<const uint4*>(src + CHUNK * kStepBytes + (grp - g0) * kSzRowBytes + g * 16));
-            }
-            uint32_t av[AWORDS];
-            if (row_ok) {
-              const half* ap = arow + (step - k_lo) * KSTEP;
-              if constexpr (AWORDS == 4) {
-                const uint4 v = *reinterpret_cast<const uint4*>(ap);
-                av[0] = v.x; av[1] = v.y; av[2] = v.z; av[3] = v.w;
-              } else {
-                const uint2 v = *reinterpret_cast<const uint2*>(ap);
-                av[0] = v.x; av[1] = v.y;
-              }
-            } else {
-#pragma unroll
-              for (int w = 0; w < AWORDS; ++w) av[w] = 0u;
-            }
-            compute(reinterpret_cast<const uint4*>(src + s * kStepBytes)[lane], av);
-          }
+          for (int s = 0; s < CHUNK; ++s) step_mma(src, s, s0 + s, g0);
+        } else {
+#pragma unroll 1
+          for (int s = 0; s < cnt; ++s) step_mma(src, s, s0 + s, g0);
         }
       }
       __syncwarp();
       refill(j + SLOTS);  // the slot just consumed
     }
-    flush();
 
     // This warp's 8 x 32 partial into red[it & 1][warp].
-    float* mine = red + ((it & 1) * WARPS + warp) * 256;
+    float* buf = red + (it & 1) * WARPS * 256;
+    float* mine = buf + warp * 256;
 #pragma unroll
     for (int e = 0; e < 2; ++e)
       *reinterpret_cast<float4*>(mine + (2 * t + e) * 32 + 4 * g) =
           make_float4(acc[0][e], acc[0][2 + e], acc[1][e], acc[1][2 + e]);
-#if defined(GEMMTUNE_BULK)
-    if constexpr (CLUSTER > 1) {
-      cluster_sync();
-    } else {
-      __syncthreads();
-    }
-#else
     __syncthreads();
-#endif
-    // Sum the WARPS_K x CLUSTER partials of each output: 4 columns per thread, the cluster's
-    // CTAs taking every CLUSTER-th group of 4.
-    const float* buf = red + (it & 1) * WARPS * 256;
+    // The CTA's sum over its WARPS_K warps of each output quad (4 columns), by as many threads
+    // as there are quads. One CTA: that is C. A cluster: it goes back into the first warp row's
+    // partial (only this thread touches that quad), and after the cluster barrier each CTA sums
+    // its share of the quads over the cluster's CTAs.
     const int quads = M * WARPS_N * 8;
-    for (int i = rank * THREADS + threadIdx.x; i < quads; i += CLUSTER * THREADS) {
+    for (int i = threadIdx.x; i < quads; i += THREADS) {
       const int r = i / (WARPS_N * 8);
       const int rem = i - r * (WARPS_N * 8);
       const int tn = rem / 8;
       const int q4 = rem % 8;
-      const int col = (unit * WARPS_N + tn) * 32 + q4 * 4;
-      if (col >= N) continue;
-      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-      // Partial (rank rr, warp row k2) = index rr * WARPS_K + k2; a few loads in flight at a
-      // time (a full unroll holds every partial in registers: 168 of them with 32).
-#pragma unroll 4
-      for (int src = 0; src < CLUSTER * WARPS_K; ++src) {
-        const int rr = src / WARPS_K;
-        const int k2 = src - rr * WARPS_K;
-        const float* p = buf + (k2 * WARPS_N + tn) * 256 + r * 32 + q4 * 4;
-        float4 v;
-#if defined(GEMMTUNE_BULK)
-        if constexpr (CLUSTER > 1) {
-          v = load_remote(smem_addr(p), (uint32_t)rr);
-        } else {
-          v = *reinterpret_cast<const float4*>(p);
-        }
-#else
-        v = *reinterpret_cast<const float4*>(p);
-#endif
+      float* p0 = buf + tn * 256 + r * 32 + q4 * 4;  // warp (wk 0, tn)
+      float4 sum = *reinterpret_cast<const float4*>(p0);
+#pragma unroll
+      for (int k2 = 1; k2 < WARPS_K; ++k2) {
+        const float4 v = *reinterpret_cast<const float4*>(p0 + k2 * WARPS_N * 256);
         sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
       }
-      const half2 h01 = __floats2half2_rn(sum.x, sum.y);
-      const half2 h23 = __floats2half2_rn(sum.z, sum.w);
-      *reinterpret_cast<uint2*>(c + (size_t)r * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
+      if constexpr (CLUSTER == 1) {
+        const int col = (unit * WARPS_N + tn) * 32 + q4 * 4;
+        if (col < N) {
+          const half2 h01 = __floats2half2_rn(sum.x, sum.y);
+          const half2 h23 = __floats2half2_rn(sum.z, sum.w);
+          *reinterpret_cast<uint2*>(c + (size_t)r * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
+        }
+      } else {
+        *reinterpret_cast<float4*>(p0) = sum;
+      }
     }
+#if defined(GEMMTUNE_BULK)
+    if constexpr (CLUSTER > 1) {
+      cluster_sync();
+      for (int i = rank * THREADS + threadIdx.x; i < quads; i += CLUSTER * THREADS) {
+        const int r = i / (WARPS_N * 8);
+        const int rem = i - r * (WARPS_N * 8);
+        const int tn = rem / 8;
+        const int q4 = rem % 8;
+        const int col = (unit * WARPS_N + tn) * 32 + q4 * 4;
+        if (col >= N) continue;
+        const uint32_t p0 = smem_addr(buf + tn * 256 + r * 32 + q4 * 4);
+        float4 sum = load_remote(p0, 0u);
+#pragma unroll
+        for (int rr = 1; rr < CLUSTER; ++rr) {
+          const float4 v = load_remote(p0, (uint32_t)rr);
+          sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+        }
+        const half2 h01 = __floats2half2_rn(sum.x, sum.y);
+        const half2 h23 = __floats2half2_rn(sum.z, sum.w);
+        *reinterpret_cast<uint2*>(c + (size_t)r * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
+      }
+    }
+#endif
   }
 #if defined(GEMMTUNE_BULK)
   // No CTA leaves while another may still read its partials.
