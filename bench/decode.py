@@ -21,8 +21,9 @@ the stream kernel's best of STREAM_CANDIDATES and the decode kernel's best of DE
 (the per-shape winners of the H200 kernel benchmark), each checked first against the reconstruct
 path on the same input, CUDA-graph timed over weight copies that defeat L2 (autotune.timing),
 beside the read floor of the same run (`kernels/cuda/stream_read.cu`: the layer's checkpoint
-bytes at the measured streaming-read bandwidth) and a launch of nothing (stream_read over 16
-bytes: what a graph node costs before any byte moves).
+bytes at the measured streaming-read bandwidth), the same probe reading just the layer's packed
+weights in the same harness ("read": launch, first-touch latency and ramp included) and a launch
+of nothing (stream_read over 16 bytes: what a graph node costs before any byte moves).
 """
 
 from __future__ import annotations
@@ -258,6 +259,26 @@ def _floor_us(k: int, n: int, m: int, bw_tbps: float, group: int = 128) -> float
     return nbytes / (bw_tbps * 1e12) * 1e6
 
 
+def _read_us(tensors: list[torch.Tensor]) -> float:
+    """GPU time per call of `kernels/cuda/stream_read.cu` reading one of `tensors` (the layer's
+    packed weights) whole, rotated and graph-timed exactly as the GEMMs are: what reading these
+    bytes costs a kernel in this harness, launch, first-touch latency and ramp included -- the
+    floor a small layer can actually reach, beside the bandwidth floor."""
+    from gemmtune.autotune import timing
+    from gemmtune.kernels import compile as ck
+
+    probe = ck.StreamReadVariant()
+    dev = torch.cuda.current_device()
+    fn = ck.get_kernel(probe, dev)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    grid = (sms * ck.blocks_per_sm(fn, probe.threads), 1, 1)
+    sink = torch.zeros(grid[0], dtype=torch.int32, device="cuda")
+    words = tensors[0].numel() * tensors[0].element_size() // 16
+    args = [(ck.ptr(t.data_ptr()), ck.i64(words), ck.ptr(sink.data_ptr())) for t in tensors]
+    return timing.graph_time(lambda i: ck.launch(fn, grid, probe.threads, args[i % len(args)],
+                                                 torch.cuda.current_stream().cuda_stream)).median_us
+
+
 def _gemv_shape(k: int, n: int, ms: list[int], streams: list[Any], decodes: list[Any], bw: float,
                 failures: list[str]) -> list[dict[str, Any]]:
     """One shape of `gemv_bench`: every candidate at every M, checked, then timed."""
@@ -274,6 +295,7 @@ def _gemv_shape(k: int, n: int, ms: list[int], streams: list[Any], decodes: list
     acts = {m: torch.randn(m, k, device="cuda", dtype=torch.float16) for m in ms}
     recon = KernelConfig(max_q_gemm_rows=0)
     refs = {m: plan_for(weights[0], recon)(acts[m]).float() for m in ms}
+    read_us = _read_us([w.qweight for w in weights])
     tol = reference.fp16_tolerance(k)
 
     def measure(cfg: KernelConfig, m: int) -> float | None:
@@ -300,7 +322,7 @@ def _gemv_shape(k: int, n: int, ms: list[int], streams: list[Any], decodes: list
         floor = _floor_us(k, n, m, bw)
         sbest = min(((v, key) for key, v in st.items() if v is not None), default=(math.nan, ""))
         dbest = min(((v, key) for key, v in de.items() if v is not None), default=(math.nan, ""))
-        row = {"K": k, "N": n, "M": m, "floor_us": round(floor, 3),
+        row = {"K": k, "N": n, "M": m, "floor_us": round(floor, 3), "read_us": round(read_us, 3),
                "stream_us": round(sbest[0], 3), "stream_variant": sbest[1],
                "stream_pct_floor": round(100 * floor / sbest[0], 1),
                "decode_us": round(dbest[0], 3), "decode_variant": dbest[1],
@@ -309,7 +331,7 @@ def _gemv_shape(k: int, n: int, ms: list[int], streams: list[Any], decodes: list
                "stream_all": {key: (round(v, 3) if v is not None else None) for key, v in st.items()},
                "decode_all": {key: (round(v, 3) if v is not None else None) for key, v in de.items()}}
         rows.append(row)
-        print(f"{k:6d}x{n:<6d} M={m}  floor {floor:7.2f}  stream {sbest[0]:7.2f} ({row['stream_pct_floor']:5.1f}%) "
+        print(f"{k:6d}x{n:<6d} M={m}  floor {floor:7.2f}  read {read_us:7.2f}  stream {sbest[0]:7.2f} ({row['stream_pct_floor']:5.1f}%) "
               f"[{sbest[1]}]  decode {dbest[0]:7.2f} ({row['decode_pct_floor']:5.1f}%) [{dbest[1]}]  "
               f"x{row['stream_vs_decode']:.2f}", file=sys.stderr, flush=True)
     return rows
@@ -351,10 +373,11 @@ def gemv_bench(args: argparse.Namespace) -> dict[str, Any]:
 def gemv_markdown(res: dict[str, Any]) -> str:
     lines = [f"Single-layer decode GEMM, 4-bit g128, {res['device']['name']}, {res['date'][:10]}; read "
              f"{res['read_bandwidth_TBps']} TB/s, an empty launch {res['empty_launch_us']} µs.", "",
-             "| K x N | M | floor µs | stream µs (% floor) | decode µs (% floor) | stream speed-up |",
-             "|---|---|---|---|---|---|"]
+             "| K x N | M | floor µs | read µs | stream µs (% floor) | decode µs (% floor) | stream speed-up |",
+             "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['floor_us']:.2f} | {r['stream_us']:.2f} "
+        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['floor_us']:.2f} | {r.get('read_us', math.nan):.2f} "
+                     f"| {r['stream_us']:.2f} "
                      f"({r['stream_pct_floor']:.0f} %) | {r['decode_us']:.2f} ({r['decode_pct_floor']:.0f} %) "
                      f"| {r['stream_vs_decode']:.2f}x |")
     if res["failures"]:
