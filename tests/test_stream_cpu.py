@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -167,3 +168,22 @@ def test_tables_spell_a_stream_config_by_its_own_fields() -> None:
 
     cfg = stream(max_q_gemm_rows=8, stream_warps_n=2, stream_warps_k=4, split_k=4)
     assert _config_short(cfg) == "≤8 fused, stream 2x4 ch8 sl2 sk4"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_stream_instances_build_without_spills(arch: str) -> None:
+    """One CTA per K slice builds from sm_80 (cp.async into the ring), clusters on sm_90 (bulk
+    copies, distributed shared memory); each instance matched to its own ptxas report."""
+    import tempfile
+    from pathlib import Path
+
+    from gemmtune.kernels.buildcheck import build_batch
+
+    variants = stream_variants((4, 8), quick=True, clusters=arch == "sm_90")
+    assert any(v.cluster > 1 for v in variants) == (arch == "sm_90")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = build_batch(variants, arch, Path(tmp))
+    for v, r in zip(variants, results, strict=True):
+        assert r.variant is v and r.ok, r.message
+        assert 0 < r.registers <= 65536 // v.threads and r.spill_bytes == 0
