@@ -362,26 +362,34 @@ def test_a_queued_trial_is_claimed_by_one_worker_only(db_url: str) -> None:
 def test_workers_on_one_database_cooperate_on_one_study(db_url: str) -> None:
     """Two workers (threads here; processes or hosts in production) on one database URL share
     the study: together they run the target, and neither measures what the other finished."""
-    # A measurement takes time on a GPU, and both workers are running before either measures:
-    # otherwise, on a loaded machine, one thread can finish the study before the other starts.
-    both_started = threading.Barrier(2, timeout=60)
-    first = [True, True]
+    # A measurement takes time on a GPU. Neither worker goes past its first trial before the
+    # other has finished one: with fake measurements a few ms long, the first to get going can
+    # otherwise finish all 12 trials while the other is still on its baseline measurement of the
+    # default, or waiting for SQLite's write lock behind the busy worker's commits (seen on a
+    # loaded 2-core machine: a 12-to-0 split). A barrier at the first measurement did not hold:
+    # that is the default's, which both may take before any trial (neither finds it stored yet).
+    ran_one = threading.Barrier(2, timeout=60)
 
-    def measuring(i: int) -> Any:
-        def hook(c: KernelConfig, m: int) -> None:
-            if first[i]:
-                first[i] = False
-                both_started.wait()
-            time.sleep(0.003)
-        return hook
+    def measuring(c: KernelConfig, m: int) -> None:
+        time.sleep(0.003)
 
-    evs = [SyntheticEvaluator(PROBLEM, MIXED, on_fused=measuring(i)) for i in range(2)]
+    def after_first_trial() -> Any:
+        waited = [False]
+
+        def on_trial(event: st.TrialEvent) -> None:
+            if not waited[0]:
+                waited[0] = True
+                ran_one.wait()
+        return on_trial
+
+    evs = [SyntheticEvaluator(PROBLEM, MIXED, on_fused=measuring) for _ in range(2)]
     outs: list[Any] = [None, None]
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
         try:
-            outs[i] = st.tune_problem(evs[i], db_url, settings(sampler="random", trials=12, seed=i))
+            outs[i] = st.tune_problem(evs[i], db_url, settings(sampler="random", trials=12, seed=i),
+                                      on_trial=after_first_trial())
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
