@@ -4,21 +4,30 @@ Why: a tuning result is only served to a layer whose shape it was tuned for, so 
 tuned for a model must be the GEMMs that will run. Those depend on who runs the model, so the
 *layout* is explicit:
 
-- `transformers` (the default): the model as transformers builds it and `gemmtune.runtime.patch`
-  / `load_quantized` run it, every projection its own linear (and its own `QuantLinear`):
-  q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj. It is the default because the
-  README's Quick start (`tune --model`, then `patch(model)`) is the default user: tuning fused
-  shapes there left k/v/gate/up on the built-in default.
+- `transformers` (the default): the GEMMs `gemmtune.runtime.patch` / `load_quantized` run for
+  the model as transformers builds it: its linears q_proj, k_proj, v_proj, o_proj, gate_proj,
+  up_proj, down_proj, except that projections the architecture computes from one input are one
+  GEMM over their concatenated columns (`q_proj+k_proj+v_proj`, `gate_proj+up_proj`) where the
+  rule of `gemmtune.kernels.fusion` says the runtime fuses them: the config's `model_type` is
+  an architecture known to share the input (Llama, Mistral, Qwen2, ...) and the quantization
+  allows it (kernel bits; act-order checkpoints are assumed to share q/k/v's permutation, as
+  GPTQ's one Hessian per input gives them; the runtime checks the tensors and reports any it
+  runs separately). The runtime applies the same rule to the loaded modules, so the shapes
+  tuned here are the shapes served. It is the default because the README's Quick start
+  (`tune --model`, then `patch(model)`) is the default user.
+- `separate`: every projection its own GEMM, what `patch(model, fuse=False)` runs (and any
+  architecture the rule does not know).
 - `fused`: engines that fuse projections (ExLlamaV2, vLLM: q/k/v into one `qkv` GEMM, gate and
-  up into one `gate_up`), and the C header export for engines that compile the constants in.
+  up into one `gate_up`) whatever the architecture, and the C header export for engines that
+  compile the constants in.
 
 Shapes come from built-in presets (published Hugging Face configs) or from a model's own
 `config.json`, whose `quantization_config` (GPTQ or AWQ, read by `kernels.formats`, which
 refuses what gemmtune cannot run) also supplies bits / group size / act-order.
 
 Shapes (K = in_features, N = out_features, `W[K, N]`; attn = heads * head_dim,
-kv = kv_heads * head_dim):
-  transformers  q_proj    K = hidden, N = attn        fused  qkv      K = hidden, N = attn + 2 * kv
+kv = kv_heads * head_dim; `transformers` is `separate` with its fused groups merged):
+  separate      q_proj    K = hidden, N = attn        fused  qkv      K = hidden, N = attn + 2 * kv
                 k_proj    K = hidden, N = kv                 o        K = attn,   N = hidden
                 v_proj    K = hidden, N = kv                 gate_up  K = hidden, N = 2 * intermediate
                 o_proj    K = attn,   N = hidden             down     K = intermediate, N = hidden
@@ -41,6 +50,7 @@ from typing import Any, Literal
 
 from gemmtune.kernels.errors import InvalidProblemError
 from gemmtune.kernels.formats import read_format
+from gemmtune.kernels.fusion import fused_problem, projection_groups, why_not_fused
 from gemmtune.kernels.problem import Problem
 
 
@@ -60,6 +70,9 @@ class ModelSpec:
     act_order: bool | None = None
     quant_format: str | None = None
     """`QuantFormat.name` of the config's quantization_config ("gptq", "gptq_v2", "awq"), if any."""
+    model_type: str | None = None
+    """The config's transformers `model_type` ("llama", "qwen2", ...): which projections the
+    runtime fuses (`gemmtune.kernels.fusion`)."""
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads",
@@ -78,12 +91,13 @@ class Layer:
     count: int
 
 
-Layout = Literal["transformers", "fused"]
-"""Which linears a model's decoder layer has: see the module docstring."""
+Layout = Literal["transformers", "separate", "fused"]
+"""Which GEMMs a model's decoder layer runs: see the module docstring."""
 
 LAYOUTS: dict[Layout, str] = {
-    "transformers": "q, k, v, o, gate, up, down as separate linears, as transformers builds the "
-                    "model and gemmtune's patch / load_quantized run it",
+    "transformers": "what gemmtune's patch / load_quantized run: the model's linears, q+k+v and "
+                    "gate+up one GEMM each for Llama, Mistral, Qwen2, ...",
+    "separate": "q, k, v, o, gate, up, down each alone, as patch(..., fuse=False) runs them",
     "fused": "qkv, o, gate_up, down, as engines that fuse projections run them (ExLlamaV2, "
              "vLLM; the C header export is for those)",
 }
@@ -97,18 +111,20 @@ def parse_layout(text: str) -> Layout:
     """`text` as a layout (case and surrounding space ignored), else one clear error line."""
     key = text.strip().lower() if isinstance(text, str) else None
     if key not in LAYOUTS:
-        raise InvalidProblemError(f"unknown layout {text!r}: choose {' or '.join(LAYOUTS)}")
+        raise InvalidProblemError(f"unknown layout {text!r}: choose {', '.join(LAYOUTS)}")
     return key  # type: ignore[return-value]
 
 
 def layout_shapes(spec: ModelSpec, layout: Layout) -> list[tuple[str, int, int]]:
     """(name, K, N) of every linear of one decoder layer of `spec` in `layout`: the one place
-    that says which projections a layout has and what shape each is."""
+    that says which projections a layout has and what shape each is. For `transformers` these
+    are the model's linears; `spec_layers` merges the groups the fusion rule fuses (it needs
+    the quantization, which the rule also asks about)."""
     hidden, inter = spec.hidden_size, spec.intermediate_size
     attn = spec.num_attention_heads * spec.head_dim
     kv = spec.num_key_value_heads * spec.head_dim
     match layout:
-        case "transformers":
+        case "transformers" | "separate":
             return [("q_proj", hidden, attn), ("k_proj", hidden, kv), ("v_proj", hidden, kv),
                     ("o_proj", attn, hidden), ("gate_proj", hidden, inter),
                     ("up_proj", hidden, inter), ("down_proj", inter, hidden)]
@@ -118,24 +134,44 @@ def layout_shapes(spec: ModelSpec, layout: Layout) -> list[tuple[str, int, int]]
     raise InvalidProblemError(f"unknown layout {layout!r}")  # a Layout without its shapes here
 
 
-def _spec(name: str, hidden: int, inter: int, heads: int, kv: int, layers: int) -> ModelSpec:
-    return ModelSpec(name, hidden, inter, heads, kv, hidden // heads, layers)
+def fuse_layers(layers: list[Layer], model_type: str | None) -> list[Layer]:
+    """`layers` (one decoder layer's linears) with each group the fusion rule fuses for
+    `model_type` (`gemmtune.kernels.fusion`, the runtime's rule) merged into one Layer named
+    `q_proj+k_proj+v_proj` at its first member's place; groups the rule refuses stay apart."""
+    by_name = {layer.name: layer for layer in layers}
+    merged: dict[str, Layer] = {}
+    gone: set[str] = set()
+    for names in projection_groups(model_type):
+        members = [by_name.get(n) for n in names]
+        if any(m is None for m in members):
+            continue
+        problems = [m.problem for m in members]  # type: ignore[union-attr]
+        if why_not_fused(problems) is None:
+            merged[names[0]] = Layer("+".join(names), fused_problem(problems), members[0].count)  # type: ignore[union-attr]
+            gone.update(names[1:])
+    return [merged.get(layer.name, layer) for layer in layers if layer.name not in gone]
 
 
-# Published Hugging Face config.json values (hidden, intermediate, heads, kv heads, layers).
+def _spec(name: str, hidden: int, inter: int, heads: int, kv: int, layers: int,
+          model_type: str) -> ModelSpec:
+    return ModelSpec(name, hidden, inter, heads, kv, hidden // heads, layers, model_type=model_type)
+
+
+# Published Hugging Face config.json values (hidden, intermediate, heads, kv heads, layers,
+# model_type).
 MODEL_PRESETS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
-        _spec("llama-2-7b", 4096, 11008, 32, 32, 32),
-        _spec("llama-2-13b", 5120, 13824, 40, 40, 40),
-        _spec("llama-2-70b", 8192, 28672, 64, 8, 80),
-        _spec("llama-3-8b", 4096, 14336, 32, 8, 32),
-        _spec("llama-3-70b", 8192, 28672, 64, 8, 80),
-        _spec("mistral-7b", 4096, 14336, 32, 8, 32),
-        _spec("qwen2.5-7b", 3584, 18944, 28, 4, 28),
-        _spec("qwen2.5-14b", 5120, 13824, 40, 8, 48),
-        _spec("qwen2.5-32b", 5120, 27648, 40, 8, 64),
-        _spec("qwen2.5-72b", 8192, 29568, 64, 8, 80),
+        _spec("llama-2-7b", 4096, 11008, 32, 32, 32, "llama"),
+        _spec("llama-2-13b", 5120, 13824, 40, 40, 40, "llama"),
+        _spec("llama-2-70b", 8192, 28672, 64, 8, 80, "llama"),
+        _spec("llama-3-8b", 4096, 14336, 32, 8, 32, "llama"),
+        _spec("llama-3-70b", 8192, 28672, 64, 8, 80, "llama"),
+        _spec("mistral-7b", 4096, 14336, 32, 8, 32, "mistral"),
+        _spec("qwen2.5-7b", 3584, 18944, 28, 4, 28, "qwen2"),
+        _spec("qwen2.5-14b", 5120, 13824, 40, 8, 48, "qwen2"),
+        _spec("qwen2.5-32b", 5120, 27648, 40, 8, 64, "qwen2"),
+        _spec("qwen2.5-72b", 8192, 29568, 64, 8, 80, "qwen2"),
     )
 }
 
@@ -172,6 +208,7 @@ def spec_from_config(cfg: Mapping[str, Any], source: str = "config.json") -> Mod
         fmt = read_format(q, source)  # refuses EXL2, bitsandbytes, AWQ gemv, mixed bits, ...
         bits, group, act, fmt_name = fmt.bits, fmt.group_size, fmt.act_order, fmt.name
     name = str(cfg.get("_name_or_path") or cfg.get("model_type") or source)
+    model_type = body.get("model_type") or cfg.get("model_type")
     return ModelSpec(
         name=name,
         hidden_size=hidden,
@@ -184,6 +221,7 @@ def spec_from_config(cfg: Mapping[str, Any], source: str = "config.json") -> Mod
         group_size=group,
         act_order=act,
         quant_format=fmt_name,
+        model_type=model_type if isinstance(model_type, str) else None,
     )
 
 
@@ -228,13 +266,15 @@ def spec_layers(
     *,
     layout: Layout | str = DEFAULT_LAYOUT,
 ) -> list[Layer]:
-    """The GEMMs of one decoder layer of `spec` in `layout`, each counted once per decoder layer.
+    """The GEMMs of one decoder layer of `spec` in `layout`, each counted once per decoder layer
+    (`transformers`: the groups the runtime fuses merged, `fuse_layers`).
 
     Explicit arguments win over the spec's quantization settings, which win over 4-bit,
     group 128, no act-order. An AWQ checkpoint's layers are the same problems as GPTQ's (they
     are converted to the GPTQ layout at load and run the same kernels), never act-order.
     """
-    shapes = layout_shapes(spec, parse_layout(layout))
+    kind = parse_layout(layout)
+    shapes = layout_shapes(spec, kind)
     b = bits if bits is not None else (spec.bits if spec.bits is not None else 4)
     g = group_size if group_size is not None else (spec.group_size if spec.group_size is not None else 128)
     a = act_order if act_order is not None else bool(spec.act_order)
@@ -245,7 +285,7 @@ def spec_layers(
         except InvalidProblemError as exc:
             raise InvalidProblemError(f"{spec.name} layer {name} ({k}x{n}): {exc}") from None
         layers.append(Layer(name, problem, spec.num_hidden_layers))
-    return layers
+    return fuse_layers(layers, spec.model_type) if kind == "transformers" else layers
 
 
 def model_layers(
@@ -256,8 +296,9 @@ def model_layers(
     *,
     layout: Layout | str = DEFAULT_LAYOUT,
 ) -> list[Layer]:
-    """The GEMM layers of a preset or a config.json in `layout` (default: the separate
-    projections gemmtune's runtime runs; `"fused"`: qkv, o, gate_up, down).
+    """The GEMM layers of a preset or a config.json in `layout` (default: the GEMMs gemmtune's
+    runtime runs, fused groups included; `"separate"`: every projection alone; `"fused"`: an
+    engine's qkv, o, gate_up, down).
 
     `None` means: from the config's `quantization_config` (GPTQ or AWQ) if present, else 4 bits,
     group 128, no act-order.

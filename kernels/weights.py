@@ -133,6 +133,33 @@ class QuantizedWeight:
         del t
         self.qweight = tile_qweight(rows)
         self.plans: dict[Any, Any] = {}  # KernelConfig -> dispatch plan (see dispatch.py)
+        self.view_of: QuantizedWeight | None = None
+        """The weight whose memory this one shares (`columns`); None for a weight of its own."""
+        self.first_column = 0
+        """Where a `columns` view starts in `view_of` (0 for a weight of its own)."""
+
+    def columns(self, n0: int, n1: int) -> QuantizedWeight:
+        """Columns `n0:n1` as a weight sharing this one's memory (nothing is copied): how each
+        projection of a fused group (runtime/fusion.py) keeps its own weight inside the group's
+        one copy, and rebuilds its own GPTQ tensors from it (`gptq_tensors`). `n0` must start a
+        32-column tile, so the view's qweight is a contiguous run of tiles; its scale/zero pairs
+        are a strided view, which the kernels cannot read: a view is for rebuilding and
+        counting, never for a launch. `nbytes` of views that partition a weight sum to its own
+        (the shared `perm` counts in the view starting at column 0)."""
+        p = self.problem
+        if not 0 <= n0 < n1 <= p.n or n0 % 32:
+            raise InvalidProblemError(f"columns {n0}:{n1} of a {p.n}-column weight: need "
+                                      "0 <= n0 < n1 <= N with n0 a multiple of 32")
+        words = p.k * p.bits // 32 * 32  # one 32-column tile of the tiled qweight
+        view = object.__new__(QuantizedWeight)
+        view.problem = Problem(p.k, n1 - n0, p.bits, p.group_size, p.act_order)
+        view.device, view.zero_format, view.has_g_idx = self.device, self.zero_format, self.has_g_idx
+        view.sz = self.sz[:, n0:n1]
+        view.perm = self.perm
+        view.qweight = self.qweight[n0 // 32 * words:-(-n1 // 32) * words]
+        view.plans = {}
+        view.view_of, view.first_column = self, self.first_column + n0
+        return view
 
     def gptq_tensors(self, device: torch.device | str | None = None) -> GPTQTensors:
         """The GPTQ tensors this weight was built from, bit for bit (module docstring): new
@@ -167,8 +194,10 @@ class QuantizedWeight:
         return self.problem.n
 
     def nbytes(self) -> int:
-        """Bytes this weight holds on its device (tiled qweight, scale/zero pairs, perm)."""
-        return sum(x.numel() * x.element_size() for x in (self.qweight, self.sz, self.perm))
+        """Bytes this weight holds on its device (tiled qweight, scale/zero pairs, perm; a
+        `columns` view counts its own columns, and the perm only if it starts at column 0)."""
+        own = (self.qweight, self.sz) if self.first_column else (self.qweight, self.sz, self.perm)
+        return sum(x.numel() * x.element_size() for x in own)
 
     def packed_bytes(self) -> int:
         """The checkpoint's bytes for the same weight (`packed_bytes`)."""

@@ -5,7 +5,9 @@
     model.cuda()            # prepares every layer: config lookup, kernels compiled, once
     describe(model).memory()  # what the quantized weights hold on the GPU against their packed size
 
-A prepared layer keeps one copy of its weight on the GPU (the kernel layout); its GPTQ tensors
+Sibling projections that read one input (q/k/v, gate/up of Llama, Mistral, Qwen2, ...) run as
+one GEMM over their concatenated columns (`fuse=False` to opt out; runtime/fusion.py); the module
+tree and state dict stay the checkpoint's. A prepared layer keeps one copy of its weight on the GPU (the kernel layout); its GPTQ tensors
 are rebuilt from it for `state_dict()` and moves. `load_quantized(model, path, device="cuda")`
 and `patch(model, device="cuda")` go one layer at a time, and fill a model built on `meta`.
 
@@ -23,6 +25,7 @@ if __name__ != "gemmtune.runtime":  # imported as top-level `runtime`: not ours 
 else:
     from gemmtune.kernels.formats import QuantFormat, read_format
 
+    from .fusion import FusedGroup, Fusion, fuse_projections, launched_problems
     from .lookup import (
         DB_ENV,
         DISABLE_ENV,
@@ -39,6 +42,8 @@ else:
     __all__ = [
         "DB_ENV",
         "DISABLE_ENV",
+        "FusedGroup",
+        "Fusion",
         "PROFILE_ENV",
         "GPTQSpec",
         "GemmtuneWarning",
@@ -49,6 +54,8 @@ else:
         "QuantLinear",
         "clear_cache",
         "describe",
+        "fuse_projections",
+        "launched_problems",
         "load_quantized",
         "lookup",
         "lookup_split",

@@ -14,6 +14,12 @@ file; nothing holds a second copy of it in host memory) and `patch` converts one
 time; with a CUDA `device` each layer goes to the GPU and is prepared (its kernel layout then its
 only copy) before the next is read, so GPU memory while loading stays within about one layer of
 the final resident size. `load_quantized` also fills a model built on the `meta` device.
+
+Fusing: unless `fuse=False`, projections the architecture computes from one input (q/k/v,
+gate/up of Llama, Mistral, Qwen2 and their derivatives: `gemmtune.kernels.fusion`) become one
+`FusedGroup` each (runtime/fusion.py): one GEMM over their concatenated columns, the module tree
+and state dict unchanged. While streaming, a group's members are read first and prepared
+together, so the head room is about one group (q+k+v, or gate+up) instead of one layer.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from gemmtune.kernels.problem import SUPPORTED_GROUPS
 from gemmtune.kernels.workload import Workload
 from torch import nn
 
+from .fusion import form_group, fuse_projections, planned_groups
 from .quant_linear import QuantLinear, _validate_sym, check_layout
 
 
@@ -53,6 +60,9 @@ class PatchedLayer:
     """Bytes the layer holds for its weight on `device` (QuantLinear.resident_bytes)."""
     packed_bytes: int = 0
     """The checkpoint's bytes of the same weight: packed qweight and zeros, fp16 scales."""
+    fused: str = ""
+    """The problem key of the fused GEMM that computes this layer with its siblings ("" when
+    it runs alone); `config_key` and `source` are that GEMM's."""
 
 
 def _gb(n: int) -> str:
@@ -64,6 +74,9 @@ class PatchReport:
     """What `patch` / `load_quantized` / `describe` found; iterable over `PatchedLayer`s."""
 
     layers: list[PatchedLayer] = field(default_factory=list)
+    separate: list[tuple[tuple[str, ...], str]] = field(default_factory=list)
+    """Sibling groups the architecture would fuse that run separately, each with the reason
+    (act-order permutations that differ, mixed quantization, ...)."""
 
     def __iter__(self) -> Iterator[PatchedLayer]:
         return iter(self.layers)
@@ -105,13 +118,20 @@ class PatchReport:
         hold against their packed size, and the totals as caption."""
         from rich.table import Table
 
-        t = Table(title=f"gemmtune: {len(self.layers)} quantized layers", caption=self.memory())
+        caption = self.memory()
+        if self.separate:
+            caption += f"; {len(self.separate)} groups not fused (e.g. {'+'.join(self.separate[0][0])}: " \
+                       f"{self.separate[0][1]})"
+        t = Table(title=f"gemmtune: {len(self.layers)} quantized layers", caption=caption)
         for col in ("problem", "layers", "config", "source", "resident (x packed)"):
             t.add_column(col)
-        for (pk, ck, src), n in sorted(self.configs().items()):
-            rows = [la for la in self.layers if (la.problem_key, la.config_key, la.source) == (pk, ck, src)]
+        keys = sorted({(la.problem_key, la.fused, la.config_key, la.source) for la in self.layers})
+        for pk, fused, ck, src in keys:
+            rows = [la for la in self.layers if (la.problem_key, la.fused, la.config_key, la.source)
+                    == (pk, fused, ck, src)]
             res, packed = sum(la.resident_bytes for la in rows), sum(la.packed_bytes for la in rows)
-            t.add_row(pk, str(n), ck, src, f"{_gb(res)} ({res / packed:.2f}x)" if packed else "-")
+            t.add_row(pk + (f" (fused: {fused})" if fused else ""), str(len(rows)), ck, src,
+                      f"{_gb(res)} ({res / packed:.2f}x)" if packed else "-")
         return t
 
     def print(self) -> None:
@@ -131,7 +151,49 @@ def _layer_row(name: str, m: QuantLinear) -> PatchedLayer:
         ck, src = "-", "unresolved"
     else:
         ck, src = "-", "cpu reference"
-    return PatchedLayer(name, m.problem.key(), ck, src, str(m.device), m.resident_bytes(), m.packed_bytes())
+    g = m.fused_group
+    return PatchedLayer(name, m.problem.key(), ck, src, str(m.device), m.resident_bytes(), m.packed_bytes(),
+                        "" if g is None else g.problem.key())
+
+
+class _Grouper:
+    """Places new QuantLinears into a model while it loads: a layer the rule fuses waits until
+    its whole group is there, then the group is formed and prepared at once (so a streaming
+    load builds one fused layout, never the members' own first); every other layer is
+    prepared when placed. Reports each layer once it is prepared."""
+
+    def __init__(self, model: nn.Module, names: list[str], fuse: bool, report: PatchReport) -> None:
+        self.model, self.report = model, report
+        self.group_of = {n: g for g in planned_groups(model, set(names)) for n in g} if fuse else {}
+        self.pending: dict[tuple[str, ...], dict[str, QuantLinear]] = {}
+
+    def place(self, name: str, new: QuantLinear) -> None:
+        _replace(self.model, name, new)
+        names = self.group_of.get(name)
+        if names is None:
+            self._finish([name], [new])
+            return
+        got = self.pending.setdefault(names, {})
+        got[name] = new
+        if len(got) == len(names):
+            del self.pending[names]
+            members = [got[n] for n in names]
+            g = form_group(members, names)
+            if isinstance(g, str):
+                self.report.separate.append((names, g))
+            self._finish(list(names), members)
+
+    def _finish(self, names: list[str], members: list[QuantLinear]) -> None:
+        for m in members:
+            if m.device.type == "cuda" and not m._prepared():
+                m.prepare()  # a group's first member builds the group's layout for all
+        self.report.layers.extend(_layer_row(n, m) for n, m in zip(names, members, strict=True))
+
+    def close(self) -> None:
+        """Members of groups that never completed (not expected: the plan came from the model)."""
+        for got in self.pending.values():
+            self._finish(list(got), list(got.values()))
+        self.pending.clear()
 
 
 def describe(model: nn.Module) -> PatchReport:
@@ -219,7 +281,7 @@ def _module_tensors(name: str, m: nn.Module, spec: QuantFormat | None,
 def patch(model: nn.Module, quantization_config: Mapping[str, Any] | Any | None = None, *,
           config: KernelConfig | str | None = None, workload: Workload | str | None = None,
           zero_format: ZeroFormat | None = None, verbose: bool = False,
-          device: torch.device | str | int | None = None) -> PatchReport:
+          device: torch.device | str | int | None = None, fuse: bool = True) -> PatchReport:
     """Replace every GPTQ or AWQ linear module of `model` (in place) with a `QuantLinear`.
 
     Modules qualify by having `qweight`, `qzeros` and `scales` tensors. AWQ GEMM modules
@@ -237,22 +299,26 @@ def patch(model: nn.Module, quantization_config: Mapping[str, Any] | Any | None 
     the device and are prepared before the next module's, then the rest of the model follows,
     so a model on the host reaches the GPU with about one layer of head room. Prints nothing
     unless `verbose`, which prints a rich table of the configs used and the resident bytes.
+
+    `fuse` (default on): sibling projections the architecture computes from one input (q/k/v,
+    gate/up of Llama, Mistral, Qwen2, ...) run as one GEMM each (runtime/fusion.py), which is
+    what `gemmtune tune --model` tunes; `fuse=False` runs every projection alone (tune those
+    shapes with `--layout separate`).
     """
     spec = None if quantization_config is None else read_format(quantization_config)
     target = None if device is None else _device(device)
     # Names, not modules: a replaced module is freed as soon as it is replaced.
     names = [n for n, m in model.named_modules() if n and _is_quantized_module(m)]
     report = PatchReport()
+    placer = _Grouper(model, names, fuse, report)
     for name in names:
         t, bias = _module_tensors(name, model.get_submodule(name), spec, zero_format)
         if target is not None:
             t, bias = t.to(target), None if bias is None else bias.to(target)
         new = QuantLinear.from_gptq_tensors(t, bias, config=config, workload=workload)
         del t, bias
-        if new.device.type == "cuda":
-            new.prepare()
-        _replace(model, name, new)
-        report.layers.append(_layer_row(name, new))
+        placer.place(name, new)
+    placer.close()
     if target is not None:
         model.to(target)  # the rest; prepared layers stay as they are
     if verbose:
@@ -395,7 +461,8 @@ def load_quantized(model: nn.Module, path: str | Path,
                    quantization_config: Mapping[str, Any] | Any | None = None,
                    *, config: KernelConfig | str | None = None,
                    workload: Workload | str | None = None, strict: bool = True,
-                   verbose: bool = False, device: torch.device | str | int | None = None) -> PatchReport:
+                   verbose: bool = False, device: torch.device | str | int | None = None,
+                   fuse: bool = True) -> PatchReport:
     """Load a GPTQ or AWQ (GEMM) safetensors checkpoint into a plain (nn.Linear) model.
 
     Every `nn.Linear` whose `<name>.qweight` is in the file becomes a `QuantLinear` built from the
@@ -408,7 +475,8 @@ def load_quantized(model: nn.Module, path: str | Path,
     `meta` goes to the current GPU, or the host without one). The file is read one tensor at a
     time and each layer is prepared on a CUDA `device` before the next is read (module
     docstring). For a model built on `meta`, tensors no checkpoint holds (rotary frequencies)
-    are computed by the model's initialiser (transformers models have one).
+    are computed by the model's initialiser (transformers models have one). `fuse`: as in
+    `patch` (sibling projections of a known architecture run as one GEMM; off: each alone).
     """
     from safetensors import safe_open
 
@@ -423,6 +491,7 @@ def load_quantized(model: nn.Module, path: str | Path,
         replaced = tuple(f"{n}." for n in names)
         expected = {k for k, *_ in _persistent_tensors(model) if not k.startswith(replaced)}
         used: set[str] = set()
+        placer = _Grouper(model, names, fuse, report)
         for name in names:
             tensors = {}
             for short in ("qweight", "qzeros", "scales", "g_idx", "bias"):
@@ -437,10 +506,8 @@ def load_quantized(model: nn.Module, path: str | Path,
             except (InvalidProblemError, InvalidTensorError) as exc:
                 raise type(exc)(f"{name}: {exc}") from None
             del tensors
-            if new.device.type == "cuda":
-                new.prepare()
-            _replace(model, name, new)
-            report.layers.append(_layer_row(name, new))
+            placer.place(name, new)
+        placer.close()
         aliases: dict[int, list[tuple[nn.Module, str]]] = {}
         for _, m, attr, t in _persistent_tensors(model):
             aliases.setdefault(id(t), []).append((m, attr))
@@ -482,12 +549,13 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, act_o
                    exclude: str | Callable[[str], bool] | None = r"(^|\.)lm_head$",
                    config: KernelConfig | str | None = None,
                    workload: Workload | str | None = None,
-                   generator: torch.Generator | None = None) -> list[str]:
+                   generator: torch.Generator | None = None, fuse: bool = True) -> list[str]:
     """Replace `nn.Linear` layers (names matching the `include` regex/predicate and not
     `exclude`; the LM head is excluded by default, as GPTQ tools do) with `QuantLinear`s
     quantized by the project's RTN quantizer. Returns the replaced names.
 
     For tests and benchmarks (random-weight models): real checkpoints come quantized already.
+    `fuse`: as in `patch` (what a loaded checkpoint would run).
     """
     keep = _name_filter(include, exclude)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and keep(n)]
@@ -500,4 +568,6 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, act_o
             raise type(exc)(f"{name}: {exc} (pass exclude= to skip it)") from None
         new = QuantLinear.from_gptq_tensors(t.to(dev), lin.bias, config=config, workload=workload)
         _replace(model, name, new)
+    if fuse:
+        fuse_projections(model)
     return [n for n, _ in targets]

@@ -34,6 +34,10 @@ Why it is shaped like this:
 - Under `torch.compile` the call is one custom op, `gemmtune::quant_linear` (runtime/ops.py),
   that runs `forward_eager`: no graph break, the same numbers. Eager calls skip the op (the
   dispatcher would only add host time to the hot path).
+- A layer may be a member of a `FusedGroup` (runtime/fusion.py): siblings that read the same
+  input (q/k/v, gate/up) computed by one GEMM over their concatenated columns. It then holds a
+  column view of the group's one fused layout as its weight (`_qw.view_of`), and its calls go
+  through the group; everything else (state dict, copies, moves, reports) is the layer's own.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +62,9 @@ from torch import nn
 
 from . import ops
 from .lookup import LookupResult, device_info, resolve
+
+if TYPE_CHECKING:
+    from .fusion import FusedGroup
 
 GPTQ_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
 """The checkpoint buffers the kernel layout replaces once a layer is prepared on CUDA."""
@@ -148,7 +155,12 @@ class QuantLinear(nn.Module):
         self._op_handle = ops.register(self)
         self._qw: Any = None
         """The kernel layout (QuantizedWeight) once prepared on CUDA; while set it is the only
-        copy of the weight and the GPTQ_BUFFERS are None."""
+        copy of the weight and the GPTQ_BUFFERS are None. In a fused group: a column view of
+        the group's layout."""
+        self._group: FusedGroup | None = None
+        """The fused group this layer runs in (runtime/fusion.py), if any."""
+        self._member = -1
+        """This layer's index (column order) in `_group`."""
         self._invalidate()
 
     # -- construction --------------------------------------------------------------------------
@@ -253,7 +265,14 @@ class QuantLinear(nn.Module):
             total = self._qw.nbytes()
         else:
             total = sum(b.numel() * b.element_size() for b in (self.qweight, self.qzeros, self.scales, self.g_idx))
+        if self._group is not None:  # its rows of the group's cached dense weights
+            total += self._group.dense_bytes(self._member)
         return total + sum(w.numel() * w.element_size() for w in self._dense.values())
+
+    @property
+    def fused_group(self) -> FusedGroup | None:
+        """The group whose one GEMM computes this layer with its siblings (None: runs alone)."""
+        return self._group
 
     @property
     def problem(self) -> Problem:
@@ -297,14 +316,29 @@ class QuantLinear(nn.Module):
 
     def _unhold(self) -> None:
         """Put the GPTQ tensors back into the buffers (rebuilt from the kernel layout, on its
-        device) and drop the layout and everything derived from it; no-op when not held."""
+        device) and drop the layout and everything derived from it; no-op when not held. In
+        a fused group the group's engine goes too (this member's weight is about to change or
+        move); the siblings keep their views."""
         qw = self._qw
         if qw is None:
             return
         t = qw.gptq_tensors()
         self._buffers.update(qweight=t.qweight, qzeros=t.qzeros, scales=t.scales, g_idx=t.g_idx)
         self._qw = None
+        if self._group is not None:
+            self._group.reset()
         self._invalidate()
+
+    def _adopt(self, view: Any) -> None:
+        """Hold `view` (the group's columns of this layer) as the weight; what the layer had
+        prepared alone is dropped (the group runs it now)."""
+        self._hold(view)
+        self._plan, self._plans, self._edges, self._bias16 = None, (), (), None
+
+    def _prepared(self) -> bool:
+        """Ready to run on CUDA without preparing: its own plans, or its group's engine."""
+        g = self._group
+        return self._plan is not None or (g is not None and g.serves(self))
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
         """`.to()` / `.cuda()` / `.half()` move the buffers; keep scales fp16 (format data, not
@@ -322,9 +356,22 @@ class QuantLinear(nn.Module):
             self.scales = self.scales.to(torch.float16)
         if self._buffer_ids() != before:
             self._invalidate()
-        if self.device.type == "cuda" and self._plan is None:
-            self.prepare()
+        if self.device.type == "cuda" and (not self._prepared() or self._group is not None):
+            self._prepare_moved()
         return self
+
+    def _prepare_moved(self) -> None:
+        """Prepare after a move or a copy: a fused group's member waits for its siblings (the
+        last to reach the device builds the group's one layout) instead of building a layout of
+        its own that the group would replace a moment later."""
+        g = self._group
+        if g is not None:
+            if g.prepare(self, wait=True):
+                return
+            members = g.members()
+            if members is not None and any(m.device != self.device for m in members):
+                return  # a sibling is still elsewhere: it builds the group when it arrives
+        self.prepare()
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         """A held weight's GPTQ tensors are rebuilt for the state dict, on the host: a whole
@@ -346,7 +393,7 @@ class QuantLinear(nn.Module):
         layer's device) and nothing derived from them; a copy of a prepared layer prepares
         itself (`__setstate__`)."""
         state = super().__getstate__()
-        state["_prepare_on_load"] = self._plan is not None
+        state["_prepare_on_load"] = self._prepared()
         qw = self._qw
         if qw is not None:
             t = qw.gptq_tensors()
@@ -364,15 +411,19 @@ class QuantLinear(nn.Module):
         self._op_handle = ops.register(self)
         if "_qw" not in self.__dict__:  # pickled before layers held their weight
             self._qw = None
+        if "_group" not in self.__dict__:  # pickled before groups existed
+            self._group, self._member = None, -1
+        if self._group is not None:  # the copied group (shared by the copied siblings)
+            self._group._register(self, self._member)
         self._invalidate()
         if prepare and self.device.type == "cuda":
-            self.prepare()
+            self._prepare_moved()
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         # torch copies into the buffers, so a held weight is rebuilt into them first (tensors
         # the state dict lacks keep their values), and the old layout is freed before the new
         # one is built: at most about two copies of this one layer at a time.
-        was_prepared = self._plan is not None or self._qw is not None
+        was_prepared = self._prepared() or self._qw is not None
         self._unhold()
         super()._load_from_state_dict(*args, **kwargs)
         self._invalidate()
@@ -396,6 +447,13 @@ class QuantLinear(nn.Module):
         if self.bits not in KERNEL_BITS:
             self._bias16 = None if self.bias is None else self.bias.to(torch.float16)
             return None  # no CUDA kernel: forward uses the dense reference on the GPU
+        g = self._group
+        if g is not None and g.prepare(self):
+            return self.lookup_result  # the group's engine, resolved for the fused problem
+        return self._prepare_alone(dev)
+
+    def _prepare_alone(self, dev: torch.device) -> LookupResult | None:
+        """`prepare` for this layer's own problem and layout (a group's view is not one)."""
         from gemmtune.kernels.dispatch import plan_for
         from gemmtune.kernels.weights import QuantizedWeight
 
@@ -407,13 +465,14 @@ class QuantLinear(nn.Module):
         edges = band_edges(bands)
         # A held layout is reused: it does not depend on the config, so re-preparing (another
         # config, a re-tune picked up) allocates no weight memory.
-        qw = self._qw if self._qw is not None else QuantizedWeight(self.gptq_tensors(), torch.device("cuda", idx))
+        own = self._qw is not None and self._qw.view_of is None
+        qw = self._qw if own else QuantizedWeight(self.gptq_tensors(), torch.device("cuda", idx))
         plans = tuple(plan_for(qw, b.config) for b in bands)
         for band, plan in zip(bands, plans, strict=True):
             plan.prepare(_band_ms(band))
         res = LookupResult.of(bands[-1])
-        if self._qw is None:
-            self._hold(qw)  # only now: a failed preparation leaves the buffers as they were
+        if qw is not self._qw:
+            self._hold(qw)  # only now: a failed preparation leaves the weight as it was
         self._plans, self._edges, self.bands = plans, edges, tuple(bands)
         self._plan, self.lookup_result = plans[-1], res
         self._bias16 = None if self.bias is None else self.bias.to(torch.float16).contiguous()
@@ -431,12 +490,27 @@ class QuantLinear(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            # dynamo cannot trace the kernel launch or the dense cache: one opaque op instead.
+            # dynamo cannot trace the kernel launch or the dense cache: one opaque op instead
+            # (a fused group's: one op for all its members, runtime/fusion.py).
+            g = self._group
+            if g is not None:
+                return g.traced_member(self, x)
             return ops.quant_linear(x, self._op_handle, self.out_features)
         return self.forward_eager(x)
 
     def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's computation (what `gemmtune::quant_linear` runs when compiled)."""
+        """The layer's computation (what `gemmtune::quant_linear` runs when compiled); in a
+        fused group, its columns of the group's one GEMM (a column view of it)."""
+        g = self._group
+        if g is not None:
+            if x.shape[-1] != self.in_features:
+                raise InvalidTensorError(
+                    f"input last dimension must be in_features={self.in_features}, got shape {tuple(x.shape)}")
+            return g.member_forward(self, x)
+        return self._forward_alone(x)
+
+    def _forward_alone(self, x: torch.Tensor) -> torch.Tensor:
+        """This layer's own GEMM, group or not."""
         if x.shape[-1] != self.in_features:
             raise InvalidTensorError(
                 f"input last dimension must be in_features={self.in_features}, got shape {tuple(x.shape)}")
@@ -453,14 +527,14 @@ class QuantLinear(nn.Module):
                 if self._bias16 is not None:
                     out.add_(self._bias16)
                 return out
-            out = self.forward_eager(x.to(torch.float16))
+            out = self._forward_alone(x.to(torch.float16))
             return out.to(x.dtype)
         dev = self.device
         if x.is_cuda and dev.type == "cuda" and self.bits in KERNEL_BITS:
             if x.device != dev:
                 raise InvalidTensorError(f"input is on {x.device}, layer on {dev}")
-            self.prepare()
-            return self.forward_eager(x)
+            self._prepare_alone(dev)
+            return self._forward_alone(x)
         return self._forward_dense(x)
 
     def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -478,10 +552,15 @@ class QuantLinear(nn.Module):
         out = F.linear(x.to(work), w, b)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
+    def _weight_version(self) -> tuple[Any, ...]:
+        """Changes whenever the weight may have: the buffers' version counters (in-place edits),
+        or the held layout's identity (a held layout changes only through _hold / _unhold)."""
+        if self._qw is not None:
+            return (id(self._qw),)
+        return tuple(b._version for b in (self.qweight, self.qzeros, self.scales, self.g_idx))
+
     def _dense_weight(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        # A held layout changes only through _unhold / _hold, which reset the cache.
-        version = (0,) if self._qw is not None else \
-            tuple(b._version for b in (self.qweight, self.qzeros, self.scales, self.g_idx))
+        version = self._weight_version()
         if version != self._dense_version:
             self._dense = {}
             self._dense_version = version
@@ -489,15 +568,19 @@ class QuantLinear(nn.Module):
         key = (device, dtype)
         w = self._dense.get(key)
         if w is None:
-            from gemmtune.kernels.reference import dequantize
-
-            t = self.gptq_tensors()
-            if t.device.type != "cpu":
-                t = t.to("cpu")
-            work = torch.float64 if dtype == torch.float64 else torch.float32
-            w = dequantize(t, work).t().contiguous().to(device=device, dtype=dtype)
+            w = self._dequantized(device, dtype)
             self._dense[key] = w
         return w
+
+    def _dequantized(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight [N, K] (nn.Linear's), dequantized on the host by the reference."""
+        from gemmtune.kernels.reference import dequantize
+
+        t = self.gptq_tensors()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        return dequantize(t, work).t().contiguous().to(device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
         act = ", act_order=True" if self._act_order() else ""
@@ -513,6 +596,7 @@ class QuantLinear(nn.Module):
             cfg = "config=unresolved (resolved at prepare / first forward)"
         else:
             cfg = "config=none (CPU: reference path)"
+        fused = "" if self._group is None else f", fused={self._group.problem.key()}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, group_size={self.group_size}{act}, "
-                f"bias={self.bias is not None}, zero_format={self.zero_format}, {cfg}")
+                f"bias={self.bias is not None}, zero_format={self.zero_format}{fused}, {cfg}")

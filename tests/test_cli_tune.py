@@ -69,15 +69,20 @@ def test_no_gpu_is_one_line_and_touches_no_database(monkeypatch: pytest.MonkeyPa
     assert not path.exists()
 
 
-# Llama-3-8B's distinct shapes: as transformers runs it (q/o, k/v, gate/up, down) and fused.
+# Llama-3-8B's distinct shapes: as gemmtune's runtime runs it (q+k+v and gate+up fused, o,
+# down), every projection alone (q/o, k/v, gate/up, down), and an engine's fused layout.
 LLAMA_3_8B = {
-    (): {"4096x4096-b4-g128", "4096x1024-b4-g128", "4096x14336-b4-g128", "14336x4096-b4-g128"},
+    (): {"4096x6144-b4-g128", "4096x4096-b4-g128", "4096x28672-b4-g128", "14336x4096-b4-g128"},
+    ("--layout", "separate"): {"4096x4096-b4-g128", "4096x1024-b4-g128", "4096x14336-b4-g128",
+                               "14336x4096-b4-g128"},
     ("--layout", "fused"): {"4096x6144-b4-g128", "4096x4096-b4-g128", "4096x28672-b4-g128",
                             "14336x4096-b4-g128"},
 }
+LLAMA_3_8B_NAMES = {(): "q_proj+k_proj+v_proj×32", ("--layout", "separate"): "q_proj×32, o_proj×32",
+                    ("--layout", "fused"): "qkv×32"}
 
 
-@pytest.mark.parametrize("layout", list(LLAMA_3_8B), ids=["default-transformers", "fused"])
+@pytest.mark.parametrize("layout", list(LLAMA_3_8B), ids=["default-transformers", "separate", "fused"])
 def test_tunes_every_shape_of_a_model_and_stores_it(monkeypatch: pytest.MonkeyPatch, db_url: str,
                                                     layout: tuple[str, ...]) -> None:
     db = db_url  # SQLite file and (when the suite has a server) PostgreSQL
@@ -88,7 +93,7 @@ def test_tunes_every_shape_of_a_model_and_stores_it(monkeypatch: pytest.MonkeyPa
     assert result.exit_code == 0, result.output
     assert {ev.problem.key() for ev in gpu.evaluators} == LLAMA_3_8B[layout]  # each shape once
     assert all(key in result.output for key in LLAMA_3_8B[layout])
-    assert ("q_proj×32, o_proj×32" if not layout else "qkv×32") in result.output
+    assert LLAMA_3_8B_NAMES[layout] in result.output
     assert "tuned" in result.output and "speedup" in result.output
     assert len(gpu.evaluators) == 4
     assert all(ev.closed for ev in gpu.evaluators)
@@ -178,7 +183,7 @@ def test_ctrl_c_stops_after_the_trial_and_resumes(monkeypatch: pytest.MonkeyPatc
     (("--shape", "4096x4096", "--device", "3"), "GPU 3 does not exist"),
     (("--shape", "4096x4096", "--device", "first"), "GPU index or `all`"),
     (("--model", "no-such-model"), "no-such-model"),
-    (("--model", "llama-3-8b", "--layout", "vllm"), "unknown layout 'vllm': choose transformers or fused"),
+    (("--model", "llama-3-8b", "--layout", "vllm"), "unknown layout 'vllm': choose transformers, separate, fused"),
     (("--shape", "4096x4096", "--layout", "fuse"), "unknown layout 'fuse'"),
     ((), "nothing to tune"),
 ])
@@ -245,9 +250,10 @@ def test_an_awq_checkpoint_is_tuned_with_its_own_group_size(monkeypatch: pytest.
     target = str(d / "config.json") if flag == "--config" else str(d)
     result = run(flag, target, "--workload", "decode", "--trials", "3", "--db", db)
     assert result.exit_code == 0, result.output
-    # the checkpoint's linears: q/o 1024x1024, k/v 1024x256 (4 kv heads of 64), gate/up, down
+    # the GEMMs the runtime runs for this Llama: q+k+v 1024x(1024+2*256) (4 kv heads of 64),
+    # o 1024x1024, gate+up 1024x(2*2816), down
     assert {ev.problem.key() for ev in gpu.evaluators} == {
-        "1024x1024-b4-g64", "1024x256-b4-g64", "1024x2816-b4-g64", "2816x1024-b4-g64"}
+        "1024x1536-b4-g64", "1024x1024-b4-g64", "1024x5632-b4-g64", "2816x1024-b4-g64"}
 
 
 @pytest.mark.parametrize("qc, field", [

@@ -2,8 +2,10 @@
 <checkpoint>`, then `patch(model)`) tunes exactly the problems of the `QuantLinear`s that
 `load_quantized` / `patch` put into a transformers Llama, counts included: before the layout was
 explicit, `--model` tuned fused qkv / gate_up shapes that a transformers model never runs, so
-its k, v, gate and up linears silently got the default config. And every command that derives
-problems from a model takes the layout."""
+its k, v, gate and up linears silently got the default config. Now the runtime fuses q/k/v and
+gate/up of a Llama by default, and `--model` tunes exactly those fused GEMMs (`fuse=False` and
+`--layout separate` agree the same way). And every command that derives problems from a model
+takes the layout."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from gemmtune.autotune.models import model_layers, unique_problems
 from gemmtune.kernels.problem import Problem
-from gemmtune.runtime import QuantLinear, load_quantized, patch, quantize_model
+from gemmtune.runtime import launched_problems, load_quantized, patch, quantize_model
 from safetensors.torch import save_file
 
 from gemmtune.cli import main
@@ -45,33 +47,37 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _patched_problems(model: Any) -> Counter[Problem]:
-    """Each QuantLinear's problem, counted per module: what runs, and how often per forward."""
-    return Counter(m.problem for m in model.modules() if isinstance(m, QuantLinear))
+    """The problems of the GEMMs a forward launches, counted per launch: what runs."""
+    return launched_problems(model)
 
 
-def _loaded(folder: Path) -> Any:
+def _loaded(folder: Path, fuse: bool = True) -> Any:
     model = tiny_llama(5)
-    load_quantized(model, folder / "model.safetensors")  # quantization_config from config.json
+    load_quantized(model, folder / "model.safetensors", fuse=fuse)  # quantization_config from config.json
     return model
 
 
-def _patched(folder: Path) -> Any:
+def _patched(folder: Path, fuse: bool = True) -> Any:
     from tests.test_client_llama import _autogptq_model
 
     model = _autogptq_model(folder / "model.safetensors")  # AutoGPTQ-style modules
-    patch(model, QC)
+    patch(model, QC, fuse=fuse)
     return model
 
 
 @pytest.mark.parametrize("build", [_loaded, _patched], ids=["load_quantized", "patch"])
 def test_tuned_problems_are_the_patched_models_problems(checkpoint: Path, build: Any) -> None:
     running = _patched_problems(build(checkpoint))
-    assert sum(running.values()) == 14  # q k v o gate up down x 2 decoder layers
+    assert sum(running.values()) == 8  # qkv o gate_up down x 2 decoder layers (q/k/v, gate/up fused)
     assert unique_problems(model_layers(checkpoint)) == dict(running)
     assert unique_problems(model_layers(checkpoint / "config.json")) == dict(running)
-    # The fused layout is for engines that fuse projections: not what this model runs.
-    fused = set(unique_problems(model_layers(checkpoint, layout="fused")))
-    assert fused != set(running) and not fused <= set(running)
+    # A Llama's fused GEMMs are the engines' fused layout (same columns, same order).
+    assert unique_problems(model_layers(checkpoint, layout="fused")) == dict(running)
+    # The opt-out runs every projection alone: what the separate layout tunes.
+    alone = _patched_problems(build(checkpoint, fuse=False))
+    assert sum(alone.values()) == 14  # q k v o gate up down x 2 decoder layers
+    assert unique_problems(model_layers(checkpoint, layout="separate")) == dict(alone)
+    assert set(alone) != set(running)
 
 
 @pytest.mark.parametrize("flag, target", [("--model", ""), ("--config", "config.json")])
@@ -98,4 +104,4 @@ def test_every_command_that_reads_a_model_takes_the_layout() -> None:
         assert layout is not None, f"{name} takes --model but not --layout"
         assert layout.default == "transformers"
         out = CliRunner().invoke(main, [name, "--help"], env={"COLUMNS": "200"}).output
-        assert "--layout transformers|fused" in out and "[default: transformers]" in out, name
+        assert "--layout transformers|separate|fused" in out and "[default: transformers]" in out, name

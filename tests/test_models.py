@@ -1,6 +1,7 @@
-"""Model presets and config.json parsing produce the GEMM shapes that will run: by default the
-separate linears of a transformers model (what gemmtune's `patch` runs), with `layout="fused"`
-the fused qkv / gate_up GEMMs engines run. Expected shapes are derived here from the published
+"""Model presets and config.json parsing produce the GEMM shapes that will run: by default what
+gemmtune's `patch` runs on a transformers model (its linears, q/k/v and gate/up merged where the
+architecture shares their input), with `layout="separate"` every linear alone, with
+`layout="fused"` the fused qkv / gate_up GEMMs engines run. Expected shapes are derived here from the published
 config values (hidden, intermediate, heads, kv heads, head_dim), never from the code under test."""
 
 from __future__ import annotations
@@ -62,20 +63,32 @@ def fused_shapes(hidden: int, inter: int, heads: int, kv: int,
             "gate_up": (hidden, 2 * inter), "down": (inter, hidden)}
 
 
+def patched_shapes(hidden: int, inter: int, heads: int, kv: int,
+                   head_dim: int) -> dict[str, tuple[int, int]]:
+    """What gemmtune's runtime runs for a Llama / Mistral / Qwen2: q/k/v and gate/up fused."""
+    return {"q_proj+k_proj+v_proj": (hidden, (heads + 2 * kv) * head_dim),
+            "o_proj": (heads * head_dim, hidden), "gate_proj+up_proj": (hidden, 2 * inter),
+            "down_proj": (inter, hidden)}
+
+
 def test_the_default_layout_is_what_patch_runs() -> None:
-    assert DEFAULT_LAYOUT == "transformers" and set(LAYOUTS) == {"transformers", "fused"}
+    assert DEFAULT_LAYOUT == "transformers" and set(LAYOUTS) == {"transformers", "separate", "fused"}
     assert model_layers("llama-3-8b") == model_layers("llama-3-8b", layout="transformers")
 
 
 def test_llama_3_8b_and_llama_2_70b_shapes() -> None:
     # Llama-3-8B: hidden 4096, intermediate 14336, 32 heads, 8 kv heads, head_dim 128.
     assert shapes(model_layers("llama-3-8b")) == {
+        "q_proj+k_proj+v_proj": (4096, 6144), "o_proj": (4096, 4096),
+        "gate_proj+up_proj": (4096, 28672), "down_proj": (14336, 4096),
+    }
+    assert shapes(model_layers("llama-3-8b", layout="separate")) == {
         "q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024),
         "o_proj": (4096, 4096), "gate_proj": (4096, 14336), "up_proj": (4096, 14336),
         "down_proj": (14336, 4096),
     }
     # Llama-2-70B: hidden 8192, intermediate 28672, 64 heads, 8 kv heads, head_dim 128.
-    assert shapes(model_layers("llama-2-70b")) == {
+    assert shapes(model_layers("llama-2-70b", layout="separate")) == {
         "q_proj": (8192, 8192), "k_proj": (8192, 1024), "v_proj": (8192, 1024),
         "o_proj": (8192, 8192), "gate_proj": (8192, 28672), "up_proj": (8192, 28672),
         "down_proj": (28672, 8192),
@@ -91,20 +104,24 @@ def test_llama_3_8b_and_llama_2_70b_shapes() -> None:
 def test_counts_per_forward_and_shared_shapes_are_tuned_once() -> None:
     # Llama-3-8B, 32 decoder layers: q and o share 4096x4096, k and v 4096x1024, gate and up
     # 4096x14336; each distinct shape is one problem weighted by every linear that runs it.
-    assert unique_problems(model_layers("llama-3-8b")) == {
+    assert unique_problems(model_layers("llama-3-8b", layout="separate")) == {
         Problem(4096, 4096): 64, Problem(4096, 1024): 64, Problem(4096, 14336): 64,
         Problem(14336, 4096): 32}
-    assert unique_problems(model_layers("llama-2-70b")) == {
+    assert unique_problems(model_layers("llama-2-70b", layout="separate")) == {
         Problem(8192, 8192): 160, Problem(8192, 1024): 160, Problem(8192, 28672): 160,
         Problem(28672, 8192): 80}
+    # What the runtime runs for a Llama is the fused layout's problems, counts included.
+    assert unique_problems(model_layers("llama-3-8b")) == unique_problems(
+        model_layers("llama-3-8b", layout="fused"))
     assert unique_problems(model_layers("llama-3-8b", layout="fused")) == {
         Problem(4096, 6144): 32, Problem(4096, 4096): 32, Problem(4096, 28672): 32,
         Problem(14336, 4096): 32}
     # Llama-2-7B has no GQA: q, k, v and o are one 4096x4096 problem run 4 times a layer.
-    assert unique_problems(model_layers("llama-2-7b"))[Problem(4096, 4096)] == 4 * 32
+    assert unique_problems(model_layers("llama-2-7b", layout="separate"))[Problem(4096, 4096)] == 4 * 32
 
 
-@pytest.mark.parametrize("layout, expected", [("transformers", transformers_shapes),
+@pytest.mark.parametrize("layout, expected", [("separate", transformers_shapes),
+                                              ("transformers", patched_shapes),
                                               ("fused", fused_shapes)])
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_preset_shapes_follow_the_projection_rules(name: str, layout: str, expected: Any) -> None:
@@ -122,14 +139,16 @@ def test_preset_shapes_follow_the_projection_rules(name: str, layout: str, expec
 def test_every_preset_fits_the_problem_rules(name: str, bits: int, group_size: int) -> None:
     # Includes the Qwen2.5 intermediate sizes 18944, 13824, 27648, 29568 as K of `down` and
     # Qwen2.5-7B's 512-wide k/v (4 kv heads of 128).
-    assert len(model_layers(name, bits=bits, group_size=group_size)) == 7
+    assert len(model_layers(name, bits=bits, group_size=group_size, layout="separate")) == 7
     assert len(model_layers(name, bits=bits, group_size=group_size, layout="fused")) == 4
+    # The runtime fuses only what its kernels run: 3-bit layers stay separate.
+    assert len(model_layers(name, bits=bits, group_size=group_size)) == (7 if bits == 3 else 4)
 
 
 def test_a_bad_layout_is_one_clear_error() -> None:
     assert model_layers("llama-3-8b", layout=" Fused ") == model_layers("llama-3-8b", layout="fused")
     for bad in ("vllm", "", "fuse"):
-        with pytest.raises(InvalidProblemError, match="unknown layout .*transformers or fused") as info:
+        with pytest.raises(InvalidProblemError, match="unknown layout .*transformers, separate, fused") as info:
             model_layers("llama-3-8b", layout=bad)
         assert "\n" not in str(info.value)
 
@@ -162,7 +181,9 @@ def test_config_json_matches_the_preset_and_reads_quantization(tmp_path: Path) -
         quantization_config={"quant_method": "gptq", "bits": 8, "group_size": 32, "desc_act": True},
     )
     layers = model_layers(path)
-    assert shapes(layers) == transformers_shapes(hidden, inter, heads, kv, hidden // heads)
+    assert shapes(layers) == patched_shapes(hidden, inter, heads, kv, hidden // heads)
+    assert shapes(model_layers(path, layout="separate")) == transformers_shapes(hidden, inter, heads, kv,
+                                                                                hidden // heads)
     assert shapes(model_layers(path, layout="fused")) == fused_shapes(hidden, inter, heads, kv,
                                                                       hidden // heads)
     assert all(lay.problem == Problem(lay.problem.k, lay.problem.n, 8, 32, True) for lay in layers)
@@ -191,7 +212,7 @@ def test_config_defaults_kv_heads_and_honours_explicit_head_dim(tmp_path: Path) 
 
 
 LLAMA_2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
-              "num_hidden_layers": 32}
+              "num_hidden_layers": 32, "model_type": "llama"}
 
 
 def test_config_reads_awq_quantization(tmp_path: Path) -> None:

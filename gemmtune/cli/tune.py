@@ -21,7 +21,7 @@ from gemmtune.cli._common import (
 
 _TUNE_EPILOG = """\b
 Examples:
-  gemmtune tune --model llama-3-8b                     # the linears patch(model) runs, mixed workload
+  gemmtune tune --model llama-3-8b                     # the GEMMs patch(model) runs, mixed workload
   gemmtune tune --config ./Llama-3-8B-GPTQ/config.json # shapes and bits/group from the checkpoint
   gemmtune tune --model llama-3-8b --layout fused      # qkv, o, gate_up, down (ExLlamaV2, vLLM)
   gemmtune tune --shape 4096x4096 --shape 4096x14336 --bits 4 --group 128
@@ -38,8 +38,10 @@ Workloads (the objective is the weighted sum of per-M latencies):
   1:4,512:1  these Ms with these weights
 
 \b
-Layouts (--layout, for --model / --config): transformers (default) tunes q, k, v, o, gate, up
-and down as the separate linears gemmtune's patch / load_quantized run; fused tunes the fused
+Layouts (--layout, for --model / --config): transformers (default) tunes the GEMMs gemmtune's
+patch / load_quantized run: o and down, and q+k+v and gate+up as one GEMM each where the
+architecture shares their input (Llama, Mistral, Qwen2, ...; the runtime's own rule), else
+separately; separate tunes every projection alone (patch(model, fuse=False)); fused tunes the
 qkv and gate_up GEMMs of engines that fuse projections (and of the C header export).
 
 \b
