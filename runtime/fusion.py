@@ -101,8 +101,8 @@ def planned_groups(model: nn.Module, candidates: set[str] | None = None) -> list
 
 def _why_not(members: Sequence[QuantLinear], tensors: Sequence[GPTQTensors] | None = None) -> str | None:
     """Why `members` cannot share one GEMM (None: they can): the kernels' rule on their
-    problems, then what only the layers know (zero convention, requested config and workload,
-    device, and an act-order permutation that must be the same for all)."""
+    problems, then what only the layers know (zero convention, device, and an act-order
+    permutation that must be the same for all)."""
     reason = why_not_fused([m.problem for m in members])
     if reason:
         return reason
@@ -110,8 +110,6 @@ def _why_not(members: Sequence[QuantLinear], tensors: Sequence[GPTQTensors] | No
     for m in members[1:]:
         if m.zero_format != first.zero_format:
             return "zero formats differ (gptq v1 vs v2)"
-        if (m.requested_config, m.workload) != (first.requested_config, first.workload):
-            return "requested config or workload differ"
         if m.device != first.device:
             return f"on different devices ({first.device} vs {m.device})"
     if first.problem.act_order:
@@ -240,6 +238,11 @@ class FusedGroup:
         return f"FusedGroup({'+'.join(n.rpartition('.')[2] for n in self.names)}, {self.problem.key()})"
 
     # -- members --------------------------------------------------------------------------------
+    def arriving(self) -> bool:
+        """Whether a copy of the group still waits for copies of some members (a deep copy or
+        unpickling restores members one at a time)."""
+        return any(ref is None for ref in self._members)
+
     def _alive(self) -> list[QuantLinear | None]:
         return [None if ref is None else ref() for ref in self._members]
 
@@ -283,6 +286,8 @@ class FusedGroup:
         unprepared until the last arrives; others prepare it alone) or the group dissolved.
         Without `wait` a ready engine re-resolves its config as `member` asks (what
         `QuantLinear.prepare` promises: a new config or a re-tune is picked up)."""
+        if self.arriving():
+            return False
         members = self.members()
         if members is None:
             self.dissolve("a member was deleted or left the group")
@@ -295,9 +300,9 @@ class FusedGroup:
             if not wait or eng.lookup_result is None:
                 eng.requested_config, eng.workload = member.requested_config, member.workload
                 eng.prepare()
+            self._refresh(members)
         elif not self._build(members, dev, member):
             return False
-        self._refresh(members)
         return True
 
     def _build(self, members: list[QuantLinear], dev: torch.device, caller: QuantLinear) -> bool:
@@ -337,6 +342,7 @@ class FusedGroup:
         for m, (a, b) in zip(members, self.spans, strict=True):
             m._adopt(eng._qw.columns(a, b))
         self.engine = eng
+        self._refresh(members)
         return True
 
     def _refresh(self, members: list[QuantLinear]) -> None:
@@ -345,12 +351,13 @@ class FusedGroup:
         eng = self.engine
         assert eng is not None
         bias = None
-        if any(m.bias is not None for m in members):
-            bias = torch.cat([m.bias.to(device=eng.device, dtype=torch.float16) if m.bias is not None
-                              else torch.zeros(m.out_features, dtype=torch.float16, device=eng.device)
+        dtype = next((m.bias.dtype for m in members if m.bias is not None), None)
+        if dtype is not None:
+            bias = torch.cat([m.bias.to(device=eng.device, dtype=dtype) if m.bias is not None
+                              else torch.zeros(m.out_features, dtype=dtype, device=eng.device)
                               for m in members])
         eng._buffers["bias"] = bias
-        eng._bias16 = bias
+        eng._bias16 = None if bias is None else bias.to(torch.float16).contiguous()
         for m in members:
             m.lookup_result, m.bands = eng.lookup_result, eng.bands
 
@@ -452,6 +459,9 @@ def form_group(members: Sequence[QuantLinear], names: Sequence[str]) -> FusedGro
     Nothing is built: preparation on CUDA builds the engine (`FusedGroup.prepare`)."""
     if any(m._group is not None for m in members):
         return "a member is already fused"
+    first = members[0]
+    if any((m.requested_config, m.workload) != (first.requested_config, first.workload) for m in members):
+        return "requested config or workload differ"  # later, the last prepare() names the group's
     reason = _why_not(members)
     if reason:
         return reason

@@ -156,11 +156,12 @@ def _layer_row(name: str, m: QuantLinear) -> PatchedLayer:
                         "" if g is None else g.problem.key())
 
 
-class _Grouper:
-    """Places new QuantLinears into a model while it loads: a layer the rule fuses waits until
-    its whole group is there, then the group is formed and prepared at once (so a streaming
-    load builds one fused layout, never the members' own first); every other layer is
-    prepared when placed. Reports each layer once it is prepared."""
+class LayerPlacer:
+    """Places new QuantLinears into a model while it loads (patch, load_quantized, and
+    bench/generate.py's random models): a layer the fusion rule groups waits until its whole
+    group is there, then the group is formed and prepared at once (so a streaming load builds
+    one fused layout, never the members' own first); every other layer is prepared when
+    placed. Reports each layer once it is prepared."""
 
     def __init__(self, model: nn.Module, names: list[str], fuse: bool, report: PatchReport) -> None:
         self.model, self.report = model, report
@@ -310,7 +311,7 @@ def patch(model: nn.Module, quantization_config: Mapping[str, Any] | Any | None 
     # Names, not modules: a replaced module is freed as soon as it is replaced.
     names = [n for n, m in model.named_modules() if n and _is_quantized_module(m)]
     report = PatchReport()
-    placer = _Grouper(model, names, fuse, report)
+    placer = LayerPlacer(model, names, fuse, report)
     for name in names:
         t, bias = _module_tensors(name, model.get_submodule(name), spec, zero_format)
         if target is not None:
@@ -491,7 +492,7 @@ def load_quantized(model: nn.Module, path: str | Path,
         replaced = tuple(f"{n}." for n in names)
         expected = {k for k, *_ in _persistent_tensors(model) if not k.startswith(replaced)}
         used: set[str] = set()
-        placer = _Grouper(model, names, fuse, report)
+        placer = LayerPlacer(model, names, fuse, report)
         for name in names:
             tensors = {}
             for short in ("qweight", "qzeros", "scales", "g_idx", "bias"):

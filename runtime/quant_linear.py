@@ -369,8 +369,8 @@ class QuantLinear(nn.Module):
             if g.prepare(self, wait=True):
                 return
             members = g.members()
-            if members is not None and any(m.device != self.device for m in members):
-                return  # a sibling is still elsewhere: it builds the group when it arrives
+            if g.arriving() or (members is not None and any(m.device != self.device for m in members)):
+                return  # a sibling is still elsewhere (or not yet copied): it builds the group
         self.prepare()
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:

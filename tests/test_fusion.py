@@ -474,3 +474,60 @@ def test_an_architecture_the_rule_does_not_know_is_tuned_and_run_separately(tmp_
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
     assert {la.name for la in model_layers(tmp_path)} == {"q_proj+k_proj+v_proj", "o_proj",
                                                          "gate_proj+up_proj", "down_proj"}
+
+
+# -- the build itself (what a CUDA device runs), with the layout on the host ----------------------
+
+def _host_engine_prepare(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> list[int]:
+    """`QuantLinear.prepare` of a group's engine builds its layout on the host (no kernels):
+    `FusedGroup._build` then runs exactly as on a GPU. Returns the columns of each build."""
+    builds: list[int] = []
+    real = QuantLinear.prepare
+
+    def prepare(self: QuantLinear, device: Any = None) -> Any:
+        if self.fused_group is not None or self.device.type != "cpu":
+            return real(self, device)
+        if fail:
+            raise RuntimeError("no memory for the fused layout")
+        builds.append(self.out_features)
+        self._hold(QuantizedWeight(self.gptq_tensors(), "cpu", allow_cpu=True))
+        return None
+
+    monkeypatch.setattr(QuantLinear, "prepare", prepare)
+    return builds
+
+
+def test_a_build_replaces_the_members_copies_by_views_of_one_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    builds = _host_engine_prepare(monkeypatch)
+    fused, unfused = pair(tiny_qwen2)
+    want = {k: v.clone() for k, v in fused.state_dict().items()}
+    attn = fused.model.layers[0].self_attn
+    g = attn.q_proj.fused_group
+    assert g._build(g.members(), torch.device("cpu"), attn.q_proj)
+    assert builds == [256] and g.engine is not None and all(g.serves(m) for m in g.members())
+    assert all(getattr(m, b) is None for m in g.members() for b in GPTQ_BUFFERS)
+    assert g.engine.bias is not None and torch.equal(g.engine.bias, torch.cat([m.bias for m in g.members()]))
+    x = torch.randn(2, 3, 128)
+    with torch.no_grad():
+        for n in ATTN:  # through the engine now
+            torch.testing.assert_close(getattr(attn, n)(x), getattr(unfused.model.layers[0].self_attn, n)(x),
+                                       rtol=1e-5, atol=1e-5)
+    got = fused.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # a member reloaded: the engine goes, the siblings keep their views, the next build takes all
+    attn.k_proj.load_state_dict(attn.k_proj.state_dict())
+    assert g.engine is None and attn.q_proj._qw is not None and attn.k_proj.qweight is not None
+    assert g._build(g.members(), torch.device("cpu"), attn.q_proj) and builds == [256, 256]
+    assert all(torch.equal(v, want[k]) for k, v in fused.state_dict().items())
+
+
+def test_a_failed_build_gives_the_members_their_tensors_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    _host_engine_prepare(monkeypatch, fail=True)
+    fused, _ = pair(tiny_llama)
+    want = {k: v.clone() for k, v in fused.state_dict().items()}
+    mlp = fused.model.layers[1].mlp
+    g = mlp.up_proj.fused_group
+    with pytest.raises(RuntimeError, match="no memory"):
+        g._build(g.members(), torch.device("cpu"), mlp.up_proj)
+    assert g.engine is None and all(m.qweight is not None for m in g.members())
+    assert all(torch.equal(v, want[k]) for k, v in fused.state_dict().items())
