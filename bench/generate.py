@@ -18,9 +18,12 @@ Rows, the same run for each (same prompts, batches, steps, cache length, repeats
   fp16               the model with its fp16 nn.Linear weights
   default, exllamav2-0.0.12   every QuantLinear pinned to that preset
   tuned              what the runtime serves from a database holding a `decode` and a `mixed`
-                     tune of the model's own linear shapes (q, k/v, o, gate/up, down: a
-                     transformers Llama does not fuse them); by default tuned now into a fresh
+                     tune of the GEMMs the model runs (`gemmtune tune --model`'s transformers
+                     layout: q+k+v, o, gate+up, down, as the runtime fuses them; with
+                     --no-fuse the separate projections); by default tuned now into a fresh
                      database (`--trials` per shape), or `--db URL` of an existing tune
+Fusion: the quantized rows run q/k/v and gate/up as one GEMM each (runtime/fusion.py, what
+`patch` / `load_quantized` do by default); `--no-fuse` runs every projection alone.
 Measured:
   prefill            one compiled forward of a [1, PROMPT] prompt into an empty static cache
                      (CUDA events, median of --repeats)
@@ -34,6 +37,10 @@ Measured:
   peak memory        torch.cuda.max_memory_allocated over the row's run (weights, cache,
                      workspace, graphs); `load_peak_gib` of a model: the peak while its
                      quantized layers were built and prepared
+  GEMM share         measured, not estimated: a few replays of each captured decode step under
+                     torch.profiler; the GPU time of gemmtune's kernels (the quantized linears;
+                     the fp16 row: cuBLAS's GEMMs of its linears and head) per step against the
+                     step's time; the JSON keeps every kernel class's time per step
 
 Switching between the quantized rows re-prepares the layers; the compiled graph is reused (the
 op names the layer, not its plan: runtime/ops.py) and only the CUDA graphs are captured again.
@@ -130,8 +137,19 @@ def quantizable(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 
 def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
-    """Distinct (K, N) of the quantized linears, in model order: what `tuned` tunes."""
+    """Distinct (K, N) of the quantizable linears, in model order."""
     return list(dict.fromkeys((m.in_features, m.out_features) for _, m in quantizable(model)))
+
+
+def gemm_shapes(config: Any, fuse: bool = True) -> list[tuple[int, int]]:
+    """Distinct (K, N) of the GEMMs the quantized model runs, in model order: what `tuned`
+    tunes. The tuner's own rule (`gemmtune tune --model`'s `transformers` layout, or
+    `separate` without fusion), so the shapes tuned are the shapes the runtime serves."""
+    from gemmtune.autotune.models import spec_from_config, spec_layers
+
+    spec = spec_from_config(json.loads(config.to_json_string()), "config")
+    layers = spec_layers(spec, 4, GROUP_SIZE, False, layout="transformers" if fuse else "separate")
+    return list(dict.fromkeys((la.problem.k, la.problem.n) for la in layers))
 
 
 def random_gptq_on(k: int, n: int, device: torch.device | str, generator: torch.Generator,
@@ -151,35 +169,36 @@ def random_gptq_on(k: int, n: int, device: torch.device | str, generator: torch.
 
 
 def quantize_random(model: nn.Module, config: str | None = "default", seed: int = 0,
-                    device: torch.device | str | None = None) -> int:
+                    device: torch.device | str | None = None, fuse: bool = True) -> int:
     """Replace every quantizable linear (in place, freeing its fp16 weight) by a QuantLinear
     with random GPTQ weights on `device` (default: the linear's), prepared there one at a time
-    on CUDA. Returns the number replaced."""
-    from gemmtune.runtime import QuantLinear
+    on CUDA (a fused group's members together, as `load_quantized` does). Returns the number
+    replaced."""
+    from gemmtune.runtime import PatchReport, QuantLinear
+    from gemmtune.runtime.patch import LayerPlacer
 
     names = [n for n, _ in quantizable(model)]
     dev = torch.device(device) if device is not None else model.get_submodule(names[0]).weight.device
     gen = torch.Generator(device=dev).manual_seed(seed)
+    placer = LayerPlacer(model, names, fuse, PatchReport())
     for name in names:
         lin = model.get_submodule(name)
         q = QuantLinear.from_gptq_tensors(random_gptq_on(lin.in_features, lin.out_features, dev, gen),
                                           None, config=config)
-        if q.device.type == "cuda":
-            q.prepare()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, q)
         del lin
+        placer.place(name, q)
+    placer.close()
     return len(names)
 
 
-def build_quantized(config: Any, device: torch.device | str, seed: int = 0) -> Any:
+def build_quantized(config: Any, device: torch.device | str, seed: int = 0, fuse: bool = True) -> Any:
     """The quantized model without its fp16 one: built on `meta`, every quantizable linear
     replaced by a random QuantLinear on `device`, then embeddings, norms, head and rotary
     buffers allocated on `device` and initialised as transformers initialises them."""
     from gemmtune.runtime.patch import materialize
 
     model = build_model(config, "meta")
-    quantize_random(model, "default", seed, device=device)
+    quantize_random(model, "default", seed, device=device, fuse=fuse)
     materialize(model, device)
     return model.eval()
 
@@ -197,7 +216,7 @@ def weight_bytes(model: nn.Module) -> tuple[int, int | None]:
 
 def set_config(model: nn.Module, config: str | None) -> dict[str, str]:
     """Re-prepare every QuantLinear under `config` (None: what the runtime resolves).
-    Returns problem key -> 'config-key (source)'."""
+    Returns the key of each problem a GEMM runs (a fused group's) -> 'config-key (source)'."""
     from gemmtune.runtime import QuantLinear
 
     used: dict[str, str] = {}
@@ -205,10 +224,10 @@ def set_config(model: nn.Module, config: str | None) -> dict[str, str]:
         if isinstance(m, QuantLinear):
             m.requested_config = config
             res = m.prepare()  # new plans over the same kernel-layout weight
-            used[m.problem.key()] = res.label if res is not None else "cpu reference"
+            key = (m.problem if m.fused_group is None else m.fused_group.problem).key()
+            used[key] = res.label if res is not None else "cpu reference"
             if len(m.bands) > 1:  # a plan over M bands: every band, the last one is `res`
-                used[m.problem.key()] = "; ".join(
-                    f"{b.span}: {b.config.key()} ({b.source})" for b in m.bands)
+                used[key] = "; ".join(f"{b.span}: {b.config.key()} ({b.source})" for b in m.bands)
     return used
 
 
@@ -277,10 +296,63 @@ def time_prefill(prefill: Callable[[torch.Tensor], Any], ids: torch.Tensor, cach
     return out
 
 
+GEMMTUNE_KERNEL = "gemmtune::"  # every kernel of kernels/cuda is in this namespace (demangled names)
+CUBLAS_GEMM = ("gemm", "gemv", "nvjet", "xmma", "cutlass")  # cuBLAS / cuBLASLt GEMM kernel names
+
+
+def kernel_class(name: str) -> str:
+    """'gemmtune' (the quantized linears' kernels, reconstruct included), 'gemm' (cuBLAS: fp16
+    linears, the LM head, a reconstruct's GEMM) or 'other' (attention, norms, copies, ...)."""
+    if GEMMTUNE_KERNEL in name:
+        return "gemmtune"
+    low = name.lower()
+    return "gemm" if any(k in low for k in CUBLAS_GEMM) else "other"
+
+
+def kernel_times(run: Callable[[], None], steps: int) -> dict[str, Any]:
+    """GPU time per step of each kernel class over `steps` calls of `run` under torch.profiler
+    (CUPTI records the kernels inside CUDA-graph replays as well). Empty when the profiler saw
+    no kernel (then nothing is claimed)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    per: dict[str, float] = {"gemmtune": 0.0, "gemm": 0.0, "other": 0.0}
+    names: dict[str, float] = {}
+    kernels = 0
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA or e.name.startswith(("Memcpy", "Memset")):
+            continue
+        us = e.time_range.elapsed_us()
+        per[kernel_class(e.name)] += us
+        names[e.name] = names.get(e.name, 0.0) + us
+        kernels += 1
+    if not kernels:
+        return {}
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:12]
+    return {"steps": steps, "kernels_per_step": kernels / steps,
+            "us_per_step": {k: v / steps for k, v in per.items()},
+            "top_kernels_us_per_step": {k[:160]: v / steps for k, v in top}}
+
+
+def gemm_share(times: dict[str, Any], step_ms: float, row: str) -> float | None:
+    """The GEMM share of a step: the quantized rows' gemmtune kernels (the fp16 row: cuBLAS's
+    GEMMs) per step over the step's measured time."""
+    if not times:
+        return None
+    us = times["us_per_step"]["gemm" if row == "fp16" else "gemmtune"]
+    return us / (step_ms * 1e3)
+
+
 def time_decode(step: Callable[[torch.Tensor], None], first: torch.Tensor, cache: Any, prompt: int,
-                steps: int, repeats: int) -> list[float]:
+                steps: int, repeats: int, profile_steps: int = 0) -> tuple[list[float], dict[str, Any]]:
     """tokens/s of `steps` replays of the captured decode step, per repeat, the cache holding
-    `prompt` tokens at the start of each."""
+    `prompt` tokens at the start of each; and, with `profile_steps`, `kernel_times` of that many
+    more replays (a profiled replay is not timed)."""
     ids = first.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -304,7 +376,20 @@ def time_decode(step: Callable[[torch.Tensor], None], first: torch.Tensor, cache
         ms = _events_ms(run)
         if i:
             out.append(first.shape[0] * steps / ms * 1e3)
-    return out  # the graph (and its memory pool) goes with this frame
+    times: dict[str, Any] = {}
+    if profile_steps:
+        rewind(cache, prompt)
+        ids.copy_(first)
+        times = kernel_times(graph.replay, profile_steps)
+        if times:
+            times["method"] = "captured step replays"
+        else:  # a profiler that does not see into graphs: the same compiled step, launched
+            rewind(cache, prompt)
+            ids.copy_(first)
+            times = kernel_times(lambda: step(ids), profile_steps)
+            if times:
+                times["method"] = "compiled step outside the graph (the profiler saw no kernel in replays)"
+    return out, times  # the graph (and its memory pool) goes with this frame
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -336,10 +421,14 @@ def run_row(model: Any, caches: dict[int, Any], prompts: dict[int, torch.Tensor]
             if key not in compiled:
                 compiled[key] = torch.compile(decode_step_fn(model, cache), fullgraph=True)
             first = prompts[b][:, -1:].clone()
-            tps = time_decode(compiled[key], first, cache, args.prompt, args.steps, args.repeats)
-            decode[str(b)] = {"tokens_per_s": _median(tps), "step_ms": b / _median(tps) * 1e3,
-                              "all_tokens_per_s": tps}
-            log(f"  {row:18s} decode B={b:<3d} {_median(tps):10.1f} tok/s")
+            tps, times = time_decode(compiled[key], first, cache, args.prompt, args.steps, args.repeats,
+                                     args.profile_steps)
+            step_ms = b / _median(tps) * 1e3
+            share = gemm_share(times, step_ms, row)
+            decode[str(b)] = {"tokens_per_s": _median(tps), "step_ms": step_ms, "all_tokens_per_s": tps,
+                              "gemm_share": share, "kernel_times": times}
+            log(f"  {row:18s} decode B={b:<3d} {_median(tps):10.1f} tok/s"
+                + ("" if share is None else f", GEMMs {share * 100:.0f} % of the step"))
     torch.cuda.synchronize()
     return {"row": row, "prefill_ms": _median(prefill_ms), "all_prefill_ms": prefill_ms,
             "decode": decode, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -366,7 +455,7 @@ def run_model(name: str, args: argparse.Namespace, log: Callable[[str], None]) -
     from gemmtune.runtime import clear_cache
 
     config = llama_config(name, args.layers)
-    shapes = linear_shapes(build_model(config, "meta"))
+    shapes = gemm_shapes(config, args.fuse)
     result: dict[str, Any] = {"model": name, "layers": config.num_hidden_layers,
                               "vocab_size": config.vocab_size, "shapes": [f"{k}x{n}" for k, n in shapes],
                               "rows": []}
@@ -380,7 +469,7 @@ def run_model(name: str, args: argparse.Namespace, log: Callable[[str], None]) -
     dev = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats()
     # Without the fp16 row the fp16 model is never built (a 70B one would not fit the card).
-    model = build_model(config, dev) if "fp16" in args.rows else build_quantized(config, dev)
+    model = build_model(config, dev) if "fp16" in args.rows else build_quantized(config, dev, fuse=args.fuse)
     gen = torch.Generator(device=dev).manual_seed(0)
     max_len = args.prompt + args.steps + 8
     batches = sorted(set(args.batches) | {1})
@@ -395,7 +484,7 @@ def run_model(name: str, args: argparse.Namespace, log: Callable[[str], None]) -
     if "fp16" in args.rows:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        quantize_random(model, "default")
+        quantize_random(model, "default", fuse=args.fuse)
     torch.cuda.synchronize()
     result["load_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     result["loaded_gib"] = torch.cuda.memory_allocated() / 2**30
@@ -430,7 +519,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         "device": query_device().to_dict(), "kernel_hash": kernel_hash(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "settings": {"prompt": args.prompt, "batches": args.batches, "steps": args.steps,
-                     "repeats": args.repeats, "rows": args.rows},
+                     "repeats": args.repeats, "rows": args.rows, "fuse": args.fuse,
+                     "profile_steps": args.profile_steps},
         "models": [],
     }
     for name in args.model:
@@ -451,14 +541,20 @@ def render(res: dict[str, Any]) -> str:
              f"prompt, each step one CUDA graph, tokens/s (× torch fp16). Medians of {s['repeats']} "
              "repeats; weights: what the quantizable linears hold once loaded (quantized rows: × "
              "their packed checkpoint bytes); peak memory over the row's run. Quantized rows: 4-bit, "
-             "group 128.", ""]
+             "group 128" + ("" if s.get("fuse") is None else
+                            ", q+k+v and gate+up fused" if s["fuse"] else ", every projection alone")
+             + "." + (" GEMM share: GPU time of the step's GEMM kernels (quantized rows: gemmtune's; "
+                      "fp16: cuBLAS's) over the step's time, measured by profiling captured steps."
+                      if _has_share(res) else ""), ""]
+    share = _has_share(res)
     for m in res["models"]:
         rows = {r["row"]: r for r in m["rows"]}
         base = rows.get("fp16")
         batches = [str(b) for b in s["batches"]]
         lines += [f"| {m['model']} ({m['layers']} layers) | prefill (ms) | "
-                  + " | ".join(f"decode B={b}" for b in batches) + " | weights (GiB) | peak memory (GiB) |",
-                  "|---|---:|" + "---:|" * len(batches) + "---:|---:|"]
+                  + " | ".join(f"decode B={b}" for b in batches)
+                  + (f" | GEMM share B={batches[0]}" if share else "") + " | weights (GiB) | peak memory (GiB) |",
+                  "|---|---:|" + "---:|" * len(batches) + ("---:|" if share else "") + "---:|---:|"]
         for name, r in rows.items():
             label = ROW_LABELS.get(name, name)
             if name == "tuned" and not r.get("tuned_found", True):
@@ -472,10 +568,19 @@ def render(res: dict[str, Any]) -> str:
             w = r.get("weights_gib")  # absent in results of older runs
             weights = "-" if w is None else f"{w:.2f}" + (
                 f" ({w / r['packed_gib']:.2f}×)" if r.get("packed_gib") else "")
+            if share:
+                g = r["decode"][batches[0]].get("gemm_share")
+                cells.append("-" if g is None else f"{g * 100:.0f} %")
             lines.append(f"| {label} | {r['prefill_ms']:.1f} | " + " | ".join(cells)
                          + f" | {weights} | {r['peak_memory_gib']:.1f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _has_share(res: dict[str, Any]) -> bool:
+    """Whether any row measured a GEMM share (results of older runs have none)."""
+    return any(d.get("gemm_share") is not None for m in res["models"] for r in m["rows"]
+               for d in r["decode"].values())
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -518,12 +623,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                     "temporary one); shapes not tuned there are tuned into it unless --no-tune")
     ap.add_argument("--no-tune", action="store_true", help="do not tune: tuned = what --db holds")
     ap.add_argument("--trials", type=int, default=40, help="tuner trials per shape and workload (default 40)")
+    ap.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                    help="quantized rows run q+k+v and gate+up as one GEMM each, as patch / "
+                    "load_quantized do (default); --no-fuse: every projection alone")
+    ap.add_argument("--profile-steps", type=int, default=4, help="decode replays profiled per row "
+                    "and batch for the GEMM share (default 4; 0: not measured)")
     ap.add_argument("-o", "--output", help="write the results JSON here")
     ap.add_argument("--report", metavar="JSON", nargs="+", help="render the BENCHMARKS.md tables of "
                     "results files (e.g. one per model) and exit (no GPU needed)")
     args = ap.parse_args(argv)
     if min(args.prompt, args.steps, args.repeats) < 1:
         ap.error("--prompt, --steps and --repeats must be positive")
+    if args.profile_steps < 0:
+        ap.error("--profile-steps must be 0 or more")
     if args.no_tune and "tuned" in args.rows and args.db is None:
         ap.error("--no-tune needs --db (the database of an existing tune)")
     return args

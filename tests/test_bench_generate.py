@@ -170,3 +170,47 @@ def test_report_refuses_other_files(gen: ModuleType, tmp_path: Path) -> None:
     path.write_text(json.dumps({"format": "gemmtune-bench"}))
     with pytest.raises(SystemExit, match="not a gemmtune-generate results file"):
         gen.main(["--report", str(path)])
+
+
+@pytest.mark.parametrize("fuse, gemms", [(True, 8), (False, 14)])
+def test_the_tuned_shapes_are_the_gemms_the_quantized_model_runs(gen: ModuleType, fuse: bool,
+                                                                  gemms: int) -> None:
+    """`tuned` tunes what the runtime launches: the fused groups by default (the tuner's own
+    rule), every projection with --no-fuse."""
+    from gemmtune.runtime import launched_problems
+
+    model = gen.build_quantized(tiny_llama_config(), "cpu", fuse=fuse)
+    running = launched_problems(model)
+    assert sum(running.values()) == gemms
+    assert set(gen.gemm_shapes(tiny_llama_config(), fuse)) == {(p.k, p.n) for p in running}
+    assert gen.parse_args([]).fuse and not gen.parse_args(["--no-fuse"]).fuse
+
+
+def test_kernels_are_classed_by_name(gen: ModuleType) -> None:
+    assert gen.kernel_class("void gemmtune::gptq_gemm<4, 1, 4, 1, 4, false, false>(half const*)") == "gemmtune"
+    assert gen.kernel_class("nvjet_hsh_64x8_64x16_2x1_v_bz_splitK_TNT") == "gemm"
+    assert gen.kernel_class("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "gemm"
+    assert gen.kernel_class("void at::native::vectorized_elementwise_kernel<4>(...)") == "other"
+    assert gen.kernel_class("flash_fwd_splitkv_kernel") == "other"
+    assert gen.gemm_share({}, 10.0, "default") is None  # nothing profiled: nothing claimed
+    t = {"us_per_step": {"gemmtune": 6000.0, "gemm": 500.0, "other": 2000.0}}
+    assert gen.gemm_share(t, 10.0, "default") == pytest.approx(0.6)
+    assert gen.gemm_share(t, 10.0, "fp16") == pytest.approx(0.05)
+
+
+def test_the_report_shows_the_measured_gemm_share(gen: ModuleType, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    res = _sample()
+    res["settings"]["fuse"] = True
+    for r, share in zip(res["models"][0]["rows"], (0.31, 0.62, None), strict=True):
+        r["decode"]["1"]["gemm_share"] = share
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(res))
+    assert gen.main(["--report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "q+k+v and gate+up fused" in out and "GEMM share" in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("|")]
+    assert lines[0].endswith("| decode B=4 | GEMM share B=1 | weights (GiB) | peak memory (GiB) |")
+    assert lines[2] == "| torch fp16 | 30.0 | 50.0 | 190.0 | 31 % | 23.84 | 27.5 |"
+    assert lines[3] == "| default | 45.0 | 125.0 (2.50×) | 380.0 (2.00×) | 62 % | 6.34 (1.02×) | 9.0 |"
+    assert "| - | - | 9.0 |" in lines[4]
