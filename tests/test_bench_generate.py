@@ -188,6 +188,7 @@ def test_the_tuned_shapes_are_the_gemms_the_quantized_model_runs(gen: ModuleType
 
 def test_kernels_are_classed_by_name(gen: ModuleType) -> None:
     assert gen.kernel_class("void gemmtune::gptq_gemm<4, 1, 4, 1, 4, false, false>(half const*)") == "gemmtune"
+    assert gen.kernel_class("_ZN8gemmtune9gptq_gemmILi4ELi1EEEvPK6__half") == "gemmtune"  # not demangled
     assert gen.kernel_class("nvjet_hsh_64x8_64x16_2x1_v_bz_splitK_TNT") == "gemm"
     assert gen.kernel_class("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "gemm"
     assert gen.kernel_class("void at::native::vectorized_elementwise_kernel<4>(...)") == "other"
@@ -196,6 +197,7 @@ def test_kernels_are_classed_by_name(gen: ModuleType) -> None:
     t = {"us_per_step": {"gemmtune": 6000.0, "gemm": 500.0, "other": 2000.0}}
     assert gen.gemm_share(t, 10.0, "default") == pytest.approx(0.6)
     assert gen.gemm_share(t, 10.0, "fp16") == pytest.approx(0.05)
+    assert gen.gemm_share(t, 10.0, "tuned", every_gemm=True) == pytest.approx(0.65)
 
 
 def test_the_report_shows_the_measured_gemm_share(gen: ModuleType, tmp_path: Path,
