@@ -356,8 +356,11 @@ class FusedGroup:
             bias = torch.cat([m.bias.to(device=eng.device, dtype=dtype) if m.bias is not None
                               else torch.zeros(m.out_features, dtype=dtype, device=eng.device)
                               for m in members])
-        eng._buffers["bias"] = bias
-        eng._bias16 = None if bias is None else bias.to(torch.float16).contiguous()
+        old = eng.bias
+        if bias is None or old is None or old.dtype != bias.dtype or not torch.equal(old, bias):
+            # replaced only when it changed: a CUDA graph captured earlier reads these addresses
+            eng._buffers["bias"] = bias
+            eng._bias16 = None if bias is None else bias.to(torch.float16).contiguous()
         for m in members:
             m.lookup_result, m.bands = eng.lookup_result, eng.bands
 
