@@ -55,13 +55,13 @@ def tiled_candidates(m: int) -> list[KernelConfig]:
     return out
 
 
-def wgmma_candidates(m: int) -> list[KernelConfig]:
+def wgmma_candidates(m: int, ks: tuple[int, ...] = (64, 128)) -> list[KernelConfig]:
     top = max(16, 1 << (m - 1).bit_length())
     out = []
     for tm, tn in WGMMA_TILES:
         if tm > top or tm * 4 < min(m, 128):
             continue
-        for tk in (64, 128):
+        for tk in ks:
             st = _deepest(wgmma_violation, tm, tn, tk)
             if st:
                 out.append(KernelConfig(max_q_gemm_rows=4096, kernel=WGMMA, wgmma_m=tm,
@@ -80,6 +80,7 @@ def main() -> int:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--wgmma-ks", default="64,128", help="wgmma_k values to try")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
@@ -106,7 +107,8 @@ def main() -> int:
                 calls=args.calls, repeats=args.repeats)
             row = {"k": k, "n": n, "m": m, "fp16_us": fp16.median_us, "tiled": {}, "wgmma": {},
                    "errors": {}}
-            for fam, cands in (("tiled", tiled_candidates(m)), ("wgmma", wgmma_candidates(m))):
+            wks = tuple(int(v) for v in args.wgmma_ks.split(","))
+            for fam, cands in (("tiled", tiled_candidates(m)), ("wgmma", wgmma_candidates(m, wks))):
                 for cfg in cands:
                     try:
                         plans = [Plan(w, cfg) for w in weights]
