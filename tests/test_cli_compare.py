@@ -205,7 +205,7 @@ def test_every_error_exits_2_before_measuring(fake_gpu: list[Any], tmp_path: Pat
                          "no such file"),
         "tuned-in-memory": (["--db", "sqlite://"], "in-memory"),
         "tuned-bare-word": (["--db", "tuning"], "neither a URL nor a file path"),
-        "bad-layout": (["--layout", "vllm"], "unknown layout 'vllm': choose transformers or fused"),
+        "bad-layout": (["--layout", "vllm"], "unknown layout 'vllm': choose transformers, separate, fused"),
     }[case]
     a, b = "exllamav2-0.0.11", ("tuned" if case.startswith("tuned") else "exllamav2-0.0.12")
     if case == "missing-file":
@@ -224,12 +224,12 @@ def test_compare_presets_measured_interleaved(fake_gpu: list[Any], tmp_path: Pat
     doc = json.loads(js.read_text())
     assert doc["a"]["mode"] == "interleaved" and doc["a"]["source"]["label"] == "exllamav2-0.0.11"
     assert {row["m"] for row in doc["rows"]} == {1, 4, 48}
-    # the default layout: the linears a transformers Llama-2-70B runs, shared shapes once
+    # the default layout: the GEMMs gemmtune's runtime runs for a transformers Llama-2-70B
+    # (q+k+v and gate+up fused), shared shapes once
     layers = {(p["problem"]["k"], p["problem"]["n"]): p["layers"] for p in doc["a"]["problems"]}
-    assert layers == {(8192, 8192): ["q_proj×80", "o_proj×80"],
-                      (8192, 1024): ["k_proj×80", "v_proj×80"],
-                      (8192, 28672): ["gate_proj×80", "up_proj×80"], (28672, 8192): ["down_proj×80"]}
-    assert "q_proj×80" in r.output
+    assert layers == {(8192, 10240): ["q_proj+k_proj+v_proj×80"], (8192, 8192): ["o_proj×80"],
+                      (8192, 57344): ["gate_proj+up_proj×80"], (28672, 8192): ["down_proj×80"]}
+    assert "o_proj×80" in r.output
 
 
 def test_compare_a_fused_layout_measures_the_engines_shapes(fake_gpu: list[Any]) -> None:

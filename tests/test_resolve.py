@@ -318,7 +318,8 @@ def test_resolve_asks_the_profile_first_and_names_a_foreign_card(tmp_path: Path,
 
     profile = _profile(tmp_path, make_entry, "decode", CUSTOM_CFG)
     db = _database(tmp_path, make_entry, TUNES["decode+mixed"])
-    r = _resolve_cli("--model", "llama-2-7b", "--db", db, "--profile", profile, "--json")
+    r = _resolve_cli("--model", "llama-2-7b", "--layout", "separate", "--db", db, "--profile", profile,
+                     "--json")
     assert r.exit_code == 0, r.output
     layer = next(x for x in json.loads(r.stdout)["layers"] if x["problem_key"] == P.key())
     assert [(b["source"], b["config_key"]) for b in layer["bands"]] == [
@@ -403,7 +404,7 @@ def test_resolve_reads_an_awq_checkpoint_and_refuses_exl2_in_one_line(tmp_path: 
     r = _resolve_cli("--config", awq, "--layout", "qkv", "--db", db, "--fingerprint",
                      "0123456789abcdef")
     assert r.exit_code == 1 and r.output.strip() == "error: unknown layout 'qkv': choose " \
-        "transformers or fused"
+        "transformers, separate, fused"
     exl2 = config({"quant_method": "exl2", "bits": 4.65})
     r = _resolve_cli("--config", exl2, "--db", db, "--fingerprint", "0123456789abcdef")
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
