@@ -16,7 +16,9 @@ and eager outputs are the same numbers, the CPU cache still follows in-place edi
 buffers, and re-preparing a layer (`.cuda()`, `load_state_dict`, a new config) needs no
 recompile: the graph names the layer, not a plan. The registry holds layers weakly (a graph
 does not keep a deleted model alive); a handle is meaningful only in the process that made it,
-so a graph using it cannot be exported to another process.
+so a graph using it cannot be exported to another process. A fused group of projections
+(runtime/fusion.py) registers the same way: its op computes the group's concatenated columns
+once, and each member's output is a slice of it in the traced graph.
 
 The annotations. `mutates_args=()` and a fresh output are exact: the op allocates its output
 (shape `[*x.shape[:-1], out_features]`, `x`'s dtype and device, contiguous: what nn.Linear
@@ -68,8 +70,9 @@ def quant_linear(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor
     try:
         mod = _layers[layer]
     except KeyError:
-        raise RuntimeError(f"{OP_NAME}: layer handle {layer} names no live QuantLinear (the "
-                           "module was deleted, or the graph comes from another process)") from None
+        raise RuntimeError(f"{OP_NAME}: layer handle {layer} names no live QuantLinear or fused "
+                           "group (the module was deleted, or the graph comes from another "
+                           "process)") from None
     out = mod.forward_eager(x)
     # The fake implementation promises a contiguous tensor; every path returns one today, and
     # this keeps the promise if one stops doing so.
