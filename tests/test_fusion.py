@@ -531,3 +531,11 @@ def test_a_failed_build_gives_the_members_their_tensors_back(monkeypatch: pytest
         g._build(g.members(), torch.device("cpu"), mlp.up_proj)
     assert g.engine is None and all(m.qweight is not None for m in g.members())
     assert all(torch.equal(v, want[k]) for k, v in fused.state_dict().items())
+
+
+def test_the_group_op_passes_torch_opcheck() -> None:
+    """The op over a group's handle: schema, fake against real (the group's full width), AOT."""
+    fused, _ = pair(tiny_qwen2)
+    g = fused.model.layers[0].self_attn.q_proj.fused_group
+    for x in (torch.randn(2, 3, 128), torch.randn(5, 128).half()):
+        torch.library.opcheck(OP, (x, g._op_handle, g.out_features))
