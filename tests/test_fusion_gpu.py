@@ -282,3 +282,14 @@ def test_gpu_a_streamed_load_builds_each_group_once(tmp_path: Path, monkeypatch:
         _close(client(ids).logits, model(ids).logits)
     assert len(describe(client)) == 14
 
+
+
+def test_gpu_the_group_op_passes_torch_opcheck() -> None:
+    members, _, _ = _group(1024, (1024, 256, 256), bias=True, seed=95)
+    for m in members:
+        m.cuda()
+    g = members[0].fused_group
+    assert g.serves(members[0])
+    for x in (activations(4, 1024, seed=96), torch.randn(2, 100, 1024, device="cuda").half(),
+              torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)):
+        torch.library.opcheck(OP, (x, g._op_handle, g.out_features))
