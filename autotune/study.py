@@ -381,7 +381,9 @@ def tune_problem(
             study.set_user_attr("problem", problem.key())
             study.set_user_attr("workload", workload.key())
             study.set_user_attr("space", space.name)
-        for preset_name, cfg in warm:
+        # No more start points than the trials asked for: one enqueued past the budget would
+        # wait in the study as a trial nobody runs (a later, longer run enqueues the rest).
+        for preset_name, cfg in warm[:target]:
             study.enqueue_trial(space.params(cfg), user_attrs={"preset": preset_name},
                                 skip_if_exists=True)
         _requeue_interrupted(study)
