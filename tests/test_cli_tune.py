@@ -288,3 +288,17 @@ def test_the_config_column_names_the_kernel_family_it_runs() -> None:
     assert _config_short(decode.replace(split_k=0)) == "≤8 fused, 4 rows, 64x64 u2"
     assert _config_short(tiled.replace(recon_chunk_n=4096)) == \
         "≤128 fused, tiled 32x128x64 st3 sk8 rc4096"
+
+
+def test_every_kernel_family_has_its_own_spelling() -> None:
+    """A wgmma or stream band must not read as a decode config (the factors it would show are
+    not the ones it runs): each family's start config names its family."""
+    from gemmtune.autotune.space import STREAM_START, TILED_START, WGMMA_START
+
+    spelled = {name: _config_short(cfg) for name, cfg in
+               (("tiled", TILED_START), ("wgmma", WGMMA_START), ("stream", STREAM_START))}
+    for family, text in spelled.items():
+        assert f" {family} " in text, text
+    assert _config_short(WGMMA_START.replace(wgmma_stages=WGMMA_START.wgmma_stages + 1)) \
+        != spelled["wgmma"]
+    assert len({*spelled.values(), _config_short(KernelConfig())}) == 4

@@ -123,13 +123,16 @@ def _tune_problems(model: str | None, config_path: str | None, layout: str,
 def _config_short(config: Any) -> str:
     """The one spelling of a config in every table (`show`, `resolve`, `tune`, `bench`): the
     fused/reconstruct threshold, then the fused kernel's own factors (decode: rows per block,
-    block_n x threads, K-unroll; tiled: block tile and stages), then split-K and the reconstruct
+    block_n x threads, K-unroll; tiled and wgmma: block tile and stages; stream: warps, chunk,
+    slots), then split-K and the reconstruct
     chunk only where they are not the defaults (0: split from the SM count, whole matrix at
     once). Short enough that a table of them fits 80 columns without wrapping one; the full key
     (`KernelConfig.key()`) is what `show --keys` and `resolve --json` print, for copying."""
     c = config
     if c.tiled:
         own = f"tiled {c.tile_m}x{c.tile_n}x{c.tile_k} st{c.stages}"
+    elif c.wgmma:
+        own = f"wgmma {c.wgmma_m}x{c.wgmma_n}x{c.wgmma_k} st{c.wgmma_stages}"
     elif c.stream:
         own = f"stream {c.stream_warps_n}x{c.stream_warps_k} ch{c.stream_chunk} sl{c.stream_slots}"
     else:
@@ -141,7 +144,8 @@ def _config_short(config: Any) -> str:
 
 CONFIG_LEGEND = ("config: ≤N fused = the fused kernel up to M = N, reconstruct + cuBLAS above; "
                  "decode kernel: rows per block, block_n x threads, uK = K-unroll; tiled kernel: "
-                 "block tile M x N x K, stN = pipeline stages; stream kernel: warps along N x K, "
+                 "block tile M x N x K, stN = pipeline stages; wgmma kernel (sm_90): the same; "
+                 "stream kernel: warps along N x K, "
                  "chN = K steps a copy, slN = copies in flight a warp; skN = split-K (absent: from "
                  "the SM count; the stream kernel's is a cluster), rcN = reconstruct chunk (absent: "
                  "whole matrix)")
