@@ -163,8 +163,9 @@ def _profile_offer(path: str) -> Offer | None:
     return offer
 
 
-def _open_store(url: str) -> Any:
-    """The read-only Store for `url`, opened once per process; None when unusable (warned)."""
+def _open_store(url: str, from_env: bool = True) -> Any:
+    """The read-only Store for `url`, opened once per process; None when unusable (warned;
+    the warning names ``GEMMTUNE_DB`` only when `url` came from it)."""
     if url in _STORES:
         return _STORES[url]
     store = None
@@ -176,7 +177,8 @@ def _open_store(url: str) -> Any:
         path = sqlite_path(url)
         if path is not None and not path.exists():
             if url != default_url():
-                _warn_once(f"db:{url}", f"gemmtune: tuning database {path} ({DB_ENV}) does "
+                origin = f" ({DB_ENV})" if from_env else ""
+                _warn_once(f"db:{url}", f"gemmtune: tuning database {path}{origin} does "
                            "not exist; using default kernel configs")
             # The default file missing just means nothing was tuned on this machine yet.
             _STORES[url] = None
@@ -199,10 +201,10 @@ def _open_store(url: str) -> Any:
     return store
 
 
-def _db_offer(url: str, fingerprint: str) -> Offer | None:
+def _db_offer(url: str, fingerprint: str, from_env: bool = True) -> Offer | None:
     """Every entry of this device in the database, read with one query per process: a model load
     resolves all its layers from memory. None when the database is unusable (warned)."""
-    store = _open_store(url)
+    store = _open_store(url, from_env)
     if store is None:
         return None
     key = (url, fingerprint)
@@ -304,7 +306,7 @@ def _resolve(fingerprint: str | None, pkey: str, wkey: str | None, split: bool, 
             what = os.environ.get(DB_ENV, "") if db_url is None else db_url
             _warn_once(f"db-url:{what}", f"gemmtune: {exc}; using default kernel configs")
             url = None
-        got = _db_offer(url, fingerprint) if url is not None else None
+        got = _db_offer(url, fingerprint, db_url is None) if url is not None else None
         if got is not None:
             offers.append(got)
     from gemmtune.db.resolve import resolve as resolve_bands

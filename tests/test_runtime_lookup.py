@@ -48,6 +48,27 @@ def test_nothing_tuned_gives_the_default_silently() -> None:
     assert _gemmtune_warnings(rec) == []  # a missing *default* database is not an error
 
 
+def test_a_missing_database_warning_names_where_the_path_came_from(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GEMMTUNE_DB is named only when the path came from it: `resolve --db` passes db_url, and a
+    warning blaming the environment sent the user to the wrong place."""
+    from gemmtune.runtime.lookup import resolve
+
+    missing = tmp_path / "absent.db"
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        resolve(DEV, P, db_url=f"sqlite:///{missing}")
+    said = _gemmtune_warnings(rec)
+    assert len(said) == 1 and str(missing) in said[0] and "GEMMTUNE_DB" not in said[0], said
+    clear_cache()
+    monkeypatch.setenv("GEMMTUNE_DB", str(tmp_path / "also-absent.db"))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        resolve(DEV, P)
+    said = _gemmtune_warnings(rec)
+    assert len(said) == 1 and "also-absent.db (GEMMTUNE_DB)" in said[0], said
+
+
 def test_explicit_argument_wins_over_everything(tmp_path: Path, monkeypatch, make_entry) -> None:
     _db(tmp_path, monkeypatch, make_entry(config=TUNED))
     r = lookup(DEV, P, config="exllamav2-0.0.11")
