@@ -253,7 +253,7 @@ def get_kernel(variant: Variant, device: int = 0) -> Any:
             with cupy.cuda.Device(device):
                 arch = getattr(variant, "arch", None)
                 if arch is not None:
-                    fn = _build_for_arch(cupy, variant, arch)
+                    fn = _build_for_arch(variant, arch)
                 else:
                     module = cupy.RawModule(
                         code=read_source(variant.source),
@@ -271,21 +271,49 @@ def get_kernel(variant: Variant, device: int = 0) -> Any:
     return fn
 
 
-def _build_for_arch(cupy: Any, variant: Variant, arch: str) -> Any:
-    """NVRTC through CuPy's bindings for one named target (`--gpu-architecture=sm_90a`).
+def cuda_include_dirs() -> list[str]:
+    """Directories holding the CUDA toolkit headers (cuda_fp16.h) for an NVRTC build CuPy does not
+    drive: wherever CuPy or cuda-pathfinder would find them (a pip CUDA 13 install keeps them
+    beside NVRTC, a system toolkit under its root), each kept only if cuda_fp16.h is there."""
+    import os
+
+    found: list[str] = []
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+
+        found.append(find_nvidia_header_directory("cudart") or "")
+    except Exception:  # noqa: BLE001 - pathfinder absent or of another version: other places
+        pass
+    try:
+        import cupy
+
+        found.append(os.path.join(cupy.cuda.get_cuda_path() or "", "include"))
+    except Exception:  # noqa: BLE001 - no CuPy or no CUDA root it knows of
+        pass
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            found.append(os.path.join(os.environ[var], "include"))
+    found.append("/usr/local/cuda/include")
+    out: list[str] = []
+    for d in found:
+        if d and os.path.isfile(os.path.join(d, "cuda_fp16.h")) and d not in out:
+            out.append(d)
+    return out
+
+
+def nvrtc_cubin(variant: Variant, arch: str) -> tuple[bytes, str]:
+    """(cubin, lowered kernel name) of `variant` built by NVRTC for exactly `arch` (e.g.
+    `sm_90a`), through CuPy's NVRTC bindings; needs no GPU. KernelBuildError with NVRTC's log
+    when it does not compile.
 
     `cupy.RawModule` always appends the card's own `-arch=sm_XY` to the options, and NVRTC
     rejects a second architecture option (NVRTC_ERROR_INVALID_OPTION), so an arch-specific
-    ("a") build cannot go through it. The same NVRTC is driven directly instead, with the include
-    directories CuPy would pass (the CUDA headers for cuda_fp16.h), and the cubin loaded as a CuPy
-    module. CuPy's disk cache does not apply: each process compiles such a variant once."""
-    from cupy.cuda import function, nvrtc
+    ("a") build cannot go through it: the same NVRTC is driven directly instead, with CuPy's
+    flags and the CUDA header directories (`cuda_include_dirs`)."""
+    from cupy.cuda import nvrtc
 
     options = [*nvrtc_options(), f"--gpu-architecture={arch}", "-ftz=true",
-               "--device-as-default-execution-space"]
-    cuda_path = cupy.cuda.get_cuda_path()
-    if cuda_path:
-        options.append(f"-I{cuda_path}/include")
+               "--device-as-default-execution-space", *(f"-I{d}" for d in cuda_include_dirs())]
     name = variant.expression()
     prog = nvrtc.createProgram(read_source(variant.source), variant.source, [], [])
     try:
@@ -293,13 +321,19 @@ def _build_for_arch(cupy: Any, variant: Variant, arch: str) -> Any:
         try:
             nvrtc.compileProgram(prog, options)
         except nvrtc.NVRTCError as exc:
-            raise cupy.cuda.compiler.CompileException(
-                nvrtc.getProgramLog(prog), read_source(variant.source), variant.source,
-                tuple(options), "nvrtc") from exc
-        lowered = nvrtc.getLoweredName(prog, name)
-        cubin = nvrtc.getCUBIN(prog)
+            raise KernelBuildError(f"{name} failed to compile for {arch}:\n"
+                                   f"{nvrtc.getProgramLog(prog)}") from exc
+        return nvrtc.getCUBIN(prog), nvrtc.getLoweredName(prog, name)
     finally:
         nvrtc.destroyProgram(prog)
+
+
+def _build_for_arch(variant: Variant, arch: str) -> Any:
+    """`nvrtc_cubin` loaded as a CuPy module in the current device's context. CuPy's disk cache
+    does not apply: each process compiles such a variant once (~0.3 s)."""
+    from cupy.cuda import function
+
+    cubin, lowered = nvrtc_cubin(variant, arch)
     module = function.Module()
     module.load(cubin)
     _modules.append(module)  # kept for the process: its functions must not outlive it

@@ -216,3 +216,25 @@ def test_static_build_of_wgmma_instances_for_sm90a() -> None:
         assert r.ok, r.message
         assert 0 < r.registers <= 255 and r.spill_bytes == 0
         assert r.shared_bytes >= v.smem_bytes
+
+
+def _nvrtc_loads() -> bool:
+    try:
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+    except Exception:  # noqa: BLE001 - no CuPy, or no libnvrtc on this machine
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _nvrtc_loads(), reason="NVRTC does not load here (CuPy's libnvrtc)")
+def test_nvrtc_builds_wgmma_instances_for_sm90a() -> None:
+    """The run-time build (NVRTC through CuPy, no standard headers, `--gpu-architecture=sm_90a`)
+    of both bit widths and split flags: what nvcc's static build cannot see (it has <cstdint>)."""
+    from gemmtune.kernels.buildcheck import wgmma_variants
+    from gemmtune.kernels.compile import nvrtc_cubin
+
+    for v in wgmma_variants((4, 8), quick=True)[:4]:
+        cubin, lowered = nvrtc_cubin(v, v.arch)
+        assert cubin[:4] == b"\x7fELF" and lowered.startswith("_ZN8gemmtune15gptq_wgmma_gemm")

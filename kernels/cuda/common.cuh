@@ -10,6 +10,7 @@
 #if defined(__CUDACC_RTC__)
 // NVRTC ships no C++ standard headers.
 typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
 #else
 #include <cstdint>
 #endif
