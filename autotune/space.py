@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -114,16 +115,26 @@ def _why_invalid(kernel: int, **values: int) -> str | None:
     return None
 
 
-def families_on(compute_capability: str) -> tuple[int, ...]:
-    """The kernel families a card of this compute capability ("9.0") can run: decode and tiled
-    everywhere, wgmma only on sm_90 (it is built for sm_90a)."""
+WGMMA_OPT_IN = "GEMMTUNE_WGMMA"
+"""Set to 1 to let the space offer the wgmma family on sm_90 cards. It is off by default until
+the family has passed its GPU tests on a card: so far it is built (nvcc and NVRTC, no spills) and
+its fragment and staging index math replayed on the CPU, but it has never run. A failed trial is
+harmless; a kernel that faults leaves the CUDA context unusable for the rest of a `tune` run."""
+
+
+def families_on(compute_capability: str, *, wgmma: bool | None = None) -> tuple[int, ...]:
+    """The kernel families a card of this compute capability ("9.0") can run: decode, tiled and
+    stream everywhere, wgmma only on sm_90 (it is built for sm_90a) and only when opted in
+    (`wgmma`, else the ``GEMMTUNE_WGMMA=1`` environment variable; see `WGMMA_OPT_IN`)."""
     major, _, minor = compute_capability.partition(".")
     try:
         cc = (int(major), int(minor or 0))
     except ValueError:
         raise InvalidConfigError(f"compute capability {compute_capability!r} is not of the form 9.0") from None
+    if wgmma is None:
+        wgmma = os.environ.get(WGMMA_OPT_IN, "").strip() == "1"
     # The stream family runs from sm_80 (its clusters, sm_90 only, are checked when bound).
-    return (DECODE, TILED, WGMMA, STREAM) if cc == WGMMA_CAPABILITY else (DECODE, TILED, STREAM)
+    return (DECODE, TILED, WGMMA, STREAM) if cc == WGMMA_CAPABILITY and wgmma else (DECODE, TILED, STREAM)
 
 
 def _valid(kernel: int, **values: int) -> bool:
