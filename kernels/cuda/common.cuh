@@ -116,6 +116,38 @@ __device__ __forceinline__ void for_share(const int tid, F&& body) {
   }
 }
 
+// Split-K fix-up of a TILE_M x TILE_N output tile (rows m0.., columns n0..), shared by the
+// kernels whose K slices add fp32 partials into `ws`: the last of the tile's gridDim.y blocks to
+// arrive converts the sums to C and leaves `ws` and the tile's counter at zero, so no memset
+// precedes the next call (graph-capturable). Four columns at a time: N is a multiple of 4
+// (qzeros pack 8 or 4 columns a word). Every thread of the block must call it.
+template <int TILE_M, int TILE_N, int THREADS>
+__device__ __forceinline__ void split_k_fixup(float* __restrict__ ws, int* __restrict__ counters,
+                                              half* __restrict__ c, const int m0, const int n0,
+                                              const int M, const int N, const int tid) {
+  __shared__ int is_last;
+  __threadfence();
+  __syncthreads();
+  const int tile = blockIdx.z * gridDim.x + blockIdx.x;
+  if (tid == 0) is_last = atomicAdd(counters + tile, 1) == (int)gridDim.y - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int rows = min(TILE_M, M - m0);
+  for (int i = tid; i < rows * (TILE_N / 4); i += THREADS) {
+    const int r = i / (TILE_N / 4);
+    const int n = n0 + 4 * (i % (TILE_N / 4));
+    if (n >= N) continue;
+    float4* p = reinterpret_cast<float4*>(ws + (size_t)(m0 + r) * N + n);
+    const float4 v = __ldcg(p);
+    const half2 h01 = __floats2half2_rn(v.x, v.y);
+    const half2 h23 = __floats2half2_rn(v.z, v.w);
+    *reinterpret_cast<uint2*>(c + (size_t)(m0 + r) * N + n) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
+    *p = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  if (tid == 0) counters[tile] = 0;
+}
+
 // (a & mask) | bits in one LOP3. Written as two C operators, ptxas emits two LOP3s here
 // because one instruction cannot encode two immediates; the inline PTX makes it keep `bits` in
 // a register instead (one instruction per dequantised pair in the kernels' inner loop).

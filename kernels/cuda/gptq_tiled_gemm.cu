@@ -352,32 +352,7 @@ gptq_tiled_gemm(const half* __restrict__ a,           // [M, K], columns in stor
     }
   }
 
-  if constexpr (SPLIT) {
-    // Last block of this output tile converts the fp32 sums and leaves ws/counter at zero.
-    __shared__ int is_last;
-    __threadfence();
-    __syncthreads();
-    const int tile = blockIdx.z * gridDim.x + blockIdx.x;
-    if (tid == 0) is_last = atomicAdd(counters + tile, 1) == (int)gridDim.y - 1;
-    __syncthreads();
-    if (is_last) {
-      __threadfence();
-      const int rows = min(TILE_M, M - m0);
-      // Four columns at a time (N is a multiple of 4: qzeros pack 8 or 4 columns a word).
-      for (int i = tid; i < rows * (TILE_N / 4); i += THREADS) {
-        const int r = i / (TILE_N / 4);
-        const int n = n0 + 4 * (i % (TILE_N / 4));
-        if (n >= N) continue;
-        float4* p = reinterpret_cast<float4*>(ws + (size_t)(m0 + r) * N + n);
-        const float4 v = __ldcg(p);
-        const half2 h01 = __floats2half2_rn(v.x, v.y);
-        const half2 h23 = __floats2half2_rn(v.z, v.w);
-        *reinterpret_cast<uint2*>(c + (size_t)(m0 + r) * N + n) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
-        *p = make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-      if (tid == 0) counters[tile] = 0;
-    }
-  }
+  if constexpr (SPLIT) split_k_fixup<TILE_M, TILE_N, THREADS>(ws, counters, c, m0, n0, M, N, tid);
 }
 
 }  // namespace gemmtune
