@@ -165,7 +165,7 @@ class TunedConfig(Base):
     bands: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     """The plan over M bands (`entry.bands_to_json`) when it has more than one band; NULL: one
     band of `config` (rows from before revision 0002, and every one-band answer since)."""
-    config_key: Mapped[str] = mapped_column(String(256))
+    config_key: Mapped[str] = mapped_column(Text)  # every field spelled out: no length cap (0003)
     objective_us: Mapped[float] = mapped_column(Float)
     default_objective_us: Mapped[float] = mapped_column(Float)
     latencies_us: Mapped[dict[str, float]] = mapped_column(JSON)

@@ -235,7 +235,7 @@ def test_0002_upgrades_an_0001_database_with_its_rows_and_downgrades_back(db_url
 
     # upgrade: the old row reads as one band of its config, nothing else changed
     with Store.open(db_url) as store:
-        assert store.revision == "0002" and _bands_column(db_url)
+        assert store.revision == migrate.head_revision() and _bands_column(db_url)
         (got,) = store.list_results()
         assert got.bands == () and got.plan == ((None, old.config),)
         assert (got.config, got.latencies_us, got.objective_us) == (
@@ -265,3 +265,37 @@ def test_0002_upgrades_an_0001_database_with_its_rows_and_downgrades_back(db_url
     assert got["mixed"].config == old.config and got["decode"].config == top
     assert got["decode"].bands == () and got["decode"].plan == ((None, top),)
     assert _schema_diff(db_url) == []  # the batch copy of SQLite kept every name and index
+
+
+# -- 0003: config_key is TEXT ----------------------------------------------------------------------
+
+
+def _config_key_length(url: str) -> int | None:
+    engine = _engine(url)
+    with engine.connect() as conn:
+        col = next(c for c in sa.inspect(conn).get_columns("gemmtune_tuned_configs")
+                   if c["name"] == "config_key")
+    engine.dispose()
+    return getattr(col["type"], "length", None)
+
+
+def test_0003_stores_a_config_whose_key_is_longer_than_256(db_url, make_entry):
+    """Every config of today spells past 256 characters (twenty fields since the wgmma and
+    stream families); PostgreSQL refused them all under VARCHAR(256)."""
+    from gemmtune.autotune.space import STREAM_START
+    from gemmtune.db.entry import config_key
+
+    entry = make_entry(workload="decode", config=STREAM_START)
+    assert len(config_key(STREAM_START.to_dict())) > 256
+    _alembic(db_url, "upgrade", "0002")
+    assert _config_key_length(db_url) == 256
+    with Store.open(db_url) as store:  # upgrades to head
+        assert _config_key_length(db_url) is None
+        store.put_result(entry)
+        (got,) = store.list_results()
+        assert got.config == entry.config and got.config_key == config_key(entry.config)
+    _alembic(db_url, "downgrade", "0002")  # the row stays, its derived key cut to fit
+    assert _config_key_length(db_url) == 256
+    with Store.open(db_url) as store:
+        (got,) = store.list_results()
+        assert got.config == entry.config
