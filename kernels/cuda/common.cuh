@@ -162,6 +162,25 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a) {
 #endif
 }
 
+// Pair p of a lane's packed weight word as the exact integers (q - zero) in a half2, the one
+// dequantisation every fused kernel uses: q is OR-ed into the mantissa of 1024 (0x6400) and
+// z = 1024 + zero subtracted, exact in fp16. `w8` is the word shifted right by 8 (the pairs in
+// the upper byte of each half). For 4 bits, odd pairs are masked in place (1024 + 16q) and
+// brought back by x/16 + nz, nz = 960 - z = -(64 + zero), in one exact FMA, so a word
+// costs one shift and four masks instead of a shift and mask per pair.
+template <int BITS>
+__device__ __forceinline__ half2 minus_zero(const uint32_t w, const uint32_t w8, const int p,
+                                            const half2 z, const half2 nz) {
+  if constexpr (BITS == 4) {
+    const uint32_t src = p < 2 ? w : w8;
+    if (p % 2 == 0) return __hsub2(u32_as_h2(and_or<0x000F000Fu, 0x64006400u>(src)), z);
+    return __hfma2(u32_as_h2(and_or<0x00F000F0u, 0x64006400u>(src)), __float2half2_rn(0.0625f), nz);
+  } else {
+    const uint32_t src = p == 0 ? w : w8;
+    return __hsub2(u32_as_h2(and_or<0x00FF00FFu, 0x64006400u>(src)), z);
+  }
+}
+
 // D += A(16x16, row) * B(16x8, col), fp16 inputs, fp32 accumulators, in the register fragment
 // layout of PTX mma.m16n8k16 (lane = 4*group + tig):
 //   a[0]=(row g, k 2t..2t+1) a[1]=(row g+8, k 2t..) a[2]=(row g, k 2t+8..) a[3]=(row g+8, k 2t+8..)

@@ -200,23 +200,10 @@ gptq_gemm(const half* __restrict__ a,           // [M, K]
         }
       }
     };
-    // Pair p of a packed word as the exact integers (q - zero) in a half2 (times the scale unless
-    // GROUP_SCALE): the quantized values are OR-ed into the mantissa of 1024 (0x6400). For 4 bits,
-    // odd pairs are masked in place (1024 + 16q) and brought back by x/16 - (64 + zero) in one
-    // exact FMA, so a word costs one shift and four masks instead of a shift and mask per pair.
+    // Pair p of a packed word as (q - zero) in a half2 (common.cuh `minus_zero`), times the scale
+    // unless GROUP_SCALE.
     auto dequant = [&](const uint32_t w, const uint32_t w8, const int p, const int cc) -> uint32_t {
-      half2 d;
-      if constexpr (BITS == 4) {
-        const uint32_t src = p < 2 ? w : w8;
-        if (p % 2 == 0) {
-          d = __hsub2(u32_as_h2(and_or<0x000F000Fu, 0x64006400u>(src)), z2[cc]);
-        } else {
-          d = __hfma2(u32_as_h2(and_or<0x00F000F0u, 0x64006400u>(src)), __float2half2_rn(0.0625f), nz2[cc]);
-        }
-      } else {
-        const uint32_t src = p == 0 ? w : w8;
-        d = __hsub2(u32_as_h2(and_or<0x00FF00FFu, 0x64006400u>(src)), z2[cc]);
-      }
+      half2 d = minus_zero<BITS>(w, w8, p, z2[cc], nz2[cc]);
       if constexpr (!GROUP_SCALE) d = __hmul2(d, s2[cc]);
       return h2_as_u32(d);
     };

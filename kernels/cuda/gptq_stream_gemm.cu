@@ -288,21 +288,10 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
   // instead (as the decode kernel does) chains every MMA of a group on the one before: on an
   // H100 that version sat ~4 us above the read floor whatever the layer's size, 2 MB included.
   float acc[2][4];
-  // Pair p of a packed word as the exact integers (q - zero): see gptq_gemm.cu's `dequant`.
+  // Pair p of a packed word as the exact integers (q - zero): common.cuh `minus_zero`.
   auto dequant = [&](const uint32_t w, const uint32_t w8, const int p, const half2 z2,
                      const half2 nz2) -> uint32_t {
-    half2 d;
-    if constexpr (BITS == 4) {
-      const uint32_t src = p < 2 ? w : w8;
-      if (p % 2 == 0) {
-        d = __hsub2(u32_as_h2(and_or<0x000F000Fu, 0x64006400u>(src)), z2);
-      } else {
-        d = __hfma2(u32_as_h2(and_or<0x00F000F0u, 0x64006400u>(src)), __float2half2_rn(0.0625f), nz2);
-      }
-    } else {
-      const uint32_t src = p == 0 ? w : w8;
-      d = __hsub2(u32_as_h2(and_or<0x00FF00FFu, 0x64006400u>(src)), z2);
-    }
+    half2 d = minus_zero<BITS>(w, w8, p, z2, nz2);
     return h2_as_u32(d);
   };
 

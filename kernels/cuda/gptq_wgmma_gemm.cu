@@ -327,20 +327,9 @@ gptq_wgmma_gemm(const half* __restrict__ a,           // [M, K], columns in stor
       nz2[cc] = __hsub2(__float2half2_rn(960.f), z2[cc]);
     }
   };
-  // Pair p of a packed word as (q - zero) * scale in a half2 (the tiled kernel's dequantisation).
+  // Pair p of a packed word as (q - zero) * scale in a half2 (common.cuh `minus_zero`).
   auto dequant = [&](const uint32_t w, const uint32_t w8, const int p, const int cc) -> uint32_t {
-    half2 d;
-    if constexpr (BITS == 4) {
-      const uint32_t src = p < 2 ? w : w8;
-      if (p % 2 == 0) {
-        d = __hsub2(u32_as_h2(and_or<0x000F000Fu, 0x64006400u>(src)), z2[cc]);
-      } else {
-        d = __hfma2(u32_as_h2(and_or<0x00F000F0u, 0x64006400u>(src)), __float2half2_rn(0.0625f), nz2[cc]);
-      }
-    } else {
-      const uint32_t src = p == 0 ? w : w8;
-      d = __hsub2(u32_as_h2(and_or<0x00FF00FFu, 0x64006400u>(src)), z2[cc]);
-    }
+    half2 d = minus_zero<BITS>(w, w8, p, z2[cc], nz2[cc]);
     return h2_as_u32(__hmul2(d, s2[cc]));
   };
 
