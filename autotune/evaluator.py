@@ -29,7 +29,9 @@ class TrialFailure(Exception):
 
 @dataclass(frozen=True)
 class Measurement:
-    """GPU time of one call, in µs: median of repeats and their spread."""
+    """Time of one call, in µs: median of repeats and their spread. GPU time (CUDA-graph
+    replays), except at the Ms that run eagerly in a model (`Workload.eager`), where it is the
+    call issued eagerly: host launch cost included wherever it exceeds the GPU time."""
 
     median_us: float
     spread_us: float  # interquartile range of the repeats

@@ -3,6 +3,13 @@
 A Python CuPy launch costs ~20 µs of host time, more than a small GEMV runs, so calls are
 captured into a CUDA graph (one call per weight copy, the copies together larger than L2) and
 the graph's replays are timed with CUDA events. The result is GPU time per call.
+
+Prefill is the exception (`Workload.eager`): users run it eagerly, because prompt lengths vary
+and a graph holds one shape, so there a path that issues several launches (a chunked
+reconstruct: a kernel and a cuBLAS call per chunk) pays their host cost whenever it exceeds the
+GPU time. `eager_time` measures what such a call costs as the model runs it: calls issued back
+to back from Python, events around the batch, so the GPU's idle gaps while the host issues are
+counted.
 """
 
 from __future__ import annotations
@@ -60,44 +67,66 @@ def graph_time(call: Callable[[int], object], calls: int = CALLS_PER_GRAPH, repe
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = _capture(call, calls, stream)
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            graph.replay()
-        samples: list[float] = []
-        for _ in range(repeats):
-            start.record(stream)
-            graph.replay()
-            end.record(stream)
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1000.0 / calls)
+    got = _timed([graph.replay], calls, repeats, warmup)[0]
     del graph
-    return Measurement(statistics.median(samples), _iqr(samples), repeats)
+    return got
 
 
-def graph_time_interleaved(calls_a: Callable[[int], object], calls_b: Callable[[int], object],
-                           calls: int = CALLS_PER_GRAPH, rounds: int = 15) -> tuple[Measurement, Measurement]:
-    """Time two alternatives A B A B … (same card, same conditions): for the final check of a
-    tuned winner against the default, where drift between two separate runs would bias it."""
+def _eager_batch(call: Callable[[int], object], calls: int) -> Callable[[], None]:
+    def run() -> None:
+        for i in range(calls):
+            call(i)
+    return run
+
+
+def eager_time(call: Callable[[int], object], calls: int = CALLS_PER_GRAPH, repeats: int = 15,
+               warmup: int = 2) -> Measurement:
+    """Per-call time of `call(i)` for i in 0..calls-1 issued eagerly, back to back, on one
+    stream: max(host issue cost, GPU time) per call, the cost of a call in an eager forward.
+
+    Same contract as `graph_time` (torch's current stream, copy `i % copies`). The first batch
+    runs outside the timing (compiles, allocates, warms cuBLAS)."""
+    return _timed([_eager_batch(call, calls)], calls, repeats, warmup)[0]
+
+
+def _timed(runs: list[Callable[[], None]], calls: int, rounds: int, warmup: int) -> list[Measurement]:
+    """Time each of `runs` (a batch of `calls` calls) A B A B … `rounds` times on a private
+    stream, events around each batch; per-call medians."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    graphs = [_capture(fn, calls, stream) for fn in (calls_a, calls_b)]
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
-    out: list[list[float]] = [[], []]
+    out: list[list[float]] = [[] for _ in runs]
     with torch.cuda.stream(stream):
-        for g in graphs:
-            g.replay()
+        for _ in range(warmup):
+            for run in runs:
+                run()
+        stream.synchronize()
         for _ in range(rounds):
-            for idx, g in enumerate(graphs):
+            for idx, run in enumerate(runs):
                 start.record(stream)
-                g.replay()
+                run()
                 end.record(stream)
                 end.synchronize()
                 out[idx].append(start.elapsed_time(end) * 1000.0 / calls)
-    return (Measurement(statistics.median(out[0]), _iqr(out[0]), rounds),
-            Measurement(statistics.median(out[1]), _iqr(out[1]), rounds))
+    return [Measurement(statistics.median(xs), _iqr(xs), rounds) for xs in out]
+
+
+def graph_time_interleaved(calls_a: Callable[[int], object], calls_b: Callable[[int], object],
+                           calls: int = CALLS_PER_GRAPH, rounds: int = 15,
+                           eager: bool = False) -> tuple[Measurement, Measurement]:
+    """Time two alternatives A B A B … (same card, same conditions): for the final check of a
+    tuned winner against the default, where drift between two separate runs would bias it.
+    `eager`: issue the calls eagerly (`eager_time`) instead of replaying graphs of them."""
+    if eager:
+        a, b = _timed([_eager_batch(calls_a, calls), _eager_batch(calls_b, calls)], calls, rounds, 1)
+        return a, b
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graphs = [_capture(fn, calls, stream) for fn in (calls_a, calls_b)]
+    a, b = _timed([g.replay for g in graphs], calls, rounds, 1)
+    del graphs
+    return a, b
 
 
 def read_bandwidth_tbps(nbytes: int = 2 * 2**30) -> float:

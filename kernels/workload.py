@@ -10,6 +10,12 @@ from .errors import InvalidProblemError
 
 MAX_M = 65536
 
+GRAPHED_MAX_M = 128
+"""The largest M assumed to run inside a CUDA graph. Decode steps, up to 128 sequences a batch,
+replay one (torch.compile's reduce-overhead mode, the serving engines); a larger call is a chunk
+of a prompt, and prompts vary in length, so users run them eagerly and every launch pays its
+host cost. The tuner times Ms above this eagerly (`autotune/timing.py`)."""
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -40,6 +46,11 @@ class Workload:
     @property
     def pairs(self) -> tuple[tuple[int, float], ...]:
         return tuple(zip(self.ms, self.weights, strict=True))
+
+    @staticmethod
+    def eager(m: int) -> bool:
+        """Whether calls of M rows run eagerly (prefill) rather than inside a CUDA graph."""
+        return m > GRAPHED_MAX_M
 
     def objective(self, latency_us: dict[int, float]) -> float:
         """Weighted sum of per-M latencies (µs)."""
