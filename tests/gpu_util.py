@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import pytest
 import torch
 from gemmtune.kernels import reference
+from gemmtune.kernels.config import KernelConfig
 from gemmtune.kernels.gptq import GPTQTensors, random_gptq
 
 
@@ -62,3 +64,37 @@ def capture(call: Callable[[], T], warmups: int = 1) -> tuple[torch.cuda.CUDAGra
 def activations(m: int, k: int, seed: int, device: str = "cuda") -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(m, k, generator=g, device=device, dtype=torch.float32).to(torch.float16)
+
+
+FORMATS = [
+    (bits, group, act, zf)
+    for bits, group, act, zf in itertools.product((4, 8), (32, 128, -1), (False, True), ("v1", "v2"))
+    if not (act and group == -1)
+]
+"""Every weight format a kernel family must take: bits x group x act-order x zero convention
+(act-order needs groups)."""
+
+
+def check_product(out: torch.Tensor, ref: torch.Tensor, k: int, tol: float | None = None) -> None:
+    """`out` (poisoned with NaN before the call) fully written and within `tol` (default: the
+    fp32-accumulation tolerance at K) of the float32 reference product."""
+    assert not torch.isnan(out).any(), "unwritten (poisoned) outputs remain"
+    err = reference.relative_error(out.float().reshape(ref.shape), ref)
+    limit = tol if tol is not None else reference.fp32_accum_tolerance(k)
+    assert err < limit, f"relative error {err:.2e} over {limit:.2e}"
+
+
+def check_dispatch(t: GPTQTensors, cfg: KernelConfig, ms: Sequence[int], seed: int) -> None:
+    """`dispatch` of `t` under `cfg` at every M of `ms` against the reference, fresh activations
+    per M, output poisoned first (every M must take the fused path: fp32 tolerance)."""
+    from gemmtune.kernels.dispatch import dispatch
+    from gemmtune.kernels.weights import QuantizedWeight
+
+    w = QuantizedWeight(t, "cuda")
+    w_ref = reference.dequantize(t, torch.float32).cuda()
+    for m in ms:
+        a = activations(m, t.k, seed=seed + m)
+        out = torch.full((m, t.n), float("nan"), dtype=torch.float16, device="cuda")
+        dispatch(a, w, cfg, out=out)
+        torch.cuda.synchronize()
+        check_product(out, reference_product(a, t, w_ref), t.k)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from gemmtune.kernels import reference
 from gemmtune.kernels.config import PRESETS, KernelConfig, registers_fit
 from gemmtune.kernels.errors import InvalidTensorError
 
-from tests.gpu_util import activations, layer, reference_product, requires_gpu
+from tests.gpu_util import (
+    FORMATS,
+    activations,
+    check_product,
+    layer,
+    reference_product,
+    requires_gpu,
+)
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
@@ -21,20 +26,6 @@ def _weight(t):
     from gemmtune.kernels.weights import QuantizedWeight
 
     return QuantizedWeight(t, "cuda")
-
-
-def _check(out: torch.Tensor, ref: torch.Tensor, k: int, tol: float | None = None) -> None:
-    assert not torch.isnan(out).any(), "unwritten (poisoned) outputs remain"
-    err = reference.relative_error(out.float().reshape(ref.shape), ref)
-    limit = tol if tol is not None else reference.fp32_accum_tolerance(k)
-    assert err < limit, f"relative error {err:.2e} over {limit:.2e}"
-
-
-FORMATS = [
-    (bits, group, act, zf)
-    for bits, group, act, zf in itertools.product((4, 8), (32, 128, -1), (False, True), ("v1", "v2"))
-    if not (act and group == -1)
-]
 
 
 @pytest.mark.parametrize("bits,group,act,zf", FORMATS)
@@ -54,7 +45,7 @@ def test_dispatch_formats_all_m(bits: int, group: int, act: bool, zf: str) -> No
             out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
             dispatch(a, w, cfg, out=out)
             torch.cuda.synchronize()
-            _check(out, ref, k, tol)
+            check_product(out, ref, k, tol)
 
 
 def _variant_sample() -> list[KernelConfig]:
@@ -95,7 +86,7 @@ def test_fused_variants(cfg: KernelConfig) -> None:
             out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
             dispatch(a, w, cfg, out=out)
             torch.cuda.synchronize()
-            _check(out, reference_product(a, t, w_ref), k)
+            check_product(out, reference_product(a, t, w_ref), k)
 
 
 @pytest.mark.parametrize("k,n", [(5120, 11008), (14336, 4096), (4096, 5120)])
@@ -112,7 +103,7 @@ def test_llm_shapes_and_leading_dims(k: int, n: int) -> None:
             assert out.shape == (*shape[:-1], n) and out.dtype == torch.float16
             torch.cuda.synchronize()
             tol = None if a.numel() // k <= cfg.max_q_gemm_rows else reference.fp16_tolerance(k)
-            _check(out, reference_product(a, t, w_ref), k, tol)
+            check_product(out, reference_product(a, t, w_ref), k, tol)
 
 
 def test_cuda_graph_capture_replays_with_new_inputs() -> None:
@@ -140,8 +131,8 @@ def test_cuda_graph_capture_replays_with_new_inputs() -> None:
         out_big.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        _check(out_small, reference_product(a_small, t, w_ref), k)
-        _check(out_big, reference_product(a_big, t, w_ref), k, reference.fp16_tolerance(k))
+        check_product(out_small, reference_product(a_small, t, w_ref), k)
+        check_product(out_big, reference_product(a_big, t, w_ref), k, reference.fp16_tolerance(k))
 
 
 def test_split_k_workspace_left_clean_between_calls() -> None:
@@ -155,7 +146,7 @@ def test_split_k_workspace_left_clean_between_calls() -> None:
     w_ref = reference.dequantize(t, torch.float32).cuda()
     for m in (3, 16, 40, 64):
         a = activations(m, k, seed=m)
-        _check(dispatch(a, w, cfg), reference_product(a, t, w_ref), k)
+        check_product(dispatch(a, w, cfg), reference_product(a, t, w_ref), k)
     torch.cuda.synchronize()
     ws = plan_for(w, cfg).ws
     assert int(torch.count_nonzero(ws.partials)) == 0

@@ -3,15 +3,21 @@ CPU reference on fresh random data, outputs poisoned first (`pytest -m gpu`)."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from gemmtune.kernels import reference
 from gemmtune.kernels.config import STREAM, STREAM_ROWS, KernelConfig
 from gemmtune.kernels.errors import InvalidConfigError
 
-from tests.gpu_util import activations, capture, layer, reference_product, requires_gpu
+from tests.gpu_util import (
+    FORMATS,
+    activations,
+    capture,
+    check_product,
+    layer,
+    reference_product,
+    requires_gpu,
+)
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
@@ -30,13 +36,6 @@ def _sm90() -> bool:
     return torch.cuda.get_device_capability() >= (9, 0)
 
 
-def _check(out: torch.Tensor, ref: torch.Tensor, k: int, tol: float | None = None) -> None:
-    assert not torch.isnan(out).any(), "unwritten (poisoned) outputs remain"
-    err = reference.relative_error(out.float().reshape(ref.shape), ref)
-    limit = tol if tol is not None else reference.fp32_accum_tolerance(k)
-    assert err < limit, f"relative error {err:.2e} over {limit:.2e}"
-
-
 def _run_all_m(t, cfg: KernelConfig, ms=M_VALUES) -> None:  # noqa: ANN001
     from gemmtune.kernels.dispatch import dispatch
     from gemmtune.kernels.weights import QuantizedWeight
@@ -49,12 +48,7 @@ def _run_all_m(t, cfg: KernelConfig, ms=M_VALUES) -> None:  # noqa: ANN001
         dispatch(a, w, cfg, out=out)
         torch.cuda.synchronize()
         tol = None if m <= cfg.max_q_gemm_rows else reference.fp16_tolerance(t.k)
-        _check(out, reference_product(a, t, w_ref), t.k, tol)
-
-
-FORMATS = [(bits, group, act, zf)
-           for bits, group, act, zf in itertools.product((4, 8), (32, 128, -1), (False, True), ("v1", "v2"))
-           if not (act and group == -1)]
+        check_product(out, reference_product(a, t, w_ref), t.k, tol)
 
 
 @pytest.mark.parametrize("bits,group,act,zf", FORMATS)
@@ -136,4 +130,4 @@ def test_graph_capture_replays_with_new_inputs() -> None:
         graph.replay()
         torch.cuda.synchronize()
         for m, a in xs.items():
-            _check(outs[m], reference_product(a, t, w_ref), k)
+            check_product(outs[m], reference_product(a, t, w_ref), k)

@@ -4,22 +4,23 @@ every format, M at and around the tile edges, N and K that are not multiples of 
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from gemmtune.kernels import reference
 from gemmtune.kernels.config import TILED, TILES, KernelConfig, tiled_violation
 
-from tests.gpu_util import activations, capture, layer, reference_product, requires_gpu
+from tests.gpu_util import (
+    FORMATS,
+    activations,
+    capture,
+    check_dispatch,
+    check_product,
+    layer,
+    reference_product,
+    requires_gpu,
+)
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
-
-FORMATS = [
-    (bits, group, act, zf)
-    for bits, group, act, zf in itertools.product((4, 8), (32, 128, -1), (False, True), ("v1", "v2"))
-    if not (act and group == -1)
-]
 
 
 def tiled(tile_m: int, tile_n: int, tile_k: int = 64, stages: int = 4, split_k: int = 0,
@@ -33,27 +34,6 @@ def _edges(tile_m: int) -> list[int]:
     return sorted({1, tile_m - 1, tile_m, tile_m + 1, 2 * tile_m + 1})
 
 
-def _check(out: torch.Tensor, ref: torch.Tensor, k: int) -> None:
-    assert not torch.isnan(out).any(), "unwritten (poisoned) outputs remain"
-    err = reference.relative_error(out.float().reshape(ref.shape), ref)
-    limit = reference.fp32_accum_tolerance(k)
-    assert err < limit, f"relative error {err:.2e} over {limit:.2e}"
-
-
-def _run(t, cfg: KernelConfig, ms: list[int], seed: int) -> None:
-    from gemmtune.kernels.dispatch import dispatch
-    from gemmtune.kernels.weights import QuantizedWeight
-
-    w = QuantizedWeight(t, "cuda")
-    w_ref = reference.dequantize(t, torch.float32).cuda()
-    for m in ms:
-        a = activations(m, t.k, seed=seed + m)
-        out = torch.full((m, t.n), float("nan"), dtype=torch.float16, device="cuda")
-        dispatch(a, w, cfg, out=out)
-        torch.cuda.synchronize()
-        _check(out, reference_product(a, t, w_ref), t.k)
-
-
 @pytest.mark.parametrize("bits,group,act,zf", FORMATS)
 def test_tiled_formats(bits: int, group: int, act: bool, zf: str) -> None:
     # K = 17 K steps of 4-bit (not a whole number of stages: the last is partial) where the
@@ -61,7 +41,7 @@ def test_tiled_formats(bits: int, group: int, act: bool, zf: str) -> None:
     k = 640 if group == 128 else 544
     t = layer(k, 1000, bits, group, act, zf, seed=bits * 100 + group + act)
     for cfg in (tiled(16, 128, 64, 3), tiled(64, 128, 128, 4, split_k=3)):
-        _run(t, cfg, [1, 15, 16, 17, 65, 130], seed=group)
+        check_dispatch(t, cfg, [1, 15, 16, 17, 65, 130], seed=group)
 
 
 @pytest.mark.parametrize("tile", sorted(TILES))
@@ -74,13 +54,13 @@ def test_every_tile(tile: tuple[int, int], tile_k: int) -> None:
     if not stages:
         pytest.skip(tiled_violation(4, tile_m, tile_n, tile_k, 2))
     for split in (1, 0, 5):
-        _run(t, tiled(tile_m, tile_n, tile_k, stages, split), _edges(tile_m), seed=split)
+        check_dispatch(t, tiled(tile_m, tile_n, tile_k, stages, split), _edges(tile_m), seed=split)
 
 
 @pytest.mark.parametrize("stages", (2, 3, 4))
 def test_stages_and_8bit(stages: int) -> None:
     t = layer(1056, 776, 8, 32, True, "v2", seed=stages)
-    _run(t, tiled(32, 64, 128, stages, 0), [1, 31, 32, 33, 100], seed=stages)
+    check_dispatch(t, tiled(32, 64, 128, stages, 0), [1, 31, 32, 33, 100], seed=stages)
 
 
 def test_split_workspace_is_left_clean() -> None:
@@ -99,7 +79,7 @@ def test_split_workspace_is_left_clean() -> None:
         out = torch.full((40, t.n), float("nan"), dtype=torch.float16, device="cuda")
         plan(a, out)
         torch.cuda.synchronize()
-        _check(out, reference_product(a, t, w_ref), t.k)
+        check_product(out, reference_product(a, t, w_ref), t.k)
     assert not plan.ws.partials.any() and not plan.ws.counters.any()
 
 
@@ -123,4 +103,4 @@ def test_tiled_under_cuda_graph_replay() -> None:
             out.fill_(float("nan"))
             g.replay()
             torch.cuda.synchronize()
-            _check(out, reference_product(a, t, w_ref), t.k)
+            check_product(out, reference_product(a, t, w_ref), t.k)

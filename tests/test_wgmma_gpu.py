@@ -5,14 +5,21 @@ the tile, split-K (the workspace left clean) and CUDA-graph replay."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from gemmtune.kernels import reference
 from gemmtune.kernels.config import WGMMA, WGMMA_TILES, KernelConfig, wgmma_violation
 
-from tests.gpu_util import activations, capture, layer, reference_product, requires_gpu
+from tests.gpu_util import (
+    FORMATS,
+    activations,
+    capture,
+    check_dispatch,
+    check_product,
+    layer,
+    reference_product,
+    requires_gpu,
+)
 
 
 def _sm90() -> bool:
@@ -21,12 +28,6 @@ def _sm90() -> bool:
 
 pytestmark = [pytest.mark.gpu, requires_gpu,
               pytest.mark.skipif(not _sm90(), reason="the wgmma kernel runs on sm_90 cards only")]
-
-FORMATS = [
-    (bits, group, act, zf)
-    for bits, group, act, zf in itertools.product((4, 8), (32, 128, -1), (False, True), ("v1", "v2"))
-    if not (act and group == -1)
-]
 
 
 def wgmma(m: int, n: int, k: int = 64, stages: int = 4, split_k: int = 0,
@@ -39,27 +40,6 @@ def _deepest(bits: int, m: int, n: int, k: int) -> int:
     return next((s for s in (4, 3, 2) if wgmma_violation(bits, m, n, k, s) is None), 0)
 
 
-def _check(out: torch.Tensor, ref: torch.Tensor, k: int) -> None:
-    assert not torch.isnan(out).any(), "unwritten (poisoned) outputs remain"
-    err = reference.relative_error(out.float().reshape(ref.shape), ref)
-    limit = reference.fp32_accum_tolerance(k)
-    assert err < limit, f"relative error {err:.2e} over {limit:.2e}"
-
-
-def _run(t, cfg: KernelConfig, ms: list[int], seed: int) -> None:
-    from gemmtune.kernels.dispatch import dispatch
-    from gemmtune.kernels.weights import QuantizedWeight
-
-    w = QuantizedWeight(t, "cuda")
-    w_ref = reference.dequantize(t, torch.float32).cuda()
-    for m in ms:
-        a = activations(m, t.k, seed=seed + m)
-        out = torch.full((m, t.n), float("nan"), dtype=torch.float16, device="cuda")
-        dispatch(a, w, cfg, out=out)
-        torch.cuda.synchronize()
-        _check(out, reference_product(a, t, w_ref), t.k)
-
-
 @pytest.mark.parametrize("bits,group,act,zf", FORMATS)
 def test_wgmma_formats(bits: int, group: int, act: bool, zf: str) -> None:
     # K of 17 4-bit steps where the group allows (a partial last stage); N = 1000 leaves a
@@ -67,7 +47,7 @@ def test_wgmma_formats(bits: int, group: int, act: bool, zf: str) -> None:
     k = 640 if group == 128 else 544
     t = layer(k, 1000, bits, group, act, zf, seed=bits * 100 + group + act)
     for cfg in (wgmma(16, 128, 64, 3), wgmma(64, 256, 64, 4, split_k=3)):
-        _run(t, cfg, [1, 15, 16, 17, 65, 130], seed=group)
+        check_dispatch(t, cfg, [1, 15, 16, 17, 65, 130], seed=group)
 
 
 @pytest.mark.parametrize("bits", (4, 8))
@@ -80,14 +60,14 @@ def test_every_wgmma_tile(tile: tuple[int, int], tile_k: int, bits: int) -> None
         pytest.skip(wgmma_violation(bits, tile_m, tile_n, tile_k, 2))
     t = layer(1056, 1000, bits, 32, False, "v1", seed=tile_m + tile_n + tile_k + bits)  # 33 4-bit steps
     for split in (1, 5):
-        _run(t, wgmma(tile_m, tile_n, tile_k, stages, split),
+        check_dispatch(t, wgmma(tile_m, tile_n, tile_k, stages, split),
              sorted({1, tile_m - 1, tile_m, tile_m + 1, 2 * tile_m + 1}), seed=split)
 
 
 @pytest.mark.parametrize("stages", (2, 3, 4, 5))
 def test_wgmma_stages(stages: int) -> None:
     t = layer(2048, 640, 4, 128, False, "v2", seed=stages)
-    _run(t, wgmma(32, 128, 64, stages, 0), [1, 31, 32, 33, 100], seed=stages)
+    check_dispatch(t, wgmma(32, 128, 64, stages, 0), [1, 31, 32, 33, 100], seed=stages)
 
 
 def test_wgmma_split_workspace_is_left_clean() -> None:
@@ -103,7 +83,7 @@ def test_wgmma_split_workspace_is_left_clean() -> None:
         out = torch.full((40, t.n), float("nan"), dtype=torch.float16, device="cuda")
         plan(a, out)
         torch.cuda.synchronize()
-        _check(out, reference_product(a, t, w_ref), t.k)
+        check_product(out, reference_product(a, t, w_ref), t.k)
     assert not plan.ws.partials.any() and not plan.ws.counters.any()
 
 
@@ -127,4 +107,4 @@ def test_wgmma_under_cuda_graph_replay() -> None:
             out.fill_(float("nan"))
             g.replay()
             torch.cuda.synchronize()
-            _check(out, reference_product(a, t, w_ref), t.k)
+            check_product(out, reference_product(a, t, w_ref), t.k)
