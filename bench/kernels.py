@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
 """Benchmark the GPTQ kernels against torch fp16 on the LLM shapes of the kernels issue.
 
-For each shape and M: the best variant of each fused kernel (decode and tiled, a two-stage sweep
-each), the reconstruct + cuBLAS path, the *dispatch* of the plan over M bands that the tuner's
+For each shape and M: the best variant of each fused kernel family (decode and tiled; on sm_90
+cards wgmma from M = 8 up and stream up to M = 8; a two-stage sweep each), the reconstruct +
+cuBLAS path, the *dispatch* of the plan over M bands that the tuner's
 DP (`autotune.bands.plan_bands`) builds from these measurements, and torch fp16 matmul. Every number is GPU time per call from CUDA-graph
 replays (20 calls per graph, each on a different weight copy, copies > 150 MB so L2 cannot hold
 them), median of 15 replays. Ceilings (streaming-read bandwidth, the roofline's; fp16 matmul
 peak; and, for comparison only, a graph-captured torch copy) are measured in the same run. Writes JSON; `bench/report.py` turns it into the BENCHMARKS.md table.
 
+`--peers` merges the peers' figures (`../shared/peers/peer_bench.py`'s `peer.json`, taken in the
+same device call on the same card, with its `peer_meta.json` beside it) into each row as `marlin_us`, `exl_us` and `peer_fp16_us`, beside
+our own `fp16_us` and `dispatch_us`; a peers file from another card model is refused.
+
     python bench/kernels.py -o out/kernels.json              # full run (~ minutes on an H100)
     python bench/kernels.py --shapes 4096x4096 --ms 1,16,64  # quick look
+    python bench/kernels.py --families wgmma,tiled --ms 16,64,256,512 --peers $OUT/peer.json
 """
 
 from __future__ import annotations
@@ -25,7 +31,20 @@ from pathlib import Path
 import torch
 from gemmtune.autotune import timing
 from gemmtune.autotune.bands import Measured, plan_bands
-from gemmtune.kernels.config import TILED, TILES, KernelConfig, registers_fit, tiled_violation
+from gemmtune.kernels.config import (
+    STREAM,
+    STREAM_ROWS,
+    TILED,
+    TILES,
+    WGMMA,
+    WGMMA_CAPABILITY,
+    WGMMA_TILES,
+    KernelConfig,
+    registers_fit,
+    stream_violation,
+    tiled_violation,
+    wgmma_violation,
+)
 from gemmtune.kernels.device import query_device
 from gemmtune.kernels.dispatch import plan_for
 from gemmtune.kernels.gptq import random_gptq
@@ -46,7 +65,8 @@ SHAPES = [
 MS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512]
 STAGE1_MS = (1, 8, 16, 64)
 TILED_STAGE1_MS = (16, 64, 256)
-TILED_MIN_M = 8  # the tiled kernel is not measured below this M (the decode band)
+TILED_MIN_M = 8  # the tiled and wgmma kernels are not measured below this M (the decode band)
+FAMILIES = ("decode", "tiled", "wgmma", "stream")
 SPLITS = (1, 2, 4, 8)  # explicit split_k tried on each family's three best
 FUSED_LIMIT = 512  # max_q_gemm_rows that forces the fused path at every benchmarked M
 
@@ -77,6 +97,32 @@ def tiled_candidates() -> list[KernelConfig]:
     return out
 
 
+def wgmma_candidates() -> list[KernelConfig]:
+    """Every built wgmma tile with both stage lengths at the deepest pipeline that fits (4-bit)."""
+    out = []
+    for (tm, tn) in sorted(WGMMA_TILES):
+        for tk in (64, 128):
+            st = next((s for s in (4, 3, 2) if wgmma_violation(4, tm, tn, tk, s) is None), 0)
+            if st:
+                out.append(KernelConfig(max_q_gemm_rows=FUSED_LIMIT, kernel=WGMMA, wgmma_m=tm,
+                                        wgmma_n=tn, wgmma_k=tk, wgmma_stages=st))
+    return out
+
+
+def stream_candidates() -> list[KernelConfig]:
+    """The standard space's stream tiles, K split chosen by the launcher."""
+    from gemmtune.autotune.space import STREAM_TILES
+
+    return [KernelConfig(max_q_gemm_rows=FUSED_LIMIT, kernel=STREAM, stream_warps_n=wn,
+                         stream_warps_k=wk, stream_chunk=ch, stream_slots=sl)
+            for wn, wk, ch, sl in STREAM_TILES if stream_violation(wn, wk, ch, sl, 0) is None]
+
+
+def family_of(variant_key: str) -> str:
+    """The family a `variant_key` belongs to (the decode kernel's keys carry no prefix)."""
+    return next((f for f in FAMILIES[1:] if variant_key.startswith(f)), "decode")
+
+
 def roofline_us(k: int, n: int, m: int, bw_tbps: float, tflops: float, group: int = 128) -> float:
     g = k // group
     nbytes = k * n // 2 + g * n * 2 + g * n // 2 + m * k * 2 + m * n * 2
@@ -84,7 +130,7 @@ def roofline_us(k: int, n: int, m: int, bw_tbps: float, tflops: float, group: in
 
 
 def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float, tf: float,
-                log) -> list[dict]:
+                log, families: tuple[str, ...] = FAMILIES) -> list[dict]:
     gen = torch.Generator().manual_seed(k * 7 + n)
     t = random_gptq(k, n, 4, 128, False, "v1", generator=gen)
     per_copy = t.problem.weight_bytes()
@@ -120,15 +166,23 @@ def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float
                     fused[c.variant_key()][m] = run_cfg(c, acts[m]).median_us
         return top
 
-    top = sweep(candidates(), [m for m in STAGE1_MS if m in acts], ms)
-    # the tiled family the same way, from M = TILED_MIN_M up
+    dms = [m for m in ms if m <= FUSED_LIMIT]
+    top = sweep(candidates(), [m for m in STAGE1_MS if m in acts] or dms[:1], dms) \
+        if "decode" in families else []
+    dtop = list(top)
+    # the block-tile families the same way, from M = TILED_MIN_M up
     tms = [m for m in ms if m >= TILED_MIN_M]
-    ttop = sweep(tiled_candidates(), [m for m in TILED_STAGE1_MS if m in tms] or tms[:1], tms) if tms else []
-    top += ttop
+    stage1 = [m for m in TILED_STAGE1_MS if m in tms] or tms[:1]
+    ttop = sweep(tiled_candidates(), stage1, tms) if tms and "tiled" in families else []
+    sm90 = torch.cuda.get_device_capability() == WGMMA_CAPABILITY
+    wtop = sweep(wgmma_candidates(), stage1, tms) if tms and sm90 and "wgmma" in families else []
+    sms = [m for m in ms if m <= STREAM_ROWS]
+    stop = sweep(stream_candidates(), sms[:1] + sms[-1:], sms) if sms and "stream" in families else []
+    top += ttop + wtop + stop
     # explicit K splits of the three best of each family (the sweep above uses the launcher's
     # automatic split, which scores whole waves and not the split-K reduction's traffic; the
     # tuner searches split_k, so the best-variant columns should too)
-    for fam, fms in ((top[:3], [m for m in ms if m <= 64]), (ttop[:3], tms)):
+    for fam, fms in ((dtop[:3], [m for m in dms if m <= 64]), (ttop[:3], tms), (wtop[:3], tms)):
         for c in fam:
             for sk in SPLITS:
                 v = c.replace(split_k=sk)
@@ -154,17 +208,14 @@ def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float
         cfg_m = plan.config_at(m)
         d = run_cfg(cfg_m, acts[m]).median_us
         fbest_key = min(fused, key=lambda key: fused[key].get(m, math.inf))
-        dbest = min((t[m] for key, t in fused.items() if not key.startswith("tiled") and m in t),
-                    default=math.inf)
-        tbest = min((t[m] for key, t in fused.items() if key.startswith("tiled") and m in t),
-                    default=math.inf)
+        best = {f: min((t[m] for key, t in fused.items() if family_of(key) == f and m in t),
+                       default=math.inf) for f in FAMILIES}
         rows.append({
             "model": model, "layer": layer, "K": k, "N": n, "M": m,
             "fp16_us": round(fp16[m], 2),
             "fused_best_us": round(fused[fbest_key][m], 2),
             "fused_best_variant": fbest_key,
-            "decode_best_us": round(dbest, 2) if math.isfinite(dbest) else None,
-            "tiled_best_us": round(tbest, 2) if math.isfinite(tbest) else None,
+            **{f"{f}_best_us": round(best[f], 2) if math.isfinite(best[f]) else None for f in FAMILIES},
             "recon_us": round(min(rv[m] for rv in recon.values()), 2),
             "dispatch_us": round(d, 2),
             "dispatch_config": cfg_m.key(),
@@ -180,6 +231,24 @@ def bench_shape(model: str, layer: str, k: int, n: int, ms: list[int], bw: float
     return rows
 
 
+PEER_COLUMNS = {"marlin_us": "marlin_us", "exl_default_us": "exl_us", "fp16_us": "peer_fp16_us"}
+"""peer_bench.py's column -> this table's (its fp16 is cuBLAS timed by the peers' harness; ours
+stays `fp16_us`)."""
+
+
+def merge_peers(rows: list[dict], peer_rows: list[dict], peer_card: str, card: str) -> None:
+    """Copy the peers' per-(K, N, M) figures into `rows` (None where the peer has no cell).
+    Raises ValueError for peers measured on another card model."""
+    if card not in peer_card:
+        raise ValueError(f"the peers were measured on {peer_card!r}, not on this {card}")
+    by_cell = {(r["K"], r["N"], r["M"]): r for r in peer_rows}
+    for row in rows:
+        peer = by_cell.get((row["K"], row["N"], row["M"]), {})
+        for theirs, ours in PEER_COLUMNS.items():
+            v = peer.get(theirs)
+            row[ours] = round(v, 2) if isinstance(v, (int, float)) else None
+
+
 all_fused: dict[str, dict[str, dict[str, float]]] = {}
 all_recon: dict[str, dict[str, dict[str, float]]] = {}
 plans_by_shape: dict[str, list[list]] = {}
@@ -189,8 +258,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="", help="comma list of KxN (default: all eight)")
     ap.add_argument("--ms", default="", help="comma list of M (default: the 15 of the issue)")
+    ap.add_argument("--families", default=",".join(FAMILIES),
+                    help=f"comma list of the fused families to sweep (default {','.join(FAMILIES)}; "
+                         "wgmma and stream on sm_90 only)")
+    ap.add_argument("--peers", help="peer_bench.py's peer.json from the same device call (its "
+                                    "peer_meta.json beside it names the card): its Marlin, "
+                                    "ExLlamaV2 and fp16 figures go into each row")
     ap.add_argument("-o", "--output", default="bench-kernels.json")
     args = ap.parse_args()
+    families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        print(f"error: --families: unknown {', '.join(sorted(unknown))} (choose from {', '.join(FAMILIES)})",
+              file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: needs a CUDA GPU", file=sys.stderr)
         return 1
@@ -208,7 +289,15 @@ def main() -> int:
           flush=True)
     rows = []
     for model, layer, k, n in shapes:
-        rows += bench_shape(model, layer, k, n, ms, bw, tf, lambda s: print(s, flush=True))
+        rows += bench_shape(model, layer, k, n, ms, bw, tf, lambda s: print(s, flush=True), families)
+    if args.peers:
+        try:
+            peer_rows = json.loads(Path(args.peers).read_text())
+            meta = json.loads((Path(args.peers).parent / "peer_meta.json").read_text())
+            merge_peers(rows, peer_rows, str(meta.get("device", "")), dev.name)
+        except (OSError, ValueError) as exc:
+            print(f"error: --peers {args.peers}: {exc}", file=sys.stderr)
+            return 2
     result = {
         "what": "Per-call GPU time (µs) of 4-bit g128 GPTQ GEMMs, gemmtune kernels vs torch fp16",
         "method": "CUDA graph of 20 calls, each on a different weight copy (copies > 150 MB), "

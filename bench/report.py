@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Render a `bench/kernels.py` JSON result as the BENCHMARKS.md kernel table.
 
-With `--anchor` (the peers' timings on the same card model, same shapes × M) the table adds
+Peers merged into the rows by `bench/kernels.py --peers` (same device call) are used as they are;
+otherwise, with `--anchor` (the peers' timings on the same card model, same shapes × M) the table adds
 ExLlamaV2 0.3.2's shipped dispatch, Marlin where the anchor has it, and each cell's ratio to the
 best peer; an anchor from another card model is ignored. torch fp16 is always the figure
 re-measured in *our* run, so the ratio to it is same-run.
@@ -26,6 +27,21 @@ if TYPE_CHECKING:
 
 def geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def _us(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f}"
+
+
+def same_run_peers(result: dict) -> dict | None:
+    """The peers' figures that `bench/kernels.py --peers` put into the rows (taken in the same
+    device call), in the anchor's shape; None when the rows carry none."""
+    rows = [r for r in result["rows"] if r.get("exl_us") or r.get("marlin_us")]
+    if not rows:
+        return None
+    return {"what": f"peers measured in the same run on {result['device']['name']}",
+            "rows": [{"K": r["K"], "N": r["N"], "M": r["M"], "exl_default_us": r.get("exl_us"),
+                      "marlin_us": r.get("marlin_us")} for r in rows if r.get("exl_us")]}
 
 
 def render(result: dict, anchor: dict | None, replan: bool = False) -> str:
@@ -56,9 +72,11 @@ def render(result: dict, anchor: dict | None, replan: bool = False) -> str:
         "fp16 time), re-measured with each M's band config, as a tuned model runs it.",
         "",
     ]
-    head = ("| shape K×N | M | torch fp16 | decode kernel | tiled kernel | recon | dispatch | "
-            "dispatch ÷ fp16 | roofline | eff. |")
-    sep = "|---|---|---|---|---|---|---|---|---|---|"
+    extra = [f for f in ("wgmma", "stream") if any(r.get(f"{f}_best_us") for r in rows)]
+    head = ("| shape K×N | M | torch fp16 | decode kernel | tiled kernel | "
+            + "".join(f"{f} kernel | " for f in extra)
+            + "recon | dispatch | dispatch ÷ fp16 | roofline | eff. |")
+    sep = "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra)
     has_marlin = any(a.get("marlin_us") for a in anc.values())
     if anc:
         head += " ExLlamaV2 0.3.2 | fused ÷ ExL | dispatch ÷ ExL |"
@@ -75,7 +93,8 @@ def render(result: dict, anchor: dict | None, replan: bool = False) -> str:
         til = r.get("tiled_best_us")
         line = (f"| {r['K']}×{r['N']} | {r['M']} | {r['fp16_us']:.1f} | "
                 f"{'–' if dec is None else f'{dec:.1f}'} | {'–' if til is None else f'{til:.1f}'} | "
-                f"{r['recon_us']:.1f} | {r['dispatch_us']:.1f} | {r['dispatch_us'] / r['fp16_us']:.2f} | "
+                + "".join(f"{_us(r.get(f'{f}_best_us'))} | " for f in extra)
+                + f"{r['recon_us']:.1f} | {r['dispatch_us']:.1f} | {r['dispatch_us'] / r['fp16_us']:.2f} | "
                 f"{r['roofline_us']:.1f} | {eff:.2f} |")
         a = anc.get((r["K"], r["N"], r["M"]))
         if a:
@@ -206,7 +225,7 @@ def main() -> int:
                          "per-variant timings (for a run made with an older rule)")
     args = ap.parse_args()
     result = json.loads(Path(args.result).read_text())
-    anchor = json.loads(Path(args.anchor).read_text()) if args.anchor else None
+    anchor = json.loads(Path(args.anchor).read_text()) if args.anchor else same_run_peers(result)
     if anchor and result["device"]["name"] not in anchor["what"]:
         anchor = None  # another card model: its figures are history, not peers of this run
     print(render(result, anchor, args.replan), end="")

@@ -1,0 +1,56 @@
+"""bench/kernels.py on the CPU: its candidates are configs every family can build, the columns
+name the right family, and the same-run peer figures land in the right cells (or are refused
+when they were taken on another card)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from gemmtune.kernels.config import STREAM, TILED, WGMMA, wgmma_violation
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def kb() -> ModuleType:
+    sys.path.insert(0, str(BENCH))  # the script imports its sibling report.py
+    try:
+        spec = importlib.util.spec_from_file_location("bench_kernels", BENCH / "kernels.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_every_family_has_candidates_and_each_key_names_its_family(kb: ModuleType) -> None:
+    sets = {"decode": kb.candidates(), "tiled": kb.tiled_candidates(),
+            "wgmma": kb.wgmma_candidates(), "stream": kb.stream_candidates()}
+    kinds = {"tiled": TILED, "wgmma": WGMMA, "stream": STREAM}
+    for family, cands in sets.items():
+        assert cands, family
+        assert len({c.variant_key() for c in cands}) == len(cands), f"{family}: repeated variants"
+        for c in cands:
+            assert kb.family_of(c.variant_key()) == family
+            if family in kinds:
+                assert c.kernel == kinds[family]
+    for c in sets["wgmma"]:
+        assert wgmma_violation(4, c.wgmma_m, c.wgmma_n, c.wgmma_k, c.wgmma_stages) is None
+    assert {c.wgmma_k for c in sets["wgmma"]} == {64, 128}
+
+
+def test_peers_fill_their_cells_and_another_card_is_refused(kb: ModuleType) -> None:
+    rows = [{"K": 4096, "N": 4096, "M": m, "fp16_us": 9.0, "dispatch_us": 8.0} for m in (1, 16)]
+    peers = [{"K": 4096, "N": 4096, "M": 16, "marlin_us": 11.234, "exl_default_us": 12.0, "fp16_us": 9.5},
+             {"K": 8192, "N": 8192, "M": 1, "marlin_us": 1.0}]
+    kb.merge_peers(rows, peers, "NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3")
+    assert rows[1] == {"K": 4096, "N": 4096, "M": 16, "fp16_us": 9.0, "dispatch_us": 8.0,
+                            "marlin_us": 11.23, "exl_us": 12.0, "peer_fp16_us": 9.5}
+    assert (rows[0]["marlin_us"], rows[0]["exl_us"], rows[0]["peer_fp16_us"]) == (None, None, None)
+    with pytest.raises(ValueError, match="H200"):
+        kb.merge_peers(rows, peers, "NVIDIA H200", "NVIDIA H100 80GB HBM3")
