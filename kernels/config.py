@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -180,31 +181,44 @@ memory builds without spilling; `gemmtune kernels check` builds every instance t
 kernel change that makes another one spill fails there and belongs in this table."""
 
 
+def _tile_violation(family: str, arch: str, tiles: Mapping[tuple[int, int], object],
+                    bounds: dict[int, dict[tuple[int, int, int], int]], smem_bytes: int,
+                    k_field: str, k_rule: str, bits: int, tile_m: int, tile_n: int, tile_k: int, stages: int,
+                    smem_limit: int) -> str | None:
+    """The rules every block-tile family shares, in order: a built tile, a K tile (`k_field`) of
+    whole 64-half swizzle/staging units (`k_rule` says why), no register spill (`bounds`, measured
+    with ptxas for `arch`), and the pipeline's `smem_bytes` within `smem_limit`."""
+    if (tile_m, tile_n) not in tiles:
+        return (f"{family} tile {tile_m}x{tile_n} is not a built tile (built: "
+                f"{', '.join(f'{m}x{n}' for m, n in tiles)})")
+    if tile_k % 64:
+        return f"{k_field}={tile_k} must be a multiple of 64 ({k_rule})"
+    shape = f"{family} {tile_m}x{tile_n}x{tile_k}"
+    bound = bounds.get(bits, {}).get((tile_m, tile_n, tile_k))
+    if bound is not None and stages > bound:
+        if not bound:
+            return f"{shape} spills registers at {bits}-bit with any number of stages (ptxas, {arch})"
+        return (f"{shape} with {stages} stages spills registers at {bits}-bit (ptxas, {arch}; at "
+                f"most {bound} stages fit)")
+    if smem_bytes > smem_limit:
+        return (f"{shape} with {stages} stages needs {smem_bytes // 1024} KB of shared memory at "
+                f"{bits}-bit, more than the {smem_limit // 1024} KB a block may use")
+    return None
+
+
 def tiled_violation(bits: int, tile_m: int, tile_n: int, tile_k: int, stages: int,
                     smem_limit: int = SMEM_OPT_IN_SM90) -> str | None:
     """Why a tiled-kernel instance cannot be built or launched with `smem_limit` bytes of shared
     memory per block, or None: the one statement of the tiled kernel's rules (used by
     `KernelConfig` at 4-bit, `dispatch.Plan` at the weight's bits and the card's limit, the
     search space at every bit width and the static build check)."""
-    if (tile_m, tile_n) not in TILES:
-        return (f"tile {tile_m}x{tile_n} is not a built tile (built: "
-                f"{', '.join(f'{m}x{n}' for m, n in TILES)})")
-    if tile_k % 64:
-        # The A tile's XOR swizzle permutes 8 16-byte chunks (64 halves) of a row: a row of
-        # another length would be read past its end.
-        return f"tile_k={tile_k} must be a multiple of 64 (the A tile's swizzle spans 64 columns)"
-    bound = TILED_REGISTER_BOUND.get(bits, {}).get((tile_m, tile_n, tile_k))
-    if bound is not None and stages > bound:
-        if not bound:
-            return (f"tiled {tile_m}x{tile_n}x{tile_k} spills registers at {bits}-bit with any "
-                    "number of stages (ptxas, sm_90)")
-        return (f"tiled {tile_m}x{tile_n}x{tile_k} with {stages} stages spills registers at "
-                f"{bits}-bit (ptxas, sm_90; at most {bound} stages fit)")
-    need = tiled_smem_bytes(bits, tile_m, tile_n, tile_k, stages)
-    if need > smem_limit:
-        return (f"tiled {tile_m}x{tile_n}x{tile_k} with {stages} stages needs {need // 1024} KB of "
-                f"shared memory at {bits}-bit, more than the {smem_limit // 1024} KB a block may use")
-    return None
+    # The A tile's XOR swizzle permutes 8 16-byte chunks (64 halves) of a row: a row of another
+    # length would be read past its end.
+    return _tile_violation("tiled", "sm_90", TILES, TILED_REGISTER_BOUND,
+                           tiled_smem_bytes(bits, tile_m, tile_n, tile_k, stages),
+                           "tile_k", "the A tile's swizzle spans 64 columns", bits, tile_m, tile_n, tile_k,
+                           stages, smem_limit)
+
 
 def wgmma_shape(bits: int, wgmma_m: int, wgmma_n: int, wgmma_k: int) -> tuple[int, int]:
     """(K steps per stage, bytes of shared memory per stage) of a wgmma instance: the A tile, the
@@ -238,25 +252,10 @@ def wgmma_violation(bits: int, wgmma_m: int, wgmma_n: int, wgmma_k: int, stages:
     `KernelConfig` at 4-bit, `dispatch.Plan` at the weight's bits and the card's limit, the search
     space at every bit width and the static build check). The card itself (sm_90) is checked
     where a weight is bound."""
-    if (wgmma_m, wgmma_n) not in WGMMA_TILES:
-        return (f"wgmma tile {wgmma_m}x{wgmma_n} is not a built tile (built: "
-                f"{', '.join(f'{m}x{n}' for m, n in WGMMA_TILES)})")
-    if wgmma_k % 64:
-        # A warp stages 4 rows x 8 chunks (64 halves) of activations at a time.
-        return f"wgmma_k={wgmma_k} must be a multiple of 64 (a warp stages 64 columns of a row)"
-    bound = WGMMA_REGISTER_BOUND.get(bits, {}).get((wgmma_m, wgmma_n, wgmma_k))
-    if bound is not None and stages > bound:
-        if not bound:
-            return (f"wgmma {wgmma_m}x{wgmma_n}x{wgmma_k} spills registers at {bits}-bit with any "
-                    "number of stages (ptxas, sm_90a)")
-        return (f"wgmma {wgmma_m}x{wgmma_n}x{wgmma_k} with {stages} stages spills registers at "
-                f"{bits}-bit (ptxas, sm_90a; at most {bound} stages fit)")
-    need = wgmma_smem_bytes(bits, wgmma_m, wgmma_n, wgmma_k, stages)
-    if need > smem_limit:
-        return (f"wgmma {wgmma_m}x{wgmma_n}x{wgmma_k} with {stages} stages needs {need // 1024} KB "
-                f"of shared memory at {bits}-bit, more than the {smem_limit // 1024} KB a block "
-                "may use")
-    return None
+    return _tile_violation("wgmma", "sm_90a", WGMMA_TILES, WGMMA_REGISTER_BOUND,
+                           wgmma_smem_bytes(bits, wgmma_m, wgmma_n, wgmma_k, stages),
+                           "wgmma_k", "a warp stages 64 columns of a row", bits, wgmma_m, wgmma_n, wgmma_k,
+                           stages, smem_limit)
 
 
 STREAM_ROWS = 8
