@@ -98,3 +98,43 @@ def check_dispatch(t: GPTQTensors, cfg: KernelConfig, ms: Sequence[int], seed: i
         dispatch(a, w, cfg, out=out)
         torch.cuda.synchronize()
         check_product(out, reference_product(a, t, w_ref), t.k)
+
+
+def check_split_workspace_clean(cfg: KernelConfig) -> None:
+    """Split-K partials and counters are restored to zero by the kernel under `cfg` (a split
+    config): a second call with other data is still right, and the workspace is all zero after."""
+    from gemmtune.kernels.dispatch import plan_for
+    from gemmtune.kernels.weights import QuantizedWeight
+
+    t = layer(4096, 512, 4, 128, False, "v1", seed=7)
+    plan = plan_for(QuantizedWeight(t, "cuda"), cfg)
+    w_ref = reference.dequantize(t, torch.float32).cuda()
+    for seed in (1, 2):
+        a = activations(40, t.k, seed=seed)
+        out = torch.full((40, t.n), float("nan"), dtype=torch.float16, device="cuda")
+        plan(a, out)
+        torch.cuda.synchronize()
+        check_product(out, reference_product(a, t, w_ref), t.k)
+    assert not plan.ws.partials.any() and not plan.ws.counters.any()
+
+
+def check_graph_replay(config_for_split: Callable[[int], KernelConfig], m: int = 48) -> None:
+    """Captured once, replayed on new activations written into the captured input: each replay
+    matches the reference, split (4 slices) and unsplit, act-order (the gather) included."""
+    from gemmtune.kernels.dispatch import plan_for
+    from gemmtune.kernels.weights import QuantizedWeight
+
+    for act, split in ((False, 4), (True, 1)):
+        t = layer(2048, 768, 4, 128, act, "v1", seed=11 + act)
+        plan = plan_for(QuantizedWeight(t, "cuda"), config_for_split(split))
+        plan.prepare((m,))
+        w_ref = reference.dequantize(t, torch.float32).cuda()
+        a = activations(m, t.k, seed=0)
+        out = torch.empty((m, t.n), dtype=torch.float16, device="cuda")
+        g, _ = capture(lambda p=plan, x=a, o=out: p(x, o))
+        for seed in (3, 4):
+            a.copy_(activations(m, t.k, seed=seed))
+            out.fill_(float("nan"))
+            g.replay()
+            torch.cuda.synchronize()
+            check_product(out, reference_product(a, t, w_ref), t.k)

@@ -5,18 +5,14 @@ every format, M at and around the tile edges, N and K that are not multiples of 
 from __future__ import annotations
 
 import pytest
-import torch
-from gemmtune.kernels import reference
 from gemmtune.kernels.config import TILED, TILES, KernelConfig, tiled_violation
 
 from tests.gpu_util import (
     FORMATS,
-    activations,
-    capture,
     check_dispatch,
-    check_product,
+    check_graph_replay,
+    check_split_workspace_clean,
     layer,
-    reference_product,
     requires_gpu,
 )
 
@@ -64,43 +60,8 @@ def test_stages_and_8bit(stages: int) -> None:
 
 
 def test_split_workspace_is_left_clean() -> None:
-    """Split-K partials and counters are restored to zero by the kernel: a second call with other
-    data is still right, and the workspace is all zero after it."""
-    from gemmtune.kernels.dispatch import plan_for
-    from gemmtune.kernels.weights import QuantizedWeight
-
-    t = layer(4096, 512, 4, 128, False, "v1", seed=7)
-    w = QuantizedWeight(t, "cuda")
-    cfg = tiled(32, 128, 64, 4, split_k=8)
-    plan = plan_for(w, cfg)
-    w_ref = reference.dequantize(t, torch.float32).cuda()
-    for seed in (1, 2):
-        a = activations(40, t.k, seed=seed)
-        out = torch.full((40, t.n), float("nan"), dtype=torch.float16, device="cuda")
-        plan(a, out)
-        torch.cuda.synchronize()
-        check_product(out, reference_product(a, t, w_ref), t.k)
-    assert not plan.ws.partials.any() and not plan.ws.counters.any()
+    check_split_workspace_clean(tiled(32, 128, 64, 4, split_k=8))
 
 
 def test_tiled_under_cuda_graph_replay() -> None:
-    """Captured once, replayed on new activations (written into the captured input): each
-    replay matches the reference, split and unsplit, act-order (the gather) included."""
-    from gemmtune.kernels.dispatch import plan_for
-    from gemmtune.kernels.weights import QuantizedWeight
-
-    for act, split in ((False, 4), (True, 1)):
-        t = layer(2048, 768, 4, 128, act, "v1", seed=11 + act)
-        w = QuantizedWeight(t, "cuda")
-        plan = plan_for(w, tiled(64, 128, 64, 4, split_k=split))
-        plan.prepare((48,))
-        w_ref = reference.dequantize(t, torch.float32).cuda()
-        a = activations(48, t.k, seed=0)
-        out = torch.empty((48, t.n), dtype=torch.float16, device="cuda")
-        g, _ = capture(lambda p=plan, x=a, o=out: p(x, o))
-        for seed in (3, 4):
-            a.copy_(activations(48, t.k, seed=seed))
-            out.fill_(float("nan"))
-            g.replay()
-            torch.cuda.synchronize()
-            check_product(out, reference_product(a, t, w_ref), t.k)
+    check_graph_replay(lambda split: tiled(64, 128, 64, 4, split_k=split))

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gemmtune.kernels import reference
 from gemmtune.kernels.config import WGMMA, WGMMA_TILES, KernelConfig, wgmma_violation
 
 from tests.gpu_util import (
     FORMATS,
-    activations,
-    capture,
     check_dispatch,
-    check_product,
+    check_graph_replay,
+    check_split_workspace_clean,
     layer,
-    reference_product,
     requires_gpu,
 )
 
@@ -61,7 +58,7 @@ def test_every_wgmma_tile(tile: tuple[int, int], tile_k: int, bits: int) -> None
     t = layer(1056, 1000, bits, 32, False, "v1", seed=tile_m + tile_n + tile_k + bits)  # 33 4-bit steps
     for split in (1, 5):
         check_dispatch(t, wgmma(tile_m, tile_n, tile_k, stages, split),
-             sorted({1, tile_m - 1, tile_m, tile_m + 1, 2 * tile_m + 1}), seed=split)
+                       sorted({1, tile_m - 1, tile_m, tile_m + 1, 2 * tile_m + 1}), seed=split)
 
 
 @pytest.mark.parametrize("stages", (2, 3, 4, 5))
@@ -71,40 +68,8 @@ def test_wgmma_stages(stages: int) -> None:
 
 
 def test_wgmma_split_workspace_is_left_clean() -> None:
-    from gemmtune.kernels.dispatch import plan_for
-    from gemmtune.kernels.weights import QuantizedWeight
-
-    t = layer(4096, 512, 4, 128, False, "v1", seed=7)
-    w = QuantizedWeight(t, "cuda")
-    plan = plan_for(w, wgmma(32, 256, 64, 4, split_k=8))
-    w_ref = reference.dequantize(t, torch.float32).cuda()
-    for seed in (1, 2):
-        a = activations(40, t.k, seed=seed)
-        out = torch.full((40, t.n), float("nan"), dtype=torch.float16, device="cuda")
-        plan(a, out)
-        torch.cuda.synchronize()
-        check_product(out, reference_product(a, t, w_ref), t.k)
-    assert not plan.ws.partials.any() and not plan.ws.counters.any()
+    check_split_workspace_clean(wgmma(32, 256, 64, 4, split_k=8))
 
 
 def test_wgmma_under_cuda_graph_replay() -> None:
-    """Captured once, replayed on new activations: each replay matches the reference, split and
-    unsplit, act-order (the gather) included."""
-    from gemmtune.kernels.dispatch import plan_for
-    from gemmtune.kernels.weights import QuantizedWeight
-
-    for act, split in ((False, 4), (True, 1)):
-        t = layer(2048, 768, 4, 128, act, "v1", seed=11 + act)
-        w = QuantizedWeight(t, "cuda")
-        plan = plan_for(w, wgmma(64, 256, 64, 4, split_k=split))
-        plan.prepare((48,))
-        w_ref = reference.dequantize(t, torch.float32).cuda()
-        a = activations(48, t.k, seed=0)
-        out = torch.empty((48, t.n), dtype=torch.float16, device="cuda")
-        g, _ = capture(lambda p=plan, x=a, o=out: p(x, o))
-        for seed in (3, 4):
-            a.copy_(activations(48, t.k, seed=seed))
-            out.fill_(float("nan"))
-            g.replay()
-            torch.cuda.synchronize()
-            check_product(out, reference_product(a, t, w_ref), t.k)
+    check_graph_replay(lambda split: wgmma(64, 256, 64, 4, split_k=split))
