@@ -3,11 +3,12 @@
 For one (problem, workload) it owns random weights (rotated copies, together larger than L2),
 activations per M, and the reference weight. Every kernel variant is checked against the CPU
 reference on fresh random data *before* it is timed (a fast wrong kernel must never win), then
-timed through CUDA graphs (`timing.graph_time`), or issued eagerly at the Ms that run eagerly
-in a model (`Workload.eager`: prompt chunks), so a path's host cost counts there. Results are memoised per (variant, M) for the
-fused kernel and per (chunk, M) for the reconstruct path, so trials that differ only in the
-dispatch threshold cost nothing. Anything that goes wrong with a variant (compile error, launch
-error, resource limit, wrong result) becomes a `TrialFailure` with its reason.
+timed through CUDA graphs (`timing.graph_time`), or issued eagerly at the Ms a model runs
+eagerly (`Workload.eager`: prompt chunks), so a path's host cost counts there. Results are
+memoised per (variant, M) for the fused kernel and per (chunk, M) for the reconstruct path, so
+trials that differ only in the dispatch threshold cost nothing. Anything that goes wrong with a
+variant (compile error, launch error, resource limit, wrong result) becomes a `TrialFailure`
+with its reason.
 """
 
 from __future__ import annotations
@@ -156,10 +157,10 @@ class CudaEvaluator:
         n = len(pa)
         for m in todo:
             act = self._acts[m]
-            ma, mb = timing.graph_time_interleaved(lambda i, act=act: pa[i % n](act),
-                                                   lambda i, act=act: pb[i % n](act),
-                                                   calls=max(n, 4), rounds=max(rounds, 3),
-                                                   eager=self.workload.eager(m))
+            ma, mb = timing.time_interleaved(lambda i, act=act: pa[i % n](act),
+                                             lambda i, act=act: pb[i % n](act),
+                                             calls=max(n, 4), rounds=max(rounds, 3),
+                                             eager=self.workload.eager(m))
             out_a[m], out_b[m] = ma, mb
         return out_a, out_b
 

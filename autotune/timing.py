@@ -43,9 +43,11 @@ def _iqr(xs: list[float]) -> float:
     return q[2] - q[0]
 
 
-def _capture(call: Callable[[int], object], calls: int, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
-    """Run `call(0..calls-1)` once eagerly on `stream` (compiles, allocates, warms cuBLAS), then
-    capture the same calls into a graph."""
+def _capture(call: Callable[[int], object], calls: int) -> torch.cuda.CUDAGraph:
+    """Run `call(0..calls-1)` once eagerly on a side stream (compiles, allocates, warms cuBLAS),
+    then capture the same calls into a graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for i in range(calls):
             call(i)
@@ -64,12 +66,7 @@ def graph_time(call: Callable[[int], object], calls: int = CALLS_PER_GRAPH, repe
     `call(i)` must launch its work on torch's current stream and use copy `i % copies` of its
     data. It is run once eagerly first (compiles, allocates, warms cuBLAS) outside the capture.
     """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = _capture(call, calls, stream)
-    got = _timed([graph.replay], calls, repeats, warmup)[0]
-    del graph
-    return got
+    return _timed([_capture(call, calls).replay], calls, repeats, warmup)[0]
 
 
 def _eager_batch(call: Callable[[int], object], calls: int) -> Callable[[], None]:
@@ -112,20 +109,15 @@ def _timed(runs: list[Callable[[], None]], calls: int, rounds: int, warmup: int)
     return [Measurement(statistics.median(xs), _iqr(xs), rounds) for xs in out]
 
 
-def graph_time_interleaved(calls_a: Callable[[int], object], calls_b: Callable[[int], object],
-                           calls: int = CALLS_PER_GRAPH, rounds: int = 15,
-                           eager: bool = False) -> tuple[Measurement, Measurement]:
+def time_interleaved(calls_a: Callable[[int], object], calls_b: Callable[[int], object],
+                     calls: int = CALLS_PER_GRAPH, rounds: int = 15,
+                     eager: bool = False) -> tuple[Measurement, Measurement]:
     """Time two alternatives A B A B … (same card, same conditions): for the final check of a
     tuned winner against the default, where drift between two separate runs would bias it.
-    `eager`: issue the calls eagerly (`eager_time`) instead of replaying graphs of them."""
-    if eager:
-        a, b = _timed([_eager_batch(calls_a, calls), _eager_batch(calls_b, calls)], calls, rounds, 1)
-        return a, b
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graphs = [_capture(fn, calls, stream) for fn in (calls_a, calls_b)]
-    a, b = _timed([g.replay for g in graphs], calls, rounds, 1)
-    del graphs
+    Graph replays (`graph_time`), or with `eager` the calls issued eagerly (`eager_time`)."""
+    runs = ([_eager_batch(fn, calls) for fn in (calls_a, calls_b)] if eager
+            else [_capture(fn, calls).replay for fn in (calls_a, calls_b)])
+    a, b = _timed(runs, calls, rounds, 1)
     return a, b
 
 
