@@ -35,13 +35,12 @@ def _us(v: float | None) -> str:
 
 def same_run_peers(result: dict) -> dict | None:
     """The peers' figures that `bench/kernels.py --peers` put into the rows (taken in the same
-    device call), in the anchor's shape; None when the rows carry none."""
-    rows = [r for r in result["rows"] if r.get("exl_us") or r.get("marlin_us")]
-    if not rows:
-        return None
+    device call), in the anchor's shape (a cell needs ExLlamaV2's figure, as an anchor's does);
+    None when the rows carry none."""
+    rows = [{"K": r["K"], "N": r["N"], "M": r["M"], "exl_default_us": r["exl_us"],
+             "marlin_us": r.get("marlin_us")} for r in result["rows"] if r.get("exl_us")]
     return {"what": f"peers measured in the same run on {result['device']['name']}",
-            "rows": [{"K": r["K"], "N": r["N"], "M": r["M"], "exl_default_us": r.get("exl_us"),
-                      "marlin_us": r.get("marlin_us")} for r in rows if r.get("exl_us")]}
+            "rows": rows} if rows else None
 
 
 def render(result: dict, anchor: dict | None, replan: bool = False) -> str:
