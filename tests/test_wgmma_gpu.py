@@ -73,3 +73,38 @@ def test_wgmma_split_workspace_is_left_clean() -> None:
 
 def test_wgmma_under_cuda_graph_replay() -> None:
     check_graph_replay(lambda split: wgmma(64, 256, 64, 4, split_k=split))
+
+
+def _sanitizer() -> str | None:
+    import os
+    import shutil
+
+    found = shutil.which("compute-sanitizer")
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if found is None and root and os.path.isfile(os.path.join(root, "bin", "compute-sanitizer")):
+            found = os.path.join(root, "bin", "compute-sanitizer")
+    return found
+
+
+@pytest.mark.skipif(_sanitizer() is None, reason="compute-sanitizer (CUDA toolkit) not found")
+def test_wgmma_has_no_shared_memory_race() -> None:
+    # racecheck instruments every shared-memory access of the wgmma instances (one small launch
+    # each, tests/racecheck_wgmma.py): a hazard between the cp.async ring, the activation stores
+    # and the warpgroup MMAs' reads would show here even when the sums happen to come out right.
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.racecheck_wgmma import instances
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([_sanitizer(), "--tool", "racecheck", "--racecheck-report", "all",
+                          "--kernel-name", "kns=gptq_wgmma", "--error-exitcode", "3",
+                          sys.executable, "-m", "tests.racecheck_wgmma"],
+                         cwd=root, capture_output=True, text=True, timeout=480)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert log.count("matches the reference") == len(instances()), log[-4000:]
+    summary = re.search(r"RACECHECK SUMMARY: (\d+) hazards? displayed", log)
+    assert summary is not None and summary.group(1) == "0", log[-4000:]
