@@ -287,9 +287,36 @@ def main() -> int:
     tf = timing.fp16_matmul_tflops()
     print(f"# {dev.name}  read {bw:.2f} TB/s (graph-captured copy {copy_bw:.2f})  fp16 matmul {tf:.0f} TFLOP/s",
           flush=True)
-    rows = []
+    rows: list[dict] = []
+
+    def write(complete: bool) -> dict:
+        # Written after every shape too ("complete": false), so a run cut off by a time limit
+        # keeps the shapes it finished.
+        result = {
+            "what": "Per-call GPU time (µs) of 4-bit g128 GPTQ GEMMs, gemmtune kernels vs torch fp16",
+            "method": "CUDA graph of 20 calls, each on a different weight copy (copies > 150 MB), "
+                      "median of 15 event-timed replays; random data",
+            "date": dt.date.today().isoformat(),
+            "device": dev.to_dict(),
+            "kernel_hash": kernel_hash(),
+            "torch": torch.__version__,
+            "command": "python bench/kernels.py " + " ".join(sys.argv[1:]),
+            "ceilings": {"read_bandwidth_TBps": round(bw, 3), "copy_bandwidth_TBps": round(copy_bw, 3),
+                         "fp16_matmul_TFLOPs": round(tf, 1)},
+            "seconds": round(time.time() - t0, 1),
+            "complete": complete,
+            "rows": rows,
+            "fused_by_variant": all_fused,
+            "recon_by_chunk": all_recon,
+            "plans": plans_by_shape,
+        }
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=1))
+        return result
+
     for model, layer, k, n in shapes:
         rows += bench_shape(model, layer, k, n, ms, bw, tf, lambda s: print(s, flush=True), families)
+        write(complete=False)
     if args.peers:
         try:
             peer_rows = json.loads(Path(args.peers).read_text())
@@ -298,25 +325,7 @@ def main() -> int:
         except (OSError, ValueError) as exc:
             print(f"error: --peers {args.peers}: {exc}", file=sys.stderr)
             return 2
-    result = {
-        "what": "Per-call GPU time (µs) of 4-bit g128 GPTQ GEMMs, gemmtune kernels vs torch fp16",
-        "method": "CUDA graph of 20 calls, each on a different weight copy (copies > 150 MB), "
-                  "median of 15 event-timed replays; random data",
-        "date": dt.date.today().isoformat(),
-        "device": dev.to_dict(),
-        "kernel_hash": kernel_hash(),
-        "torch": torch.__version__,
-        "command": "python bench/kernels.py " + " ".join(sys.argv[1:]),
-        "ceilings": {"read_bandwidth_TBps": round(bw, 3), "copy_bandwidth_TBps": round(copy_bw, 3),
-                     "fp16_matmul_TFLOPs": round(tf, 1)},
-        "seconds": round(time.time() - t0, 1),
-        "rows": rows,
-        "fused_by_variant": all_fused,
-        "recon_by_chunk": all_recon,
-        "plans": plans_by_shape,
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1))
+    result = write(complete=True)
     print(f"wrote {args.output} in {result['seconds']} s")
     return 0
 
