@@ -249,6 +249,33 @@ def merge_peers(rows: list[dict], peer_rows: list[dict], peer_card: str, card: s
             row[ours] = round(v, 2) if isinstance(v, (int, float)) else None
 
 
+def load_peers(path: str) -> tuple[list[dict], str]:
+    """peer_bench.py's rows and the card they were measured on (its peer_meta.json beside them)."""
+    rows = json.loads(Path(path).read_text())
+    meta = json.loads((Path(path).parent / "peer_meta.json").read_text())
+    return rows, str(meta.get("device", ""))
+
+
+def merge_file(result_path: str, peers_path: str | None, output: str) -> int:
+    """`--merge`: the peers into a finished table, for a device call that timed the peers after
+    the table (the peers' ExLlamaV2 build is CPU work that overlaps the table's GPU work)."""
+    if not peers_path:
+        print("error: --merge needs --peers", file=sys.stderr)
+        return 2
+    try:
+        result = json.loads(Path(result_path).read_text())
+        peer_rows, peer_card = load_peers(peers_path)
+        merge_peers(result["rows"], peer_rows, peer_card, str(result["device"]["name"]))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: --merge {result_path} --peers {peers_path}: {exc}", file=sys.stderr)
+        return 2
+    result["command"] += f" (peers merged: {peers_path})"
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(result, indent=1))
+    print(f"wrote {output}: {len(result['rows'])} rows with the peers of {peer_card}")
+    return 0
+
+
 all_fused: dict[str, dict[str, dict[str, float]]] = {}
 all_recon: dict[str, dict[str, dict[str, float]]] = {}
 plans_by_shape: dict[str, list[list]] = {}
@@ -264,8 +291,13 @@ def main() -> int:
     ap.add_argument("--peers", help="peer_bench.py's peer.json from the same device call (its "
                                     "peer_meta.json beside it names the card): its Marlin, "
                                     "ExLlamaV2 and fp16 figures go into each row")
+    ap.add_argument("--merge", metavar="RESULT",
+                    help="measure nothing: merge --peers into RESULT, a table this script wrote "
+                         "earlier in the same device call (peers timed after it), written to -o")
     ap.add_argument("-o", "--output", default="bench-kernels.json")
     args = ap.parse_args()
+    if args.merge:
+        return merge_file(args.merge, args.peers, args.output)
     families = tuple(f.strip() for f in args.families.split(",") if f.strip())
     unknown = set(families) - set(FAMILIES)
     if unknown:
@@ -319,9 +351,8 @@ def main() -> int:
         write(complete=False)
     if args.peers:
         try:
-            peer_rows = json.loads(Path(args.peers).read_text())
-            meta = json.loads((Path(args.peers).parent / "peer_meta.json").read_text())
-            merge_peers(rows, peer_rows, str(meta.get("device", "")), dev.name)
+            peer_rows, peer_card = load_peers(args.peers)
+            merge_peers(rows, peer_rows, peer_card, dev.name)
         except (OSError, ValueError) as exc:
             print(f"error: --peers {args.peers}: {exc}", file=sys.stderr)
             return 2

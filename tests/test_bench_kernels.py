@@ -54,3 +54,24 @@ def test_peers_fill_their_cells_and_another_card_is_refused(kb: ModuleType) -> N
     assert (rows[0]["marlin_us"], rows[0]["exl_us"], rows[0]["peer_fp16_us"]) == (None, None, None)
     with pytest.raises(ValueError, match="H200"):
         kb.merge_peers(rows, peers, "NVIDIA H200", "NVIDIA H100 80GB HBM3")
+
+
+def test_merge_puts_later_peers_into_a_written_table(kb: ModuleType, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    table = {"device": {"name": "NVIDIA H100 80GB HBM3"}, "command": "python bench/kernels.py",
+             "rows": [{"K": 4096, "N": 4096, "M": 16, "dispatch_us": 8.0}]}
+    (tmp_path / "kernels.json").write_text(json.dumps(table))
+    (tmp_path / "peer.json").write_text(json.dumps([{"K": 4096, "N": 4096, "M": 16, "marlin_us": 7.5}]))
+    (tmp_path / "peer_meta.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3"}))
+    out = tmp_path / "merged.json"
+    argv = ["kernels.py", "--merge", str(tmp_path / "kernels.json"), "--peers", str(tmp_path / "peer.json"),
+            "-o", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert kb.main() == 0
+    assert json.loads(out.read_text())["rows"][0]["marlin_us"] == 7.5
+    (tmp_path / "peer_meta.json").write_text(json.dumps({"device": "NVIDIA H200"}))
+    monkeypatch.setattr(sys, "argv", argv[:-1] + [str(tmp_path / "other.json")])
+    assert kb.main() == 2
+    assert not (tmp_path / "other.json").exists()
