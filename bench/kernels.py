@@ -32,6 +32,7 @@ import torch
 from gemmtune.autotune import timing
 from gemmtune.autotune.bands import Measured, plan_bands
 from gemmtune.kernels.config import (
+    FAMILY_LABELS,
     STREAM,
     STREAM_ROWS,
     TILED,
@@ -66,7 +67,7 @@ MS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512]
 STAGE1_MS = (1, 8, 16, 64)
 TILED_STAGE1_MS = (16, 64, 256)
 TILED_MIN_M = 8  # the tiled and wgmma kernels are not measured below this M (the decode band)
-FAMILIES = ("decode", "tiled", "wgmma", "stream")
+FAMILIES = tuple(FAMILY_LABELS.values())  # decode, tiled, wgmma, stream
 SPLITS = (1, 2, 4, 8)  # explicit split_k tried on each family's three best
 FUSED_LIMIT = 512  # max_q_gemm_rows that forces the fused path at every benchmarked M
 
@@ -119,8 +120,8 @@ def stream_candidates() -> list[KernelConfig]:
 
 
 def family_of(variant_key: str) -> str:
-    """The family a `variant_key` belongs to (the decode kernel's keys carry no prefix)."""
-    return next((f for f in FAMILIES[1:] if variant_key.startswith(f)), "decode")
+    """The family of a variant key in the result's `fused_by_variant` (keys are what the JSON holds)."""
+    return KernelConfig.from_variant_key(variant_key).family
 
 
 def roofline_us(k: int, n: int, m: int, bw_tbps: float, tflops: float, group: int = 128) -> float:

@@ -334,13 +334,12 @@ TILED_FIELDS = ("tile_m", "tile_n", "tile_k", "stages")
 WGMMA_FIELDS = ("wgmma_m", "wgmma_n", "wgmma_k", "wgmma_stages")
 """Fields only the wgmma kernel reads."""
 
-_FAMILY_OWN = {DECODE: DECODE_FIELDS, TILED: TILED_FIELDS, WGMMA: WGMMA_FIELDS}
-_FAMILY_LABEL = {DECODE: "decode", TILED: "tiled", WGMMA: "wgmma"}
-
 STREAM_FIELDS = ("stream_warps_n", "stream_warps_k", "stream_chunk", "stream_slots")
 """Fields only the stream kernel reads (its K split is the shared `split_k`)."""
-_FAMILY_OWN[STREAM] = STREAM_FIELDS
-_FAMILY_LABEL[STREAM] = "stream"
+
+_FAMILY_OWN = {DECODE: DECODE_FIELDS, TILED: TILED_FIELDS, WGMMA: WGMMA_FIELDS, STREAM: STREAM_FIELDS}
+FAMILY_LABELS = {DECODE: "decode", TILED: "tiled", WGMMA: "wgmma", STREAM: "stream"}
+"""The fused families' names, by `KernelConfig.kernel` (what tables, logs and errors call them)."""
 
 
 MAX_THREADS = 1024
@@ -442,7 +441,7 @@ class KernelConfig:
         unused = [f for k, own in _FAMILY_OWN.items() if k != self.kernel for f in own]
         moved = [f for f in unused if getattr(self, f) != _DEFAULTS[f]]
         if moved:
-            family = _FAMILY_LABEL[self.kernel]
+            family = self.family
             raise InvalidConfigError(
                 f"{', '.join(moved)} {'is' if len(moved) == 1 else 'are'} not read by the {family} "
                 f"kernel (kernel={self.kernel}) and must stay at "
@@ -497,6 +496,11 @@ class KernelConfig:
         if not self.tiled:
             return base
         return f"{base}-tiled{self.tile_m}x{self.tile_n}x{self.tile_k}-st{self.stages}"
+
+    @property
+    def family(self) -> str:
+        """The fused family this config launches ("decode", "tiled", "wgmma" or "stream")."""
+        return FAMILY_LABELS[self.kernel]
 
     def variant_key(self) -> str:
         """Identity of the fused-kernel launch alone: configs equal here time identically at any
