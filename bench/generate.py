@@ -455,7 +455,8 @@ def tune_shapes(shapes: Sequence[tuple[int, int]], db_url: str, trials: int,
             "shapes": [f"{k}x{n}" for k, n in shapes], "seconds": time.perf_counter() - t0}
 
 
-def run_model(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+def run_model(name: str, args: argparse.Namespace, log: Callable[[str], None],
+              saved: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
     from gemmtune.runtime import clear_cache
 
     config = llama_config(name, args.layers)
@@ -483,6 +484,7 @@ def run_model(name: str, args: argparse.Namespace, log: Callable[[str], None]) -
     compiled: dict[str, Any] = {}
     if "fp16" in args.rows:
         result["rows"].append(run_row(model, caches, prompts, compiled, args, log, "fp16"))
+        saved(result)
     torch._dynamo.reset()
     compiled.clear()
     if "fp16" in args.rows:
@@ -500,6 +502,7 @@ def run_model(name: str, args: argparse.Namespace, log: Callable[[str], None]) -
         if row == "tuned":
             res["tuned_found"] = any("(default)" not in u for u in used.values())
         result["rows"].append(res)
+        saved(result)
     del model, caches, compiled
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -528,7 +531,17 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         "models": [],
     }
     for name in args.model:
-        res["models"].append(run_model(name, args, log))
+        res["models"].append({"model": name, "rows": []})
+
+        def saved(result: dict[str, Any]) -> None:
+            # after every row, so a run cut off by a time limit keeps the rows it finished
+            res["models"][-1] = result
+            if args.output:
+                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.output).write_text(json.dumps(res | {"complete": False}, indent=1))
+
+        res["models"][-1] = run_model(name, args, log, saved)
+    res["complete"] = True
     return res
 
 
