@@ -446,10 +446,10 @@ def tune_shapes(shapes: Sequence[tuple[int, int]], db_url: str, trials: int,
     tuned there before are skipped by the tuner itself)."""
     t0 = time.perf_counter()
     for workload in TUNE_WORKLOADS:
-        cmd = [sys.executable, "-c", "from gemmtune.cli import main; main()", "tune",
+        cmd = [sys.executable, "-P", "-c", "from gemmtune.cli import main; main()", "tune",
                *[a for k, n in shapes for a in ("--shape", f"{k}x{n}")],
                "--workload", workload, "--trials", str(trials), "--db", db_url]
-        log(f"  tuning {len(shapes)} shapes for {workload}: {' '.join(cmd[3:])}")
+        log(f"  tuning {len(shapes)} shapes for {workload}: {' '.join(cmd[4:])}")
         subprocess.run(cmd, check=True)
     return {"db": db_url, "trials": trials, "workloads": list(TUNE_WORKLOADS),
             "shapes": [f"{k}x{n}" for k, n in shapes], "seconds": time.perf_counter() - t0}

@@ -101,7 +101,11 @@ def test_wgmma_has_no_shared_memory_race() -> None:
     root = Path(__file__).resolve().parent.parent
     run = subprocess.run([_sanitizer(), "--tool", "racecheck", "--racecheck-report", "all",
                           "--kernel-name", "kns=gptq_wgmma", "--error-exitcode", "3",
-                          sys.executable, "-m", "tests.racecheck_wgmma"],
+                          # -P and the checkout appended last, as pytest's append mode does: the
+                          # checkout's top-level gemmtune/ must not shadow the installed package
+                          sys.executable, "-P", "-c",
+                          f"import runpy, sys; sys.path.append({str(root)!r}); "
+                          "runpy.run_module('tests.racecheck_wgmma', run_name='__main__')"],
                          cwd=root, capture_output=True, text=True, timeout=480)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
