@@ -269,7 +269,7 @@ def test_gpu_a_streamed_load_builds_each_group_once(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(QuantLinear, "_prepare_alone", spy)
     client = tiny_llama(4)
-    rep = load_quantized(client, tmp_path / "m.safetensors", {"bits": 4, "group_size": 32, "desc_act": False},
+    rep = load_quantized(client, tmp_path / "m.safetensors", {"bits": 4, "group_size": 32, "desc_act": False, "sym": False},
                          device="cuda")
     assert sorted(p.n for p in built) == sorted([256, 128, 512, 128] * 2)  # qkv, o, gate_up, down x 2
     assert all(r.device == "cuda:0" and r.source != "unresolved" for r in rep)
