@@ -6,11 +6,31 @@ The public API re-exports the core objects; heavy modules (CUDA, database) load 
 
 from __future__ import annotations
 
-from gemmtune.kernels.config import PRESETS, KernelConfig, preset
-from gemmtune.kernels.device import DeviceInfo
-from gemmtune.kernels.errors import GemmtuneError
-from gemmtune.kernels.problem import Problem
-from gemmtune.kernels.workload import WORKLOADS, Workload
+import os as _os
+
+
+def _serve_areas_from_the_checkout() -> None:
+    """In a checkout, `gemmtune.kernels`, `gemmtune.db`, … are the root's area folders.
+
+    Python started in the checkout finds this folder as `gemmtune` ahead of any installed copy. An
+    editable install maps the areas itself; without one (a wheel installed with `pip install .`, a
+    bare checkout) nothing would, and `import gemmtune` died on `gemmtune.kernels`. So the checkout
+    root joins this package's path, which is the same mapping `package-dir` in pyproject.toml makes
+    (here `gemmtune.bench` and `gemmtune.tests` resolve too; nothing imports them). An installed
+    package holds its areas beside this file, and is left alone."""
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    root = _os.path.dirname(here)
+    if not _os.path.isdir(_os.path.join(here, "kernels")) and _os.path.isfile(_os.path.join(root, "pyproject.toml")):
+        __path__.append(root)
+
+
+_serve_areas_from_the_checkout()
+
+from gemmtune.kernels.config import PRESETS, KernelConfig, preset  # noqa: E402 (after the areas are on __path__)
+from gemmtune.kernels.device import DeviceInfo  # noqa: E402 (after the areas are on __path__)
+from gemmtune.kernels.errors import GemmtuneError  # noqa: E402 (after the areas are on __path__)
+from gemmtune.kernels.problem import Problem  # noqa: E402 (after the areas are on __path__)
+from gemmtune.kernels.workload import WORKLOADS, Workload  # noqa: E402 (after the areas are on __path__)
 
 
 def _version() -> str:

@@ -105,3 +105,16 @@ def test_transformers_llama_builds_from_the_checkout_root() -> None:
     """))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == "(1, 3, 128)"
+
+
+def test_gemmtune_imports_from_the_checkout_root_without_an_editable_install() -> None:
+    """Python started in the checkout finds its `gemmtune/` first. Without an editable install
+    (a wheel from `pip install .`, or none; `-S` leaves site-packages and the editable finder
+    out) the areas must still import as `gemmtune.*`: the bench's tuner child and the GPU tests'
+    helpers died on `No module named 'gemmtune.kernels'` on the GPU machine."""
+    run = subprocess.run([sys.executable, "-S", "-c",
+                          "import gemmtune.kernels.config as c, gemmtune.kernels.workload as w; "
+                          "print(c.__file__); print(w.Workload.__module__)"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines() == [str(ROOT / "kernels" / "config.py"), "gemmtune.kernels.workload"]
