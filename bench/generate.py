@@ -464,12 +464,6 @@ def run_model(name: str, args: argparse.Namespace, log: Callable[[str], None],
     result: dict[str, Any] = {"model": name, "layers": config.num_hidden_layers,
                               "vocab_size": config.vocab_size, "shapes": [f"{k}x{n}" for k, n in shapes],
                               "rows": []}
-    if "tuned" in args.rows:
-        if not args.no_tune:
-            result["tune"] = tune_shapes(shapes, args.db, args.trials, log)
-        os.environ["GEMMTUNE_DB"] = args.db
-        os.environ.pop("GEMMTUNE_PROFILE", None)
-        clear_cache()
     log(f"{name}: {config.num_hidden_layers} layers, shapes {', '.join(result['shapes'])}")
     dev = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -496,6 +490,14 @@ def run_model(name: str, args: argparse.Namespace, log: Callable[[str], None],
     result["loaded_gib"] = torch.cuda.memory_allocated() / 2**30
     torch.cuda.empty_cache()
     for row in (r for r in QUANT_ROWS if r in args.rows):
+        if row == "tuned":
+            # tuned last, right before its row (a subprocess; the model stays resident), so a run
+            # cut off by a time limit has the fp16 and preset rows already written
+            if not args.no_tune:
+                result["tune"] = tune_shapes(shapes, args.db, args.trials, log)
+            os.environ["GEMMTUNE_DB"] = args.db
+            os.environ.pop("GEMMTUNE_PROFILE", None)
+            clear_cache()
         used = set_config(model, None if row == "tuned" else row)
         res = run_row(model, caches, prompts, compiled, args, log, row)
         res["configs"] = used
