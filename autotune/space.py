@@ -317,6 +317,14 @@ class Space:
                 f"space {self.name!r} has no kernel family a sm_{compute_capability} card runs")
         return Space(self.name, families, self.shared, self.recon_chunk_n)
 
+    @property
+    def study_label(self) -> str:
+        """The space's part of a study name: its name, plus `+wgmma` when the opt-in wgmma family
+        is in it. Optuna ties the `kernel` parameter to one set of choices per study, so a tune
+        resumed with `GEMMTUNE_WGMMA` flipped on the same card must be another study (it failed
+        with "CategoricalDistribution does not support dynamic value space")."""
+        return f"{self.name}+wgmma" if any(fam.kernel == WGMMA for fam in self.families) else self.name
+
     def family(self, kernel: int) -> Family:
         for fam in self.families:
             if fam.kernel == kernel:

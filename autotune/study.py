@@ -361,7 +361,7 @@ def tune_problem(
     stop = stop or (lambda: False)
     problem, workload = evaluator.problem, evaluator.workload
     name = study_name(evaluator.device.fingerprint, evaluator.kernel_hash, problem, workload,
-                      space.name)
+                      space.study_label)
     warm = warm_start_configs(space)
     target = _target(settings, space, len(warm))
     sampler = make_sampler(settings.sampler, space, settings.seed)

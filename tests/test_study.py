@@ -555,3 +555,15 @@ def test_one_search_over_both_families_stores_a_plan_with_a_band_for_each(
         best = min([ev.landscape.fused(v, m) for v in TWO_FAMILIES.variants()]
                    + [ev.landscape.recon(KernelConfig(recon_chunk_n=c), m) for c in (0, 4096)])
         assert lat[m] == pytest.approx(best)
+
+
+def test_flipping_the_wgmma_opt_in_is_another_study(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On an sm_90 card GEMMTUNE_WGMMA adds a choice to the `kernel` parameter; resuming the same
+    # study with it flipped made Optuna raise ("does not support dynamic value space").
+    ev = SyntheticEvaluator(PROBLEM, DECODE)
+    monkeypatch.delenv("GEMMTUNE_WGMMA", raising=False)
+    a = st.tune_problem(ev, url, settings(space="standard", trials=3))
+    monkeypatch.setenv("GEMMTUNE_WGMMA", "1")
+    b = st.tune_problem(ev, url, settings(space="standard", trials=3))
+    assert b.study_name == a.study_name + ":standard+wgmma"
+    assert a.status == b.status == "accepted"
