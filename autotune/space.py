@@ -116,9 +116,10 @@ def _why_invalid(kernel: int, **values: int) -> str | None:
 
 
 WGMMA_OPT_IN = "GEMMTUNE_WGMMA"
-"""Set to 1 to let the space offer the wgmma family on sm_90 cards. It is off by default until
-the family has passed its GPU tests on a card: so far it is built (nvcc and NVRTC, no spills) and
-its fragment and staging index math replayed on the CPU, but it has never run. A failed trial is
+"""Set to 1 to let the space offer the wgmma family on sm_90 cards. Off by default until its
+racecheck has run and its speed is measured against the peers: on 2026-12-07 it passed every
+correctness test on an H100 (`tests/test_wgmma_gpu.py`: every tile, format, depth, split-K and
+graph replay), but the racecheck test and the kernel table have not run yet. A failed trial is
 harmless; a kernel that faults leaves the CUDA context unusable for the rest of a `tune` run."""
 
 
