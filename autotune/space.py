@@ -53,12 +53,12 @@ from typing import Any
 
 from gemmtune.kernels.config import (
     DECODE,
-    DECODE_FIELDS,
+    FAMILY_FIELDS,
+    FAMILY_LABELS,
     PRESETS,
     STREAM,
     STREAM_FIELDS,
     TILED,
-    TILED_FIELDS,
     TUNABLES,
     WGMMA,
     WGMMA_CAPABILITY,
@@ -78,16 +78,6 @@ COMPUTED_FIELDS = ("max_q_gemm_rows", "recon_chunk_n")
 
 VARIANT_FIELDS = tuple(f.name for f in fields(KernelConfig) if f.name not in COMPUTED_FIELDS)
 """Every field that names the fused-kernel launch: `kernel`, each family's own, the shared."""
-
-FAMILY_FIELDS: dict[int, tuple[str, ...]] = {DECODE: DECODE_FIELDS, TILED: TILED_FIELDS,
-                                             WGMMA: WGMMA_FIELDS}
-"""The fields each kernel family reads alone (sampled only when `kernel` picks the family)."""
-
-FAMILY_NAMES: dict[int, str] = {DECODE: "decode", TILED: "tiled", WGMMA: "wgmma"}
-"""Labels of the `kernel` parameter."""
-
-FAMILY_FIELDS[STREAM] = STREAM_FIELDS
-FAMILY_NAMES[STREAM] = "stream"
 
 SHARED_FIELDS = tuple(f for f in VARIANT_FIELDS
                       if f != "kernel" and all(f not in fs for fs in FAMILY_FIELDS.values()))
@@ -189,7 +179,7 @@ class Family:
 
     @property
     def name(self) -> str:
-        return FAMILY_NAMES[self.kernel]
+        return FAMILY_LABELS[self.kernel]
 
 
 @dataclass(frozen=True)
@@ -273,7 +263,7 @@ class Space:
                     continue
                 if not set(fs) <= set(own):
                     raise InvalidConfigError(
-                        f"space {name!r}: group {pname} mixes {FAMILY_NAMES[kernel]} fields with others")
+                        f"space {name!r}: group {pname} mixes {FAMILY_LABELS[kernel]} fields with others")
                 grouped |= set(fs)
                 if pname in choices:
                     combos = tuple(tuple(c) for c in choices[pname])
@@ -331,7 +321,7 @@ class Space:
             if fam.kernel == kernel:
                 return fam
         raise InvalidConfigError(
-            f"the {self.name!r} space has no {FAMILY_NAMES.get(kernel, kernel)} kernel family")
+            f"the {self.name!r} space has no {FAMILY_LABELS.get(kernel, kernel)} kernel family")
 
     def trial_factors(self, kernel: int) -> tuple[Factor, ...]:
         """The factors a trial of `kernel`'s family samples, in order (after `kernel` itself)."""

@@ -337,7 +337,8 @@ WGMMA_FIELDS = ("wgmma_m", "wgmma_n", "wgmma_k", "wgmma_stages")
 STREAM_FIELDS = ("stream_warps_n", "stream_warps_k", "stream_chunk", "stream_slots")
 """Fields only the stream kernel reads (its K split is the shared `split_k`)."""
 
-_FAMILY_OWN = {DECODE: DECODE_FIELDS, TILED: TILED_FIELDS, WGMMA: WGMMA_FIELDS, STREAM: STREAM_FIELDS}
+FAMILY_FIELDS = {DECODE: DECODE_FIELDS, TILED: TILED_FIELDS, WGMMA: WGMMA_FIELDS, STREAM: STREAM_FIELDS}
+"""The fields each fused family reads alone, by `KernelConfig.kernel`."""
 FAMILY_LABELS = {DECODE: "decode", TILED: "tiled", WGMMA: "wgmma", STREAM: "stream"}
 """The fused families' names, by `KernelConfig.kernel` (what tables, logs and errors call them)."""
 
@@ -438,7 +439,7 @@ class KernelConfig:
             raise InvalidConfigError(why)
         # One variant, one key: the families a config does not run keep their fields at the
         # defaults, so two configs that launch the same kernel never differ in key.
-        unused = [f for k, own in _FAMILY_OWN.items() if k != self.kernel for f in own]
+        unused = [f for k, own in FAMILY_FIELDS.items() if k != self.kernel for f in own]
         moved = [f for f in unused if getattr(self, f) != _DEFAULTS[f]]
         if moved:
             family = self.family
