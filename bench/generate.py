@@ -532,17 +532,15 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                      "profile_steps": args.profile_steps},
         "models": [],
     }
+    def saved(current: dict[str, Any]) -> None:
+        # after every row, so a run cut off by a time limit keeps the rows it finished
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            partial = res | {"models": [*res["models"], current], "complete": False}
+            Path(args.output).write_text(json.dumps(partial, indent=1))
+
     for name in args.model:
-        res["models"].append({"model": name, "rows": []})
-
-        def saved(result: dict[str, Any]) -> None:
-            # after every row, so a run cut off by a time limit keeps the rows it finished
-            res["models"][-1] = result
-            if args.output:
-                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.output).write_text(json.dumps(res | {"complete": False}, indent=1))
-
-        res["models"][-1] = run_model(name, args, log, saved)
+        res["models"].append(run_model(name, args, log, saved))
     res["complete"] = True
     return res
 
