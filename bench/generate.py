@@ -446,6 +446,7 @@ def tune_shapes(shapes: Sequence[tuple[int, int]], db_url: str, trials: int,
     tuned there before are skipped by the tuner itself)."""
     t0 = time.perf_counter()
     for workload in TUNE_WORKLOADS:
+        # -P: the tuner imports the gemmtune this script runs (cwd may be a checkout)
         cmd = [sys.executable, "-P", "-c", "from gemmtune.cli import main; main()", "tune",
                *[a for k, n in shapes for a in ("--shape", f"{k}x{n}")],
                "--workload", workload, "--trials", str(trials), "--db", db_url]

@@ -319,10 +319,7 @@ def test_a_13b_checkpoint_streams_into_a_model_built_on_meta(tmp_path: Path) -> 
 
     layers = 6  # 42 layers, ~1 GB of GPTQ weights: a non-streaming load would peak ~1 GB above
     path = tmp_path / "model.safetensors"
-    # -P and the checkout appended last (pytest's append mode): its top-level gemmtune/ must not
-    # shadow the installed package
-    subprocess.run([sys.executable, "-P", "-c", f"import sys; sys.path.append({str(ROOT)!r}); "
-                    "from tests.test_weight_residency_gpu import write_checkpoint; "
+    subprocess.run([sys.executable, "-c", "from tests.test_weight_residency_gpu import write_checkpoint; "
                     f"write_checkpoint({str(path)!r}, {layers})"], cwd=ROOT, check=True)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)  # as transformers builds an fp16 model: rotary stays fp32

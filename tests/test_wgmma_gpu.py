@@ -107,11 +107,7 @@ def test_wgmma_has_no_shared_memory_race() -> None:
     only = next(([opt, "kns=gptq_wgmma"] for opt in ("--kernel-name", "--kernel-regex") if opt in usage), [])
     run = subprocess.run([tool, "--tool", "racecheck", "--racecheck-report", "all", *only,
                           "--error-exitcode", "3",
-                          # -P and the checkout appended last, as pytest's append mode does: the
-                          # checkout's top-level gemmtune/ must not shadow the installed package
-                          sys.executable, "-P", "-c",
-                          f"import runpy, sys; sys.path.append({str(root)!r}); "
-                          "runpy.run_module('tests.racecheck_wgmma', run_name='__main__')"],
+                          sys.executable, "-m", "tests.racecheck_wgmma"],
                          cwd=root, capture_output=True, text=True, timeout=480)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
