@@ -44,7 +44,7 @@ from gemmtune.kernels.config import (
     registers_fit,
     stream_violation,
     tiled_violation,
-    wgmma_violation,
+    wgmma_deepest_stages,
 )
 from gemmtune.kernels.device import query_device
 from gemmtune.kernels.dispatch import plan_for
@@ -103,7 +103,7 @@ def wgmma_candidates() -> list[KernelConfig]:
     out = []
     for (tm, tn) in sorted(WGMMA_TILES):
         for tk in (64, 128):
-            st = next((s for s in (4, 3, 2) if wgmma_violation(4, tm, tn, tk, s) is None), 0)
+            st = wgmma_deepest_stages(4, tm, tn, tk)
             if st:
                 out.append(KernelConfig(max_q_gemm_rows=FUSED_LIMIT, kernel=WGMMA, wgmma_m=tm,
                                         wgmma_n=tn, wgmma_k=tk, wgmma_stages=st))

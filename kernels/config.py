@@ -258,6 +258,13 @@ def wgmma_violation(bits: int, wgmma_m: int, wgmma_n: int, wgmma_k: int, stages:
                            stages, smem_limit)
 
 
+
+def wgmma_deepest_stages(bits: int, wgmma_m: int, wgmma_n: int, wgmma_k: int) -> int:
+    """The deepest pipeline (4, 3 or 2 stages) `wgmma_violation` allows for this tile at `bits`,
+    or 0 when none builds: the weights stream through STAGES - 1 stages in flight, so more is
+    better until registers or shared memory run out."""
+    return next((s for s in (4, 3, 2) if wgmma_violation(bits, wgmma_m, wgmma_n, wgmma_k, s) is None), 0)
+
 STREAM_ROWS = 8
 """Rows of A one launch of the stream kernel takes (one 8-row MMA tile); a larger M is served by
 launches of STREAM_ROWS rows each, every one reading the whole weight (correct, not fast: the

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from gemmtune.kernels.config import WGMMA, WGMMA_TILES, KernelConfig, wgmma_violation
+from gemmtune.kernels.config import WGMMA, WGMMA_TILES, KernelConfig, wgmma_deepest_stages
 
 from tests.gpu_util import check_dispatch, layer
 
@@ -22,8 +22,7 @@ def instances() -> list[tuple[int, KernelConfig]]:
     for bits in (4, 8):
         for (tile_m, tile_n) in sorted(WGMMA_TILES):
             for tile_k in (64, 128):
-                stages = next((s for s in (4, 3, 2)
-                               if wgmma_violation(bits, tile_m, tile_n, tile_k, s) is None), 0)
+                stages = wgmma_deepest_stages(bits, tile_m, tile_n, tile_k)
                 if not stages:
                     continue
                 for split in (1, 3):

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gemmtune.kernels.config import WGMMA, WGMMA_TILES, KernelConfig, wgmma_violation
+from gemmtune.kernels.config import (
+    WGMMA,
+    WGMMA_TILES,
+    KernelConfig,
+    wgmma_deepest_stages,
+    wgmma_violation,
+)
 
 from tests.gpu_util import (
     FORMATS,
@@ -33,10 +39,6 @@ def wgmma(m: int, n: int, k: int = 64, stages: int = 4, split_k: int = 0,
                         wgmma_stages=stages, split_k=split_k)
 
 
-def _deepest(bits: int, m: int, n: int, k: int) -> int:
-    return next((s for s in (4, 3, 2) if wgmma_violation(bits, m, n, k, s) is None), 0)
-
-
 @pytest.mark.parametrize("bits,group,act,zf", FORMATS)
 def test_wgmma_formats(bits: int, group: int, act: bool, zf: str) -> None:
     # K of 17 4-bit steps where the group allows (a partial last stage); N = 1000 leaves a
@@ -52,7 +54,7 @@ def test_wgmma_formats(bits: int, group: int, act: bool, zf: str) -> None:
 @pytest.mark.parametrize("tile_k", (64, 128))
 def test_every_wgmma_tile(tile: tuple[int, int], tile_k: int, bits: int) -> None:
     tile_m, tile_n = tile
-    stages = _deepest(bits, tile_m, tile_n, tile_k)
+    stages = wgmma_deepest_stages(bits, tile_m, tile_n, tile_k)
     if not stages:
         pytest.skip(wgmma_violation(bits, tile_m, tile_n, tile_k, 2))
     t = layer(1056, 1000, bits, 32, False, "v1", seed=tile_m + tile_n + tile_k + bits)  # 33 4-bit steps
