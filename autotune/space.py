@@ -3,16 +3,16 @@
 `KernelConfig` (with its `TUNABLES` table and its validation) says what the kernels *can* run
 with; a `Space` says what the tuner *tries*. Two named spaces exist:
 
-- `standard` (the default): 475 kernel variants, 360 of the decode kernel and 115 of the tiled
-  one, small enough that `--sampler grid` (exhaustive) finishes in minutes on a GPU (a trial costs
-  ~0.2-1 s), and a model-based sampler sees a good share of it in ~60 trials.
-- `full`: every choice of `TUNABLES` that passes validation: 2916 decode + 522 tiled = 3438
-  variants.
+- `standard` (the default): 555 kernel variants on an sm_90 card (decode 360, tiled 115, stream
+  45, wgmma 35; 520 elsewhere, where the wgmma family is absent), small enough that `--sampler
+  grid` (exhaustive) finishes in minutes on a GPU (a trial costs ~0.2-1 s), and a model-based
+  sampler sees a good share of it in ~60 trials.
+- `full`: every choice of `TUNABLES` that passes validation (`Space.size` says how many).
 
 What Optuna samples, and what it does not:
 
 - The space is *conditional* (define-by-run): the `kernel` parameter comes first and picks the
-  fused-kernel family, `"decode"` or `"tiled"`; only that family's parameters are sampled after
+  fused-kernel family (`"decode"`, `"tiled"`, `"stream"`, `"wgmma"`); only that family's parameters are sampled after
   it (the other family's fields stay at their defaults, which `KernelConfig` requires), then the
   parameters both families share. A family's variants are the product of its factors and the
   shared ones; the space's variants are the sum over its families.
@@ -105,25 +105,22 @@ def _why_invalid(kernel: int, **values: int) -> str | None:
     return None
 
 
-WGMMA_OPT_IN = "GEMMTUNE_WGMMA"
-"""Set to 1 to let the space offer the wgmma family on sm_90 cards. Off by default until its
-racecheck has run and its speed is measured against the peers: on 2026-12-07 it passed every
-correctness test on an H100 (`tests/test_wgmma_gpu.py`: every tile, format, depth, split-K and
-graph replay), but the racecheck test and the kernel table have not run yet. A failed trial is
-harmless; a kernel that faults leaves the CUDA context unusable for the rest of a `tune` run."""
+WGMMA_SWITCH = "GEMMTUNE_WGMMA"
+"""Set to 0 to keep the wgmma family out of the space on sm_90 cards, where it is offered by
+default (to compare tunes with and without it, or to rule it out if a driver misbehaves)."""
 
 
 def families_on(compute_capability: str, *, wgmma: bool | None = None) -> tuple[int, ...]:
     """The kernel families a card of this compute capability ("9.0") can run: decode, tiled and
-    stream everywhere, wgmma only on sm_90 (it is built for sm_90a) and only when opted in
-    (`wgmma`, else the ``GEMMTUNE_WGMMA=1`` environment variable; see `WGMMA_OPT_IN`)."""
+    stream everywhere, wgmma only on sm_90 (it is built for sm_90a) unless switched off
+    (`wgmma=False`, else the ``GEMMTUNE_WGMMA=0`` environment variable; see `WGMMA_SWITCH`)."""
     major, _, minor = compute_capability.partition(".")
     try:
         cc = (int(major), int(minor or 0))
     except ValueError:
         raise InvalidConfigError(f"compute capability {compute_capability!r} is not of the form 9.0") from None
     if wgmma is None:
-        wgmma = os.environ.get(WGMMA_OPT_IN, "").strip() == "1"
+        wgmma = os.environ.get(WGMMA_SWITCH, "").strip() != "0"
     # The stream family runs from sm_80 (its clusters, sm_90 only, are checked when bound).
     return (DECODE, TILED, WGMMA, STREAM) if cc == WGMMA_CAPABILITY and wgmma else (DECODE, TILED, STREAM)
 
@@ -310,9 +307,9 @@ class Space:
 
     @property
     def study_label(self) -> str:
-        """The space's part of a study name: its name, plus `+wgmma` when the opt-in wgmma family
-        is in it. Optuna ties the `kernel` parameter to one set of choices per study, so a tune
-        resumed with `GEMMTUNE_WGMMA` flipped on the same card must be another study (it failed
+        """The space's part of a study name: its name, plus `+wgmma` when the wgmma family is in
+        it (the suffix dates from when the family was opt-in; studies stored then keep resuming). Optuna ties the `kernel` parameter to one set of choices per study, so a tune
+        resumed with `GEMMTUNE_WGMMA=0` flipped on the same card must be another study (it failed
         with "CategoricalDistribution does not support dynamic value space")."""
         return f"{self.name}+wgmma" if any(fam.kernel == WGMMA for fam in self.families) else self.name
 

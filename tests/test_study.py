@@ -277,7 +277,8 @@ def test_study_name_and_storage(url: str) -> None:
     assert name == f"gemmtune:{FAKE_DEVICE.fingerprint}:{FAKE_KERNEL_HASH[:16]}:4096x4096-b4-g128:mixed"
     other = st.tune_problem(SyntheticEvaluator(PROBLEM, DECODE), url,
                             settings(space="standard", trials=3)).study_name
-    assert other.endswith(":decode") and other != name
+    # the synthetic card is an sm_90 one, whose standard space holds the wgmma family
+    assert other.endswith(":decode:standard+wgmma") and other != name
     assert st.make_storage(url) is st.make_storage(url)
 
 
@@ -287,7 +288,8 @@ def test_another_space_is_another_study(url: str) -> None:
     ev = SyntheticEvaluator(PROBLEM, DECODE)
     a = st.tune_problem(ev, url, settings(space="standard", trials=3))
     b = st.tune_problem(ev, url, settings(space="full", trials=3))
-    assert b.study_name == a.study_name + ":full"
+    assert a.study_name.endswith(":standard+wgmma")  # the synthetic card is an sm_90 one
+    assert b.study_name == a.study_name.replace(":standard+wgmma", ":full+wgmma")
     assert a.status == b.status == "accepted"
 
 
@@ -557,13 +559,13 @@ def test_one_search_over_both_families_stores_a_plan_with_a_band_for_each(
         assert lat[m] == pytest.approx(best)
 
 
-def test_flipping_the_wgmma_opt_in_is_another_study(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # On an sm_90 card GEMMTUNE_WGMMA adds a choice to the `kernel` parameter; resuming the same
-    # study with it flipped made Optuna raise ("does not support dynamic value space").
+def test_flipping_the_wgmma_switch_is_another_study(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On an sm_90 card GEMMTUNE_WGMMA=0 takes a choice out of the `kernel` parameter; resuming the
+    # same study with it flipped made Optuna raise ("does not support dynamic value space").
     ev = SyntheticEvaluator(PROBLEM, DECODE)
-    monkeypatch.delenv("GEMMTUNE_WGMMA", raising=False)
+    monkeypatch.setenv("GEMMTUNE_WGMMA", "0")
     a = st.tune_problem(ev, url, settings(space="standard", trials=3))
-    monkeypatch.setenv("GEMMTUNE_WGMMA", "1")
+    monkeypatch.delenv("GEMMTUNE_WGMMA")
     b = st.tune_problem(ev, url, settings(space="standard", trials=3))
     assert b.study_name == a.study_name + ":standard+wgmma"
     assert a.status == b.status == "accepted"

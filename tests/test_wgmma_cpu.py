@@ -149,18 +149,19 @@ def test_wgmma_violation_says_why() -> None:
         KernelConfig(kernel=WGMMA, wgmma_m=128, wgmma_n=128)
 
 
-def test_the_family_is_offered_only_when_opted_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Never run on a GPU yet, so a default `tune` does not search it (space.WGMMA_OPT_IN)."""
+def test_the_family_is_offered_on_sm90_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On by default on sm_90 cards; GEMMTUNE_WGMMA=0 (space.WGMMA_SWITCH) takes it out."""
     monkeypatch.delenv("GEMMTUNE_WGMMA", raising=False)
+    assert WGMMA in families_on("9.0")
+    assert any(c.wgmma for c in STANDARD.for_device("9.0").variants())
+    monkeypatch.setenv("GEMMTUNE_WGMMA", "0")
     assert WGMMA not in families_on("9.0")
     assert not any(c.wgmma for c in STANDARD.for_device("9.0").variants())
     assert WGMMA in families_on("9.0", wgmma=True)
-    monkeypatch.setenv("GEMMTUNE_WGMMA", "1")
-    assert WGMMA in families_on("9.0")
 
 
 def test_the_family_exists_on_sm90_cards_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GEMMTUNE_WGMMA", "1")
+    monkeypatch.delenv("GEMMTUNE_WGMMA", raising=False)
     assert WGMMA in families_on("9.0") and {0, 1} <= set(families_on("9.0"))
     for cc in ("8.0", "8.6", "8.9", "10.0", "12.0"):
         assert WGMMA not in families_on(cc)
