@@ -398,7 +398,7 @@ def registers_fit(threads: int, rows: int, unroll: int) -> bool:
 class KernelConfig:
     """One point of the search space. Construct with keywords; invalid values raise."""
 
-    # The built-in default: on an H100 (bench/results/kernels-h100.json) this variant is within
+    # The built-in default: on an H100 (bench/results/kernels-h100-2026-11-26.json) this variant is within
     # 1 % of the per-shape best fused time at M = 1 and 15 % (geometric mean) over M 1..64 on the
     # eight Llama shapes; the fused kernel beats reconstruct + cuBLAS up to M = 64 on most of them.
     max_q_gemm_rows: int = 64
