@@ -16,6 +16,7 @@ our own `fp16_us` and `dispatch_us`; a peers file from another card model is ref
     python bench/kernels.py -o out/kernels.json              # full run (~ minutes on an H100)
     python bench/kernels.py --shapes 4096x4096 --ms 1,16,64  # quick look
     python bench/kernels.py --families wgmma,tiled --ms 16,64,256,512 --peers $OUT/peer.json
+    python bench/kernels.py --merge a.json b.json --peers peer.json -o kernels.json  # pieces + peers
 """
 
 from __future__ import annotations
@@ -262,23 +263,60 @@ def load_peers(path: str) -> tuple[list[dict], str]:
     return rows, str(meta.get("device", ""))
 
 
-def merge_file(result_path: str, peers_path: str | None, output: str) -> int:
-    """`--merge`: the peers into a finished table, for a device call that timed the peers after
-    the table (the peers' ExLlamaV2 build is CPU work that overlaps the table's GPU work)."""
-    if not peers_path:
-        print("error: --merge needs --peers", file=sys.stderr)
-        return 2
+class MergeError(ValueError):
+    """Tables that cannot be joined into one (another card, another kernel build, a cell twice)."""
+
+
+def join_tables(results: list[dict]) -> dict:
+    """One table from several runs of this script on the same card model and kernel build (a
+    table measured in pieces, e.g. shapes split over device calls of limited length): rows in
+    run order, each run's per-variant figures and plans, each run's ceilings. Raises MergeError
+    for runs on different cards or kernel builds, or a (K, N, M) cell measured twice."""
+    first = results[0]
+    card, build = first["device"]["name"], first.get("kernel_hash")
+    seen: set[tuple[int, int, int]] = set()
+    for r in results:
+        if r["device"]["name"] != card:
+            raise MergeError(f"runs on two cards: {card} and {r['device']['name']}")
+        if r.get("kernel_hash") != build:
+            raise MergeError(f"runs of two kernel builds: {build} and {r.get('kernel_hash')}")
+        for row in r["rows"]:
+            cell = (row["K"], row["N"], row["M"])
+            if cell in seen:
+                raise MergeError(f"cell {row['K']}x{row['N']} M={row['M']} is in two runs")
+            seen.add(cell)
+    if len(results) == 1:
+        return dict(first)
+    joined = dict(first)
+    joined["rows"] = [row for r in results for row in r["rows"]]
+    for key in ("fused_by_variant", "recon_by_chunk", "plans"):
+        joined[key] = {k: v for r in results for k, v in r.get(key, {}).items()}
+    joined["command"] = " + ".join(r["command"] for r in results)
+    joined["ceilings_by_run"] = [r["ceilings"] for r in results]
+    joined["seconds"] = round(sum(r.get("seconds", 0.0) for r in results), 1)
+    joined["complete"] = all(r.get("complete", True) for r in results)
+    return joined
+
+
+def merge_file(result_paths: list[str], peers_path: str | None, output: str) -> int:
+    """`--merge`: one table from the runs in `result_paths` (`join_tables`), with the peers
+    merged in when `--peers` is given (a device call that timed the peers after the table: the
+    peers' ExLlamaV2 build is CPU work that overlaps the table's GPU work)."""
+    where = f"--merge {' '.join(result_paths)}"
     try:
-        result = json.loads(Path(result_path).read_text())
-        peer_rows, peer_card = load_peers(peers_path)
-        merge_peers(result["rows"], peer_rows, peer_card, str(result["device"]["name"]))
+        result = join_tables([json.loads(Path(p).read_text()) for p in result_paths])
+        if peers_path:
+            peer_rows, peer_card = load_peers(peers_path)
+            merge_peers(result["rows"], peer_rows, peer_card, str(result["device"]["name"]))
     except (OSError, ValueError, KeyError) as exc:
-        print(f"error: --merge {result_path} --peers {peers_path}: {exc}", file=sys.stderr)
+        print(f"error: {where}{f' --peers {peers_path}' if peers_path else ''}: {exc}", file=sys.stderr)
         return 2
-    result["command"] += f" (peers merged: {peers_path})"
+    if peers_path:
+        result["command"] += f" (peers merged: {peers_path})"
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(result, indent=1))
-    print(f"wrote {output}: {len(result['rows'])} rows with the peers of {peer_card}")
+    print(f"wrote {output}: {len(result['rows'])} rows of {len(result_paths)} run(s)"
+          + (f" with the peers of {peer_card}" if peers_path else ""))
     return 0
 
 
@@ -297,9 +335,10 @@ def main() -> int:
     ap.add_argument("--peers", help="peer_bench.py's peer.json from the same device call (its "
                                     "peer_meta.json beside it names the card): its Marlin, "
                                     "ExLlamaV2 and fp16 figures go into each row")
-    ap.add_argument("--merge", metavar="RESULT",
-                    help="measure nothing: merge --peers into RESULT, a table this script wrote "
-                         "earlier in the same device call (peers timed after it), written to -o")
+    ap.add_argument("--merge", metavar="RESULT", nargs="+",
+                    help="measure nothing: join RESULTs, tables this script wrote on one card and "
+                         "kernel build (e.g. shapes split over device calls), and merge --peers "
+                         "(timed after them) if given; written to -o")
     ap.add_argument("-o", "--output", default="bench-kernels.json")
     args = ap.parse_args()
     if args.merge:

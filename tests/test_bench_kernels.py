@@ -75,3 +75,52 @@ def test_merge_puts_later_peers_into_a_written_table(kb: ModuleType, tmp_path: P
     monkeypatch.setattr(sys, "argv", argv[:-1] + [str(tmp_path / "other.json")])
     assert kb.main() == 2
     assert not (tmp_path / "other.json").exists()
+
+
+def _run(card: str, cells: list[tuple[int, int, int]], build: str = "abc", complete: bool = True) -> dict:
+    return {"device": {"name": card}, "kernel_hash": build, "command": f"python bench/kernels.py {len(cells)}",
+            "ceilings": {"read_bandwidth_TBps": 3.0}, "seconds": 10.0, "complete": complete,
+            "rows": [{"K": k, "N": n, "M": m, "dispatch_us": 1.0} for k, n, m in cells],
+            "fused_by_variant": {f"{k}x{n}": {"v": {}} for k, n, _ in cells},
+            "recon_by_chunk": {}, "plans": {f"{k}x{n}": [] for k, n, _ in cells}}
+
+
+def test_a_table_measured_in_pieces_joins_into_one(kb: ModuleType, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    h100 = "NVIDIA H100 80GB HBM3"
+    (tmp_path / "a.json").write_text(json.dumps(_run(h100, [(4096, 4096, 1), (4096, 4096, 16)])))
+    (tmp_path / "b.json").write_text(json.dumps(_run(h100, [(8192, 57344, 16)], complete=False)))
+    (tmp_path / "peer.json").write_text(json.dumps([{"K": 8192, "N": 57344, "M": 16, "marlin_us": 97.4}]))
+    (tmp_path / "peer_meta.json").write_text(json.dumps({"device": h100}))
+    out = tmp_path / "joined.json"
+    monkeypatch.setattr(sys, "argv", ["kernels.py", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                                      "--peers", str(tmp_path / "peer.json"), "-o", str(out)])
+    assert kb.main() == 0
+    joined = json.loads(out.read_text())
+    assert [(r["K"], r["M"]) for r in joined["rows"]] == [(4096, 1), (4096, 16), (8192, 16)]
+    assert joined["rows"][2]["marlin_us"] == 97.4 and joined["rows"][0]["marlin_us"] is None
+    assert set(joined["plans"]) == {"4096x4096", "8192x57344"}
+    assert len(joined["ceilings_by_run"]) == 2 and joined["seconds"] == 20.0
+    assert joined["complete"] is False  # one piece was cut short
+
+
+@pytest.mark.parametrize("other, why", [
+    (_run("NVIDIA H200", [(8192, 8192, 1)]), "two cards"),
+    (_run("NVIDIA H100 80GB HBM3", [(8192, 8192, 1)], build="def"), "two kernel builds"),
+    (_run("NVIDIA H100 80GB HBM3", [(4096, 4096, 16)]), "in two runs"),
+])
+def test_pieces_from_another_card_build_or_twice_the_same_cell_are_refused(
+        kb: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        other: dict, why: str) -> None:
+    import json
+
+    (tmp_path / "a.json").write_text(json.dumps(_run("NVIDIA H100 80GB HBM3", [(4096, 4096, 16)])))
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    out = tmp_path / "joined.json"
+    monkeypatch.setattr(sys, "argv", ["kernels.py", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                                      "-o", str(out)])
+    assert kb.main() == 2
+    assert why in capsys.readouterr().err
+    assert not out.exists()
