@@ -308,9 +308,10 @@ class Space:
     @property
     def study_label(self) -> str:
         """The space's part of a study name: its name, plus `+wgmma` when the wgmma family is in
-        it (the suffix dates from when the family was opt-in; studies stored then keep resuming). Optuna ties the `kernel` parameter to one set of choices per study, so a tune
-        resumed with `GEMMTUNE_WGMMA=0` flipped on the same card must be another study (it failed
-        with "CategoricalDistribution does not support dynamic value space")."""
+        it. Optuna ties the `kernel` parameter to one set of choices per study, so a tune resumed
+        with `GEMMTUNE_WGMMA=0` flipped on the same card must be another study (it failed with
+        "CategoricalDistribution does not support dynamic value space"). The suffix dates from
+        when the family was opt-in; keeping it lets the studies stored then resume."""
         return f"{self.name}+wgmma" if any(fam.kernel == WGMMA for fam in self.families) else self.name
 
     def family(self, kernel: int) -> Family:
