@@ -14,8 +14,8 @@ What Optuna samples, and what it does not:
 - The space is *conditional* (define-by-run): the `kernel` parameter comes first and picks the
   fused-kernel family (`"decode"`, `"tiled"`, `"stream"`, `"wgmma"`); only that family's
   parameters are sampled after it (the other families' fields stay at their defaults, which
-  `KernelConfig` requires), then the parameters all families share. A family's variants are the product of its factors and the
-  shared ones; the space's variants are the sum over its families.
+  `KernelConfig` requires), then the parameters all families share. A family's variants are the
+  product of its factors and the shared ones; the space's variants are the sum over its families.
 - The fused-kernel variant fields are sampled as *factors*: fields that validation couples are
   sampled together as one categorical parameter whose choices are only the valid combinations,
   so an invalid config is never proposed (and exhausting the factors visits exactly the valid
