@@ -244,13 +244,21 @@ stays `fp16_us`)."""
 
 
 def merge_peers(rows: list[dict], peer_rows: list[dict], peer_card: str, card: str) -> None:
-    """Copy the peers' per-(K, N, M) figures into `rows` (None where the peer has no cell).
-    Raises ValueError for peers measured on another card model."""
+    """Copy the peers' per-(K, N, M) figures into `rows`. A row the peers have no cell for keeps
+    the peer figures it already carries (a table whose peers were timed in pieces, e.g. M >= 16
+    in one call and M <= 8 in another) and gets None where it has none. Raises ValueError for
+    peers measured on another card model, or for a cell whose row already holds peer figures."""
     if card not in peer_card:
         raise ValueError(f"the peers were measured on {peer_card!r}, not on this {card}")
     by_cell = {(r["K"], r["N"], r["M"]): r for r in peer_rows}
     for row in rows:
-        peer = by_cell.get((row["K"], row["N"], row["M"]), {})
+        peer = by_cell.get((row["K"], row["N"], row["M"]))
+        if peer is None:
+            for ours in PEER_COLUMNS.values():
+                row.setdefault(ours, None)
+            continue
+        if any(row.get(ours) is not None for ours in PEER_COLUMNS.values()):
+            raise ValueError(f"cell {row['K']}x{row['N']} M={row['M']} already has peer figures")
         for theirs, ours in PEER_COLUMNS.items():
             v = peer.get(theirs)
             row[ours] = round(v, 2) if isinstance(v, (int, float)) else None
