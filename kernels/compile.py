@@ -116,7 +116,8 @@ class WgmmaVariant:
 
     @property
     def threads(self) -> int:
-        return 128 * self.wgm * self.wgn
+        """The consumer warpgroups and the producer warpgroup."""
+        return 128 * (self.wgm * self.wgn + 1)
 
     @property
     def tile_m(self) -> int:
