@@ -116,8 +116,7 @@ class WgmmaVariant:
 
     @property
     def threads(self) -> int:
-        """The consumer warpgroups and the producer warpgroup."""
-        return 128 * (self.wgm * self.wgn + 1)
+        return 128 * self.wgm * self.wgn
 
     @property
     def tile_m(self) -> int:

@@ -116,21 +116,20 @@ TILES: dict[tuple[int, int], tuple[int, int, int, int]] = {
 instance per (bits, tile_k, stages, split), and `gemmtune kernels check` builds all of them."""
 
 WGMMA_TILES: dict[tuple[int, int], tuple[int, int, int]] = {
-    # (wgmma_m, wgmma_n): (consumer warpgroups along M, tokens per warpgroup = the wgmma N,
-    # consumer warpgroups along N). A warpgroup covers 128 columns as two m64 tiles, so its
-    # tokens cost 1 fp32 accumulator register each per thread: 128 is the widest token tile a
-    # warpgroup holds. One warpgroup up to 128 tokens x 128 columns (small M: many blocks keep
-    # loads in flight), two along N (256 columns share each staged activation tile; the
-    # producer then gives its registers to them, setmaxnreg 40 / 232). Since the producer
-    # warpgroup took the copies over, a consumer holds no prefetched activations and 128-token
-    # tiles fit (ptxas 13.0, sm_90a, no spill).
+    # (wgmma_m, wgmma_n): (warpgroups along M, tokens per warpgroup = the wgmma N, warpgroups
+    # along N). A warpgroup covers 128 columns as two m64 tiles, so its tokens cost 1 fp32
+    # accumulator register each per thread: 128 is the widest token tile a warpgroup holds.
+    # One warpgroup up to 64 tokens x 128 columns (small M: many blocks keep loads in flight),
+    # two along N (256 columns share each staged activation tile). 128 tokens only with two
+    # warpgroups along N: one alone (128x128), or two along M (256x128), holds 128 accumulators
+    # beside 8 prefetched activation chunks (32 registers) a thread, and spilled 24-1168 bytes
+    # at every depth (ptxas 13.0, sm_90a), so neither is built.
     (16, 128): (1, 16, 1),
     (16, 256): (1, 16, 2),
     (32, 128): (1, 32, 1),
     (32, 256): (1, 32, 2),
     (64, 128): (1, 64, 1),
     (64, 256): (1, 64, 2),
-    (128, 128): (1, 128, 1),
     (128, 256): (1, 128, 2),
 }
 """The wgmma kernel's block tiles, an explicit list for compile time: each is one template instance
@@ -236,7 +235,12 @@ def wgmma_smem_bytes(bits: int, wgmma_m: int, wgmma_n: int, wgmma_k: int, stages
 
 WGMMA_REGISTER_BOUND: dict[int, dict[tuple[int, int, int], int]] = {
     # bits: {(wgmma_m, wgmma_n, wgmma_k): most stages that build without spilling} (ptxas 13.0,
-    # sm_90a, either split instance; `gemmtune kernels check --arch sm_90`).
+    # sm_90a, either split instance; `gemmtune kernels check --arch sm_90`). A 128-deep stage
+    # doubles the activation chunks a thread prefetches (16 -> 32 registers): beside 128
+    # accumulators (128x256) it spills 220-592 bytes; 8-bit 64x128 spills 8-32 bytes at 2-3
+    # stages and sits at 255 registers at 4-5, so it is not built at all.
+    4: {(128, 256, 128): 0},
+    8: {(128, 256, 128): 0, (64, 128, 128): 0},
 }
 """wgmma instances ptxas cannot fit in 255 registers (see TILED_REGISTER_BOUND)."""
 

@@ -37,22 +37,6 @@ SPLIT_MAX_ROWS = 256
 _AUTO_WAVES = 2
 
 
-def wgmma_gather_index(k: int, bits: int, perm: torch.Tensor | None) -> torch.Tensor:
-    """The columns of A, in the order the wgmma kernel reads them: stored-row order (act-order
-    `perm`, else 0..K-1), and inside each K step (4 packed words: 32 K at 4 bits, 16 at 8) the
-    order its register fragments meet them, position 8c + u = step element CH*u + c with CH =
-    step / 8 (gptq_wgmma_gemm.cu, "One weight layout"). One index_select with this index puts
-    A in that order, so the kernel copies 16-byte chunks and permutes nothing."""
-    kstep = 4 * (32 // bits)
-    ch = kstep // 8
-    pos = torch.arange(kstep)
-    within = ch * (pos % 8) + pos // 8  # position 8c + u -> element CH*u + c
-    index = (torch.arange(0, k, kstep).view(-1, 1) + within.view(1, -1)).reshape(-1)
-    if perm is not None:
-        return perm.index_select(0, index.to(perm.device))
-    return index
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -139,12 +123,11 @@ class Plan:
         ks = wgmma_shape(p.bits, c.wgmma_m, c.wgmma_n, c.wgmma_k)[0]
         self.tile_m, self.stage_steps = c.wgmma_m, ks
         self.grid_x = _cdiv(p.n, c.wgmma_n)
+        self.threads = 128 * wgm * wgn
         self._tiled = {split: ck.WgmmaVariant(p.bits, wgm, wgn, tn, ks, c.wgmma_stages, split)
                        for split in (False, True)}  # type: ignore[misc]
-        self.threads = self._tiled[False].threads  # the consumer warpgroups and the producer
         self.smem = self._tiled[False].smem_bytes
-        self.perm_index = wgmma_gather_index(p.k, p.bits, weight.perm if p.act_order else None).to(
-            weight.device)
+        self.perm_index = weight.perm if p.act_order else None
 
     # -- variants and grid ----------------------------------------------------------------------
     def tiled_fn(self, split: bool) -> object:
@@ -247,21 +230,14 @@ class Plan:
         cached = self._launch_cache.get(m)
         if cached is None:
             gy = self.split_for(m)
-            if self.config.wgmma:
-                # Persistent: at most one wave of blocks per K slice, each looping over output
-                # tiles (M tiles fastest), so the grid is (blocks, K slices, 1).
-                tiles = _cdiv(m, self.tile_m) * self.grid_x
-                grid = (max(1, min(tiles, self.slots(self.tile_m) // gy)), gy, 1)
-            else:
-                grid = (_cdiv(m, self.tile_m), gy, self.grid_x)
-            cached = (grid, self.tiled_fn(gy > 1))
+            cached = ((_cdiv(m, self.tile_m), gy, self.grid_x), self.tiled_fn(gy > 1))
             self._launch_cache[m] = cached
         grid, fn = cached
         if self.perm_index is not None:
             # Act-order: A's columns into stored-row order, once per call (the kernel stages A
-            # with 16-byte copies, which cannot gather); the wgmma kernel's order always
-            # (`wgmma_gather_index`). The one allocation of a call besides the output, M x K
-            # halves from torch's caching allocator (a graph's own pool when captured).
+            # with 16-byte copies, which cannot gather). The one allocation of a call besides the
+            # output, M x K halves from torch's caching allocator (a graph's own pool when
+            # captured).
             a = torch.index_select(a, 1, self.perm_index)
         ws = self.ws
         args = (

@@ -99,10 +99,10 @@ def _tune_table(title: str, results: list[Any], layer_names: dict[Any, list[str]
               show_default=True, help="tpe: model-based, good in few trials; gp: Gaussian process, "
               "best per trial, slower to ask; random; grid: every variant (exhaustive).")
 @click.option("--space", "space_name", type=click.Choice(["standard", "full"]), default="standard",
-              show_default=True, help="standard: 560 kernel variants (decode kernel 360, tiled "
-              "kernel 115, stream kernel 45, wgmma kernel 40 on sm_90 cards); "
+              show_default=True, help="standard: 555 kernel variants (decode kernel 360, tiled "
+              "kernel 115, stream kernel 45, wgmma kernel 35 on sm_90 cards); "
               "full: every valid "
-              "choice (5616).")
+              "choice (5499).")
 @click.option("--device", "device_spec", default="0", show_default=True, metavar="N|all",
               help="GPU index, or `all`: one worker process per GPU sharing the database.")
 @_db_option

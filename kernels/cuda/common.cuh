@@ -116,27 +116,6 @@ __device__ __forceinline__ void for_share(const int tid, F&& body) {
   }
 }
 
-// The last slice's half of the fix-up, for `THREADS` threads (tid 0..THREADS-1) that have seen
-// every other slice arrive: the tile's sums to C in fp16, its workspace and `counter` to zero.
-template <int TILE_M, int TILE_N, int THREADS>
-__device__ __forceinline__ void split_k_finish(float* __restrict__ ws, int* __restrict__ counter,
-                                               half* __restrict__ c, const int m0, const int n0,
-                                               const int M, const int N, const int tid) {
-  const int rows = min(TILE_M, M - m0);
-  for (int i = tid; i < rows * (TILE_N / 4); i += THREADS) {
-    const int r = i / (TILE_N / 4);
-    const int n = n0 + 4 * (i % (TILE_N / 4));
-    if (n >= N) continue;
-    float4* p = reinterpret_cast<float4*>(ws + (size_t)(m0 + r) * N + n);
-    const float4 v = __ldcg(p);
-    const half2 h01 = __floats2half2_rn(v.x, v.y);
-    const half2 h23 = __floats2half2_rn(v.z, v.w);
-    *reinterpret_cast<uint2*>(c + (size_t)(m0 + r) * N + n) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
-    *p = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-  if (tid == 0) *counter = 0;
-}
-
 // Split-K fix-up of a TILE_M x TILE_N output tile (rows m0.., columns n0..), shared by the
 // kernels whose K slices add fp32 partials into `ws`: the last of the tile's gridDim.y blocks to
 // arrive converts the sums to C and leaves `ws` and the tile's counter at zero, so no memset
@@ -154,7 +133,19 @@ __device__ __forceinline__ void split_k_fixup(float* __restrict__ ws, int* __res
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  split_k_finish<TILE_M, TILE_N, THREADS>(ws, counters + tile, c, m0, n0, M, N, tid);
+  const int rows = min(TILE_M, M - m0);
+  for (int i = tid; i < rows * (TILE_N / 4); i += THREADS) {
+    const int r = i / (TILE_N / 4);
+    const int n = n0 + 4 * (i % (TILE_N / 4));
+    if (n >= N) continue;
+    float4* p = reinterpret_cast<float4*>(ws + (size_t)(m0 + r) * N + n);
+    const float4 v = __ldcg(p);
+    const half2 h01 = __floats2half2_rn(v.x, v.y);
+    const half2 h23 = __floats2half2_rn(v.z, v.w);
+    *reinterpret_cast<uint2*>(c + (size_t)(m0 + r) * N + n) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
+    *p = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  if (tid == 0) counters[tile] = 0;
 }
 
 // (a & mask) | bits in one LOP3. Written as two C operators, ptxas emits two LOP3s here

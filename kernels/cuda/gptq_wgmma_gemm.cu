@@ -7,24 +7,6 @@
 // produced by arithmetic, never stored), the activations are the N side (the token tile, read by
 // the tensor cores from shared memory through a matrix descriptor), fp32 accumulators.
 //
-// Roles (warp specialisation). A block is WGM x WGN *consumer* warpgroups and one *producer*
-// warpgroup. The producer only copies: for each pipeline stage it waits until the stage's slot
-// is empty, then fills it -- the weights and the (scale, zero) rows by bulk copies
-// (`cp.async.bulk`, the copy engine; one thread issues them) and the activation tile by 16-byte
-// cp.async from all 128 of its threads -- and every copy completes on the slot's `full`
-// mbarrier. The consumers wait on `full`, dequantise the weights from shared memory into their
-// wgmma A fragments and issue the MMAs; a consumer warp frees the slot (its `empty` mbarrier)
-// once the MMAs that read it have completed, which it learns at the first `wait<1>` of the next
-// stage: so wgmma stays in flight across stage boundaries, and no block-wide barrier remains in
-// the main loop. With two consumer warpgroups the producer gives up registers (`setmaxnreg`) for
-// them: 40 a thread for the copies, 232 for the accumulators and fragments.
-//
-// Persistent grid over output tiles. The host launches at most one wave (gridDim.x blocks per K
-// slice, gridDim.y = K slices); block x takes output tiles x, x + gridDim.x, ... (M tiles
-// fastest, so the blocks running together share weight tiles through L2). The producer runs
-// ahead into the next tile while the consumers write the last one's outputs, so the copy
-// stream does not stop at tile edges and there is no tail wave of whole blocks.
-//
 // One weight layout (weights.py, shared with the decode and tiled kernels): for a 32-column block
 // and a K step of 4 packed word rows, lane 4g+t of a warp reads 16 bytes = word row t of columns
 // 4g..4g+3. A warpgroup covers 4 such blocks (128 columns) as two m64 tiles, and warp w of it takes
@@ -39,35 +21,38 @@
 //            fragment wants pairs of K 8 apart, so the K order the instruction sees is a fixed
 //            permutation of the step's: position 8c + u of a step holds activation k = CH*u + c
 //            (CH = step / 8 chunks: 4 at 4-bit, 2 at 8-bit). The tensor cores read B in any K order
-//            we store it in, so the *activations* are permuted, not the weights (no second
-//            weight layout): the dispatch gathers A's columns into that order (in the same
-//            gather that act-order needs anyway; `dispatch.wgmma_gather_index`), and the kernel
-//            then only copies 16-byte chunks, which cp.async can do without registers.
+//            we store it in, so the activations are permuted while they are staged (one PRMT per
+//            stored word, the tiled kernel's byte_perm), not the weights: no second weight layout.
+// Activations travel global -> registers -> shared (one 16-byte load per chunk, 4 PRMT, 4 (4-bit)
+// or 2 (8-bit) stores), issued a stage ahead so the load latency hides behind a stage of MMAs;
+// cp.async cannot permute 2-byte elements. The weights and the (scale, zero) rows stream through a
+// STAGES-deep cp.async ring exactly as in the tiled kernel.
 //
 // Shared-memory B layout: K-major, no swizzle ("interleave"): chunk column q (8 K positions) of a
 // stage is TILE_M rows x 16 bytes, rows contiguous, so an 8x16-byte core matrix is 128 contiguous
 // bytes (stride byte offset 128 between 8-row groups, leading byte offset TILE_M*16 between the two
-// K halves of an instruction). The producer's copies of a warp land as 4 chunk columns x 8 rows:
-// 128 contiguous bytes per 8 lanes (no bank conflict), 64 contiguous bytes of each row read.
+// K halves of an instruction). The staging stores of a warp then hit 32 distinct banks.
 //
 // Template parameters (kernels/config.py lists the instances built, for compile time):
 //   BITS    4 or 8: V = 32 / BITS K values per packed word, a step is 4 words of K (32 or 16), and
 //           4-bit steps hold two k16 instructions, 8-bit steps one.
-//   WGM     consumer warpgroups along the token (M) side, each with its own TN tokens (they
-//           share every staged weight, at the cost of dequantising it twice).
-//   WGN     consumer warpgroups along N, 128 columns each: they share every staged activation
-//           tile.
+//   WGM     warpgroups along the token (M) side, each with its own TN tokens: two of them share
+//           every staged weight (at the cost of dequantising it twice) when the token tile is
+//           wider than one warpgroup's accumulators allow.
+//   WGN     warpgroups along N, 128 columns each: two share every staged activation tile.
 //   TN      tokens per warpgroup = the N of wgmma.m64nTNk16 (16..128): 2 x TN/2 fp32 accumulators
 //           per thread (the two m64 tiles), so 128 is the widest that leaves registers for the rest.
 //   KS      K steps per pipeline stage (tile_k = KS x step: 64 or 128): longer stages mean fewer
-//           barrier waits, shorter ones less shared memory per stage.
-//   STAGES  slots in the ring: the producer runs up to STAGES - 1 stages ahead of the consumers
-//           (STAGES - 2 while the consumers' last MMAs of a stage are still reading it).
+//           barriers, shorter ones less shared memory and fewer prefetch registers.
+//   STAGES  pipeline depth: STAGES - 1 stages of weights in flight while one is computed.
 //   SPLIT   gridDim.y > 1 K slices, reduced through the fp32 workspace by the last block of each
 //           output tile, which leaves workspace and counter at zero (the tiled kernel's scheme: no
 //           memset per call, graph-capturable).
-// Block: 128 x (WGM x WGN + 1) threads (the producer is the last warpgroup). Dynamic shared
-// memory: STAGES x stage bytes; the mbarriers are static.
+// Act-order weights are stored sorted by group (weights.py); the dispatch gathers A's columns into
+// that order, so this kernel always reads A contiguously.
+// Grid: x = M tiles (fastest: blocks sharing a weight tile run together, all but the first read it
+// from L2), y = K slices, z = N tiles. Block: 128 x WGM x WGN threads. Dynamic shared memory:
+// STAGES x stage bytes.
 #include "common.cuh"
 
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -179,48 +164,6 @@ struct Mma<128> {
 
 }  // namespace wg
 
-namespace wg {
-
-// mbarrier and bulk-copy primitives (PTX ISA "mbarrier", "cp.async.bulk"), CTA scope.
-__device__ __forceinline__ void bar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void bar_arrive(uint32_t bar) {
-  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" :: "r"(bar) : "memory");
-}
-// This thread's arrival, expecting `bytes` more from the copy engine before the phase completes.
-__device__ __forceinline__ void bar_arrive_expect(uint32_t bar, uint32_t bytes) {
-  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n"
-               :: "r"(bar), "r"(bytes) : "memory");
-}
-// Arrives once every cp.async this thread issued so far has landed (counted in the init count).
-__device__ __forceinline__ void bar_arrive_copies(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
-}
-__device__ __forceinline__ void bar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n .reg .pred p;\n"
-      "WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT_%=;\n}\n"
-      :: "r"(bar), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-      :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
-// Registers per thread of this warpgroup from here on (a multiple of 8, 24..256).
-template <int N>
-__device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
-template <int N>
-__device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
-// Barrier 1 over the consumer warpgroups only (barrier 0 is __syncthreads).
-template <int THREADS>
-__device__ __forceinline__ void consumers_sync() {
-  asm volatile("bar.sync 1, %0;\n" :: "n"(THREADS) : "memory");
-}
-
-}  // namespace wg
-
 template <int BITS, int KS, int TILE_M, int TILE_N>
 struct WgmmaStage {
   static constexpr int V = 32 / BITS;
@@ -232,51 +175,53 @@ struct WgmmaStage {
   static constexpr int A_BYTES = TILE_M * TILE_K * 2;
   static constexpr int SZ_BYTES = KS * TILE_N * 4;     // one (scale, zero) half2 per column and step
   static constexpr int BYTES = W_BYTES + A_BYTES + SZ_BYTES;
-  static constexpr int CPR = KS * CH;                  // 16-byte chunks per row and stage
-  static constexpr int A_ITEMS = TILE_M * CPR;         // 16-byte activation chunks per stage
+  static constexpr int A_ITEMS = TILE_M * KS * CH;     // 16-byte activation chunks per stage
+  static constexpr int CPR = KS * CH;                  // chunks per row and stage
 };
 
 template <int BITS, int WGM, int WGN, int TN, int KS, int STAGES, bool SPLIT>
-__global__ void __launch_bounds__(128 * (WGM * WGN + 1), 1)
-gptq_wgmma_gemm(const half* __restrict__ a,           // [M, K]: stored-row order, steps permuted
+__global__ void __launch_bounds__(128 * WGM * WGN, 1)
+gptq_wgmma_gemm(const half* __restrict__ a,           // [M, K], columns in stored-row order
                 const uint32_t* __restrict__ qweight,  // tiled, see weights.py
                 const half2* __restrict__ sz,          // [G, N]: (scale, 1024 + zero)
                 half* __restrict__ c,                  // [M, N]
                 float* __restrict__ ws,                // [M, N] fp32, all zero between calls (SPLIT)
-                int* __restrict__ counters,            // [M tiles x N tiles], zero between calls
+                int* __restrict__ counters,            // [gridDim.x * gridDim.z], zero between calls
                 int M, int K, int N, int group_shift) {
   static_assert(BITS == 4 || BITS == 8, "wgmma kernel handles 4- and 8-bit weights");
   static_assert(TN == 16 || TN == 32 || TN == 64 || TN == 128, "token tile: a built wgmma N");
-  static_assert(STAGES >= 2, "one slot computed while the next fills");
-  constexpr int CONSUMERS = WGM * WGN;
-  constexpr int CTHREADS = 128 * CONSUMERS;
+  static_assert(STAGES >= 2, "one stage computed while the next loads");
+  constexpr int THREADS = 128 * WGM * WGN;
   constexpr int TILE_M = WGM * TN;
   constexpr int TILE_N = WGN * 128;
   using S = WgmmaStage<BITS, KS, TILE_M, TILE_N>;
   constexpr int KSTEP = S::KSTEP;
   constexpr int CH = S::CH;
   constexpr int INSTR = KSTEP / 16;  // k16 instructions per step
-  static_assert(S::CPR % 4 == 0 && TILE_M % 8 == 0, "a producer warp copies 8 rows x 4 chunks");
-  // Registers a thread after setmaxnreg (two consumer warpgroups: 128 x 40 + 256 x 232 <= 64K).
-  constexpr int PRODUCER_REGS = 40;
-  constexpr int CONSUMER_REGS = 232;
+  static_assert(S::CPR % 8 == 0, "staging maps a warp onto 4 rows x 8 chunks: tile_k % 64 == 0");
+  constexpr int A_PER_THREAD = (S::A_ITEMS + THREADS - 1) / THREADS;
 
-  extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ __align__(8) uint64_t bars[2 * STAGES];  // full[0..STAGES), empty[STAGES..2 STAGES)
-  auto a_base = [&](int slot) -> unsigned char* { return smem + slot * S::BYTES; };
-  auto w_base = [&](int slot) -> unsigned char* { return smem + slot * S::BYTES + S::A_BYTES; };
-  auto sz_row = [&](int slot, int ks) -> unsigned char* {
-    return smem + slot * S::BYTES + S::A_BYTES + S::W_BYTES + ks * TILE_N * 4;
+  extern __shared__ uint4 smem[];
+  unsigned char* const smem_bytes = reinterpret_cast<unsigned char*>(smem);
+  auto a_base = [&](int slot) -> unsigned char* { return smem_bytes + slot * S::BYTES; };
+  auto w_base = [&](int slot) -> unsigned char* { return smem_bytes + slot * S::BYTES + S::A_BYTES; };
+  auto sz_at = [&](int slot, int ks, int quad) -> uint4* {
+    return reinterpret_cast<uint4*>(smem_bytes + slot * S::BYTES + S::A_BYTES + S::W_BYTES) +
+           ks * (TILE_N / 4) + quad;
   };
-  const uint32_t full0 = wg::smem_u32(bars);
-  auto full = [&](int slot) { return full0 + 8u * slot; };
-  auto empty = [&](int slot) { return full0 + 8u * (STAGES + slot); };
 
   const int tid = threadIdx.x;
-  const int wgi = tid >> 7;  // warpgroup; CONSUMERS = the producer
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wgi = warp >> 2;       // warpgroup
+  const int wq = warp & 3;         // warp within its warpgroup
+  const int wm = wgi % WGM;
+  const int wn = wgi / WGM;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int m0 = blockIdx.x * TILE_M;
+  const int n0 = blockIdx.z * TILE_N;
 
-  const int m_tiles = (M + TILE_M - 1) / TILE_M;
-  const int tiles = m_tiles * ((N + TILE_N - 1) / TILE_N);
   const int total_steps = K / KSTEP;
   const int s_begin = (int)(((long long)total_steps * blockIdx.y) / gridDim.y);
   const int s_end = (int)(((long long)total_steps * (blockIdx.y + 1)) / gridDim.y);
@@ -287,79 +232,84 @@ gptq_wgmma_gemm(const half* __restrict__ a,           // [M, K]: stored-row orde
     return step == s_begin || group_of(step) != group_of(step - 1);
   };
 
-  if (tid == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      wg::bar_init(full(s), 128 + 1);    // each producer thread's cp.async + the bulk copies' bytes
-      wg::bar_init(empty(s), 4 * CONSUMERS);  // one arrival per consumer warp
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
+  // Weights and (scale, zero) rows of one stage through cp.async (one commit group per stage,
+  // empty ones too, so the wait count stays uniform). Past N or this slice's K: zero-filled.
+  auto issue_w = [&](const int st) {
+    const int slot = st % STAGES;
+    const int s0 = s_begin + st * KS;
+    const bool live = st < n_stages;
+    for_share<S::NB * KS * 32, THREADS>(tid, [&](const int i) {
+      const int nb = i / (KS * 32);
+      const int ks = (i / 32) % KS;
+      const int ln = i % 32;
+      const int cb = blockIdx.z * S::NB + nb;
+      const bool ok = live && cb * 32 < N && s0 + ks < s_end;
+      copy16_async(reinterpret_cast<uint4*>(w_base(slot) + ((nb * KS + ks) * 32 + ln) * 16),
+                   qweight + ((size_t)cb * total_steps + s0 + ks) * 128 + ln * 4, ok);
+    });
+    for_share<KS * TILE_N / 4, THREADS>(tid, [&](const int i) {
+      const int ks = i / (TILE_N / 4);
+      const int quad = i % (TILE_N / 4);
+      const int col = n0 + 4 * quad;
+      const int step = s0 + ks;
+      // Only the row of a step that starts a group is read (into registers, kept until the next).
+      const bool ok = live && col < N && step < s_end && starts_group(step);
+      copy16_async<true>(sz_at(slot, ks, quad), sz + (size_t)group_of(step) * N + col, ok);
+    });
+    copy_async_commit();
+  };
 
-  if (wgi == CONSUMERS) {
-    // ---- producer ------------------------------------------------------------------------------
-    if constexpr (CONSUMERS > 1) wg::regs_dec<PRODUCER_REGS>();
-    const int p = tid - CTHREADS;
-    int g = 0;  // stages produced by this block (all tiles): slot g % STAGES, pass g / STAGES
-#pragma unroll 1
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int m0 = (tile % m_tiles) * TILE_M;
-      const int n0 = (tile / m_tiles) * TILE_N;
-#pragma unroll 1
-      for (int st = 0; st < n_stages; ++st, ++g) {
-        const int slot = g % STAGES;
-        if (g >= STAGES) wg::bar_wait(empty(slot), ((g / STAGES) - 1) & 1);
-        const int s0 = s_begin + st * KS;
-        const int steps = min(KS, s_end - s0);
-        if (p == 0) {
-          // Weights: per 32-column block, this stage's steps are contiguous (steps x 512 bytes);
-          // blocks past N and steps past the slice are not copied (a column past N only feeds
-          // its own, unwritten, output; a missing step is read as zero words by the consumers).
-          const int blocks = min(S::NB, (N - n0 + 31) / 32);
-          const uint32_t row_bytes = 4u * min(TILE_N, N - n0);
-          uint32_t bytes = (uint32_t)blocks * steps * 512u;
-          for (int ks = 0; ks < steps; ++ks)
-            if (starts_group(s0 + ks)) bytes += row_bytes;
-          wg::bar_arrive_expect(full(slot), bytes);
-          for (int nb = 0; nb < blocks; ++nb) {
-            const int cb = n0 / 32 + nb;
-            wg::bulk_copy(wg::smem_u32(w_base(slot) + nb * KS * 512),
-                          qweight + ((size_t)cb * total_steps + s0) * 128, steps * 512u, full(slot));
-          }
-          for (int ks = 0; ks < steps; ++ks)
-            if (starts_group(s0 + ks))
-              wg::bulk_copy(wg::smem_u32(sz_row(slot, ks)), sz + (size_t)group_of(s0 + ks) * N + n0,
-                            row_bytes, full(slot));
+  // Activation chunk i of a stage: a warp covers 4 rows x 8 consecutive chunks (128 contiguous
+  // bytes of each row). Returns false for chunks past M or this slice's K (staged as zeros, so
+  // whatever the weights there dequantise to adds nothing).
+  auto a_item = [&](const int i, int& row, int& ks, int& x) {
+    const int q = (i % 8) + 8 * (i / (8 * TILE_M));
+    row = (i / 8) % TILE_M;
+    ks = q / CH;
+    x = q % CH;
+  };
+  auto load_a = [&](const int st, uint4 (&r)[A_PER_THREAD]) {
+    const bool live = st < n_stages;
+    const int s0 = s_begin + st * KS;
+#pragma unroll
+    for (int it = 0; it < A_PER_THREAD; ++it) {
+      const int i = tid + it * THREADS;
+      int row, ks, x;
+      a_item(i, row, ks, x);
+      const bool ok = (S::A_ITEMS % THREADS == 0 || i < S::A_ITEMS) && live && m0 + row < M &&
+                      s0 + ks < s_end;
+      r[it] = ok ? load_ro(reinterpret_cast<const uint4*>(a + (size_t)(m0 + row) * K +
+                                                          (size_t)(s0 + ks) * KSTEP + 8 * x))
+                 : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  // Chunk x of a step (activations k = 8x..8x+7 of it) -> the words it owns of each permuted
+  // chunk c: position 8c + u holds k = CH*u + c, so word v = x*(4/CH) + i of chunk c is the pair
+  // (c + 2CH*i, c + 2CH*i + CH) of this chunk's elements.
+  auto store_a = [&](const int st, const uint4 (&r)[A_PER_THREAD]) {
+    unsigned char* const base = a_base(st % STAGES);
+#pragma unroll
+    for (int it = 0; it < A_PER_THREAD; ++it) {
+      const int i = tid + it * THREADS;
+      if (S::A_ITEMS % THREADS != 0 && i >= S::A_ITEMS) continue;
+      int row, ks, x;
+      a_item(i, row, ks, x);
+      const uint32_t e[4] = {r[it].x, r[it].y, r[it].z, r[it].w};
+#pragma unroll
+      for (int cc = 0; cc < CH; ++cc) {
+        unsigned char* const dst = base + ((ks * CH + cc) * TILE_M + row) * 16;
+        const uint32_t sel = (cc % 2) ? 0x7632u : 0x5410u;
+        if constexpr (CH == 4) {
+          *reinterpret_cast<uint32_t*>(dst + 4 * x) = __byte_perm(e[cc / 2], e[2 + cc / 2], sel);
+        } else {
+          *reinterpret_cast<uint2*>(dst + 8 * x) =
+              make_uint2(__byte_perm(e[0], e[1], sel), __byte_perm(e[2], e[3], sel));
         }
-        // Activations: item i = (8-row group, 4-chunk group) x lane; rows past M and chunks past
-        // the slice are zero-filled (so the weights there, whatever they hold, add nothing).
-        unsigned char* const dst = a_base(slot);
-#pragma unroll 1  // at 40 registers an unrolled copy loop spills
-        for (int i = p; i < S::A_ITEMS; i += 128) {
-          const int rest = i >> 5;
-          const int row = (rest % (TILE_M / 8)) * 8 + (i & 7);
-          const int q = (rest / (TILE_M / 8)) * 4 + ((i >> 3) & 3);
-          const bool ok = m0 + row < M && s0 + q / CH < s_end;
-          const half* src = ok ? a + (size_t)(m0 + row) * K + (size_t)s0 * KSTEP + 8 * q : a;
-          copy16_async(reinterpret_cast<uint4*>(dst + (q * TILE_M + row) * 16), src, ok);
-        }
-        wg::bar_arrive_copies(full(slot));
       }
     }
-    copy_async_wait<0>();
-    return;
-  }
+  };
 
-  // ---- consumers -------------------------------------------------------------------------------
-  if constexpr (CONSUMERS > 1) wg::regs_inc<CONSUMER_REGS>();
-  const int lane = tid & 31;
-  const int wq = (tid >> 5) & 3;  // warp within its warpgroup
-  const int wm = wgi % WGM;
-  const int wn = wgi / WGM;
-  const int g8 = lane >> 2;
-  const int t = lane & 3;
-
-  // Not zeroed: a tile's first MMA overwrites (scale-d = 0). Constant zeros here would make
+  // Not zeroed: the block's first MMA overwrites (scale-d = 0). Constant zeros here would make
   // ptxas serialise every wgmma (C7515: non-wgmma definitions of accumulator registers).
   float acc[2][TN / 2];
 
@@ -367,7 +317,7 @@ gptq_wgmma_gemm(const half* __restrict__ a,           // [M, K]: stored-row orde
   // refreshed when a group starts.
   half2 s2[4], z2[4], nz2[4];
   auto new_group = [&](const int slot, const int ks) {
-    const uint4 v = reinterpret_cast<const uint4*>(sz_row(slot, ks))[wn * 32 + wq * 8 + g8];
+    const uint4 v = *sz_at(slot, ks, wn * 32 + wq * 8 + g);
     const uint32_t u[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int cc = 0; cc < 4; ++cc) {
@@ -378,37 +328,23 @@ gptq_wgmma_gemm(const half* __restrict__ a,           // [M, K]: stored-row orde
     }
   };
   // Pair p of a packed word as (q - zero) * scale in a half2 (common.cuh `minus_zero`).
-  auto dequant = [&](const uint32_t w, const uint32_t w8, const int pr, const int cc) -> uint32_t {
-    half2 d = minus_zero<BITS>(w, w8, pr, z2[cc], nz2[cc]);
+  auto dequant = [&](const uint32_t w, const uint32_t w8, const int p, const int cc) -> uint32_t {
+    half2 d = minus_zero<BITS>(w, w8, p, z2[cc], nz2[cc]);
     return h2_as_u32(__hmul2(d, s2[cc]));
   };
 
-  // Hands a slot back to the producer once this warp's MMAs and shared reads of it are done:
-  // the proxy fence orders the warp's reads before the copy engine's next writes to the slot.
-  auto release = [&](const int slot) {
-    wg::fence_proxy_async();
-    __syncwarp();
-    if (lane == 0) wg::bar_arrive(empty(slot));
-  };
-
-  // One stage of one tile: per step, one 16-byte shared read of the weights gives this thread
-  // its fragments of both m64 tiles for every k16 instruction of the step; each instruction is
-  // one wgmma group (fence, two MMAs, commit), and waiting for all but the newest keeps the
-  // dequantisation of the next instruction overlapped with the tensor cores. After the stage's
-  // first wait every MMA of the previous stage has completed, so its slot is handed back there.
-  auto compute = [&](const int slot, const int st, const int prev_slot) {
+  // Consumer: one stage. Per step, one 16-byte shared read of the weights gives this thread its
+  // fragments of both m64 tiles for every k16 instruction of the step; each instruction is one
+  // wgmma group (fence, two MMAs, commit), and waiting for all but the newest keeps the
+  // dequantisation of the next instruction overlapped with the tensor cores.
+  auto compute = [&](const int st) {
+    const int slot = st % STAGES;
     const uint32_t a_addr = wg::smem_u32(a_base(slot)) + wm * TN * 16;
-    const int s0 = s_begin + st * KS;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
-      // A slice's last stage may be short: its missing steps were not copied, so they run as
-      // zero words (finite after dequantisation) against the zero-filled activations. Skipping
-      // them instead (a branch between MMAs) makes ptxas serialise every wgmma at 8 bits.
-      const bool live = s0 + ks < s_end;  // block-uniform
-      if (live && starts_group(s0 + ks)) new_group(slot, ks);
-      const uint4 wv = live ? *reinterpret_cast<const uint4*>(
-                                  w_base(slot) + (((wn * 4 + wq) * KS + ks) * 32 + lane) * 16)
-                            : make_uint4(0u, 0u, 0u, 0u);
+      if (starts_group(s_begin + st * KS + ks)) new_group(slot, ks);  // block-uniform
+      const uint4 wv = *reinterpret_cast<const uint4*>(
+          w_base(slot) + (((wn * 4 + wq) * KS + ks) * 32 + lane) * 16);
       const uint32_t w4[4] = {wv.x, wv.y, wv.z, wv.w};
       uint32_t w8[4];
 #pragma unroll
@@ -435,69 +371,68 @@ gptq_wgmma_gemm(const half* __restrict__ a,           // [M, K]: stored-row orde
         wg::Mma<TN>::run(acc[1], fr[1], desc, accumulate);
         wg::commit();
         wg::wait<1>();
-        if (ks == 0 && j == 0 && prev_slot >= 0) release(prev_slot);
       }
     }
   };
 
-  int g = 0;  // stages consumed by this block (all tiles), in the producer's order
+  // Pipeline: STAGES - 1 stages of weights issued ahead; the activations of stage st + STAGES - 1
+  // are loaded into registers during stage st - 1 and stored (permuted) after stage st's MMAs are
+  // issued. One barrier per stage; before it every warpgroup waits for its MMAs of the previous
+  // stage, so that stage's slot can be refilled.
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) issue_w(st);
+  uint4 ar[A_PER_THREAD];
 #pragma unroll 1
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int m_tile = tile % m_tiles;
-    const int m0 = m_tile * TILE_M;
-    const int n0 = (tile / m_tiles) * TILE_N;
+  for (int st = 0; st < STAGES - 1; ++st) {
+    load_a(st, ar);
+    store_a(st, ar);
+  }
+  load_a(STAGES - 1, ar);
+  wg::fence_proxy_async();
 #pragma unroll 1
-    for (int st = 0; st < n_stages; ++st, ++g) {
-      const int slot = g % STAGES;
-      wg::bar_wait(full(slot), (g / STAGES) & 1);
-      // The activations arrived through cp.async (generic proxy); the MMAs read them through the
-      // async proxy.
-      wg::fence_proxy_async();
-      compute(slot, st, st > 0 ? (g - 1) % STAGES : -1);
-    }
+  for (int st = 0; st < n_stages; ++st) {
     wg::wait<0>();
-    if (n_stages > 0) release((g - 1) % STAGES);
+    copy_async_wait<STAGES - 2>();
+    __syncthreads();
+    issue_w(st + STAGES - 1);
+    compute(st);
+    store_a(st + STAGES - 1, ar);
+    wg::fence_proxy_async();
+    load_a(st + STAGES, ar);
+  }
+  wg::wait<0>();
+  copy_async_wait<0>();
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int i = 0; i < TN / 2; ++i) wg::pin(acc[mt][i]);
+    for (int i = 0; i < TN / 2; ++i) {
+      wg::pin(acc[mt][i]);
+      if (n_stages == 0) acc[mt][i] = 0.f;  // a K slice with no step (the dispatch never makes one)
+    }
 
-    // acc[mt][4j + 2rh + e] = C[token 8j + 2t + e][column 4g + 2mt + rh of block wn*4 + wq].
-    const int col = n0 + (wn * 4 + wq) * 32 + 4 * g8;
-    if (col < N && n_stages > 0) {
+  // acc[mt][4j + 2rh + e] = C[token 8j + 2t + e][column 4g + 2mt + rh of block wn*4 + wq].
+  const int col = n0 + (wn * 4 + wq) * 32 + 4 * g;
+  if (col < N) {
 #pragma unroll
-      for (int j = 0; j < TN / 8; ++j) {
+    for (int j = 0; j < TN / 8; ++j) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int m = m0 + wm * TN + 8 * j + 2 * t + e;
-          if (m >= M) continue;
-          const float v0 = acc[0][4 * j + e], v1 = acc[0][4 * j + 2 + e];
-          const float v2 = acc[1][4 * j + e], v3 = acc[1][4 * j + 2 + e];
-          if constexpr (SPLIT) {
-            atomicAdd(reinterpret_cast<float4*>(ws + (size_t)m * N + col), make_float4(v0, v1, v2, v3));
-          } else {
-            const half2 h01 = __floats2half2_rn(v0, v1);
-            const half2 h23 = __floats2half2_rn(v2, v3);
-            *reinterpret_cast<uint2*>(c + (size_t)m * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
-          }
+      for (int e = 0; e < 2; ++e) {
+        const int m = m0 + wm * TN + 8 * j + 2 * t + e;
+        if (m >= M) continue;
+        const float v0 = acc[0][4 * j + e], v1 = acc[0][4 * j + 2 + e];
+        const float v2 = acc[1][4 * j + e], v3 = acc[1][4 * j + 2 + e];
+        if constexpr (SPLIT) {
+          atomicAdd(reinterpret_cast<float4*>(ws + (size_t)m * N + col), make_float4(v0, v1, v2, v3));
+        } else {
+          const half2 h01 = __floats2half2_rn(v0, v1);
+          const half2 h23 = __floats2half2_rn(v2, v3);
+          *reinterpret_cast<uint2*>(c + (size_t)m * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
         }
       }
     }
-
-    if constexpr (SPLIT) {
-      // The last K slice of this tile to arrive converts the sums (common.cuh's rule, with the
-      // consumers' own barrier: the producer is already copying the next tile).
-      __shared__ int is_last;
-      __threadfence();
-      wg::consumers_sync<CTHREADS>();
-      if (tid == 0) is_last = atomicAdd(counters + tile, 1) == (int)gridDim.y - 1;
-      wg::consumers_sync<CTHREADS>();
-      if (is_last) {
-        __threadfence();
-        split_k_finish<TILE_M, TILE_N, CTHREADS>(ws, counters + tile, c, m0, n0, M, N, tid);
-      }
-    }
   }
+
+  if constexpr (SPLIT) split_k_fixup<TILE_M, TILE_N, THREADS>(ws, counters, c, m0, n0, M, N, tid);
 }
 
 }  // namespace gemmtune
