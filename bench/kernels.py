@@ -362,12 +362,12 @@ def main() -> int:
         return 1
     shapes = SHAPES
     if args.shapes:
-        want = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+        want = dict.fromkeys(tuple(int(x) for x in s.split("x")) for s in args.shapes.split(","))
+        known = {(s[2], s[3]) for s in SHAPES}
         shapes = [s for s in SHAPES if (s[2], s[3]) in want]
         # a KxN outside the table's eight (e.g. Llama-3-8B's separate k/v, 4096x1024) is measured
         # too, as its own model; it used to be dropped without a word, leaving an empty table
-        shapes += [("other", f"{k}x{n}", k, n) for k, n in dict.fromkeys(want)
-                   if not any((s[2], s[3]) == (k, n) for s in SHAPES)]
+        shapes += [("other", f"{k}x{n}", k, n) for k, n in want if (k, n) not in known]
     ms = [int(x) for x in args.ms.split(",")] if args.ms else MS
     dev = query_device()
     t0 = time.time()
