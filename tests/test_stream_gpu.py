@@ -131,3 +131,49 @@ def test_graph_capture_replays_with_new_inputs() -> None:
         torch.cuda.synchronize()
         for m, a in xs.items():
             check_product(outs[m], reference_product(a, t, w_ref), k)
+
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_programmatic_launches_wait_for_the_kernels_before_them(m: int) -> None:
+    """On sm_90 the stream kernel is launched programmatically: it may start while the kernel
+    ahead of it still runs, so it must not read A (or write C) before that kernel is done. A slow
+    torch kernel writes A last (A is the tail of a 256 MB buffer it fills), a second stream GEMM
+    reads the first one's output, eager and replayed from a graph; each round's inputs are fresh
+    and the outputs poisoned, so a read that came too early shows as a wrong or NaN product."""
+    from gemmtune.kernels.dispatch import dispatch, plan_for
+    from gemmtune.kernels.weights import QuantizedWeight
+
+    t1, t2 = layer(4096, 1024, 4, 128, False, "v1", seed=21), layer(1024, 768, 4, 64, True, "v2", seed=22)
+    w1, w2 = QuantizedWeight(t1, "cuda"), QuantizedWeight(t2, "cuda")
+    r1 = reference.dequantize(t1, torch.float32).cuda()
+    r2 = reference.dequantize(t2, torch.float32).cuda()
+    cfg = stream(split_k=0, max_rows=8)
+    assert plan_for(w1, cfg).stream.programmatic == _sm90()
+    plan_for(w1, cfg).prepare((m,))
+    plan_for(w2, cfg).prepare((m,))
+    src = torch.zeros(128 * 2**20, dtype=torch.float16, device="cuda")
+    big = torch.empty_like(src)
+    x, a = src[-m * 4096:].view(m, 4096), big[-m * 4096:].view(m, 4096)
+    mid = torch.empty(m, 1024, dtype=torch.float16, device="cuda")
+    out = torch.empty(m, 768, dtype=torch.float16, device="cuda")
+
+    def chain() -> None:
+        torch.mul(src, 1.0, out=big)  # ~0.1 ms on an H100; A is among the last it writes
+        dispatch(a, w1, cfg, out=mid)
+        dispatch(mid, w2, cfg, out=out)
+
+    def check(seed: int, run) -> None:  # noqa: ANN001
+        x.copy_(activations(m, 4096, seed=seed))
+        for buf in (big, mid, out):
+            buf.fill_(float("nan"))
+        run()
+        torch.cuda.synchronize()
+        check_product(mid, reference_product(x, t1, r1), 4096)
+        check_product(out, reference_product(mid, t2, r2), 1024)
+
+    for seed in range(3):
+        check(100 * m + seed, chain)
+    graph, _ = capture(chain)
+    for seed in range(3, 6):
+        check(100 * m + seed, graph.replay)
