@@ -44,7 +44,9 @@
 //           per thread (the two m64 tiles), so 128 is the widest that leaves registers for the rest.
 //   KS      K steps per pipeline stage (tile_k = KS x step: 64 or 128): longer stages mean fewer
 //           barriers, shorter ones less shared memory and fewer prefetch registers.
-//   STAGES  pipeline depth: STAGES - 1 stages of weights in flight while one is computed.
+//   STAGES  pipeline depth: STAGES - 1 stages of weights in flight while one is computed, and
+//           STAGES - 2 of staged activations from 3 stages up, which keeps one wgmma group in
+//           flight across the stage barrier (1 and a drain at 2 stages; see the main loop).
 //   SPLIT   gridDim.y > 1 K slices, reduced through the fp32 workspace by the last block of each
 //           output tile, which leaves workspace and counter at zero (the tiled kernel's scheme: no
 //           memset per call, graph-capturable).
@@ -375,30 +377,43 @@ gptq_wgmma_gemm(const half* __restrict__ a,           // [M, K], columns in stor
     }
   };
 
-  // Pipeline: STAGES - 1 stages of weights issued ahead; the activations of stage st + STAGES - 1
-  // are loaded into registers during stage st - 1 and stored (permuted) after stage st's MMAs are
-  // issued. One barrier per stage; before it every warpgroup waits for its MMAs of the previous
-  // stage, so that stage's slot can be refilled.
+  // Pipeline: STAGES - 1 stages of weights issued ahead, AHEAD = STAGES - 2 of activations: those
+  // of stage st + AHEAD are loaded into registers during stage st - 1 and stored (permuted) after
+  // stage st's MMAs are issued, into slot (st - 2) % STAGES. One barrier per stage and no wgmma
+  // drain before it: each warpgroup's newest group (stage st - 1's last, reading slot
+  // (st - 1) % STAGES) stays in flight across it. Why that is safe:
+  //  - MMAs read stored activations: a stage's were stored at least one stage earlier (or before
+  //    the loop), each thread fenced the async proxy after its stores, and a barrier since then
+  //    ordered every thread's stores before every warpgroup's MMAs.
+  //  - stores into a slot MMAs read: slot (st - 2) % STAGES was last read by stage st - 2, whose
+  //    groups each warpgroup retired at the first wait<1> of its stage st - 1, before this stage's
+  //    barrier; the group still in flight reads slot (st - 1) % STAGES, which is not stored to
+  //    until the next barrier.
+  //  - cp.async refills slot (st - 1) % STAGES under that group: only its weights and (scale, zero)
+  //    rows, which no wgmma reads (ld.shared, complete at the barrier).
+  // With 2 stages slot (st - 2) % 2 is the one computed: AHEAD = 1 stores into slot (st - 1) % 2,
+  // so every warpgroup drains its MMAs (wait<0>) before the barrier instead.
+  constexpr int AHEAD = STAGES >= 3 ? STAGES - 2 : 1;
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) issue_w(st);
   uint4 ar[A_PER_THREAD];
 #pragma unroll 1
-  for (int st = 0; st < STAGES - 1; ++st) {
+  for (int st = 0; st < AHEAD; ++st) {
     load_a(st, ar);
     store_a(st, ar);
   }
-  load_a(STAGES - 1, ar);
+  load_a(AHEAD, ar);
   wg::fence_proxy_async();
 #pragma unroll 1
   for (int st = 0; st < n_stages; ++st) {
-    wg::wait<0>();
+    if constexpr (STAGES == 2) wg::wait<0>();
     copy_async_wait<STAGES - 2>();
     __syncthreads();
     issue_w(st + STAGES - 1);
     compute(st);
-    store_a(st + STAGES - 1, ar);
+    store_a(st + AHEAD, ar);
     wg::fence_proxy_async();
-    load_a(st + STAGES, ar);
+    load_a(st + (AHEAD + 1), ar);
   }
   wg::wait<0>();
   copy_async_wait<0>();
