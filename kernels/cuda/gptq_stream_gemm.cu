@@ -129,6 +129,16 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
+// A cluster barrier that orders nothing: for the last one, which only keeps every CTA's shared
+// memory alive until the others have read it. Those reads were consumed before this thread's
+// stores of C, so a relaxed arrival is late enough -- and a release here would hold every warp
+// until its stores of C have reached L2 (a global round trip: "Stall Membar" was the top stall
+// of the kernel at 4096x1024, M = 1 on an H100).
+__device__ __forceinline__ void cluster_sync_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+}
+
 // The float4 at this CTA's shared address `local`, as CTA `rank` of the cluster holds it.
 __device__ __forceinline__ float4 load_remote(uint32_t local, uint32_t rank) {
   uint32_t remote;
@@ -451,7 +461,7 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
   }
 #if defined(GEMMTUNE_BULK)
   // No CTA leaves while another may still read its partials.
-  if constexpr (CLUSTER > 1) cluster_sync();
+  if constexpr (CLUSTER > 1) cluster_sync_relaxed();
 #endif
 }
 
