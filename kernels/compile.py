@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CudaUnavailableError, KernelBuildError, KernelLaunchError
+from .errors import CudaUnavailableError, KernelBuildError
 from .sources import COMMON_FLAGS, CUDA_DIR, read_source
 
 
@@ -368,17 +368,10 @@ def stream_ref(handle: int) -> StreamRef:
 
 
 def launch(fn: Any, grid: tuple[int, int, int], block: int, args: tuple[Any, ...],
-           stream: int, shared_mem: int = 0, programmatic: bool = False) -> None:
+           stream: int, shared_mem: int = 0) -> None:
     """Launch on the CUDA stream `stream` (a raw handle, e.g. torch's `cuda_stream`) with
-    `shared_mem` bytes of dynamic shared memory.
-
-    `programmatic` launches with programmatic stream serialisation (sm_90; see common.cuh
-    `grid_dependency_wait`): the kernel may start before the one ahead of it in the stream ends,
-    so only kernels that wait for it before touching its data may ask for it."""
-    if programmatic:
-        _launch_programmatic(fn, grid, block, args, stream, shared_mem)
-    else:
-        fn(grid, (block, 1, 1), args, shared_mem=shared_mem, stream=stream_ref(stream))
+    `shared_mem` bytes of dynamic shared memory."""
+    fn(grid, (block, 1, 1), args, shared_mem=shared_mem, stream=stream_ref(stream))
 
 
 def blocks_per_sm(fn: Any, threads: int, shared_mem: int = 0) -> int:
@@ -439,54 +432,6 @@ def max_active_clusters(fn: Any, cluster: int, threads: int, shared_mem: int) ->
         return int(out.value) if rc == 0 else None
     except (OSError, AttributeError):
         return None
-
-
-class _LaunchAttribute(ctypes.Structure):
-    """CUlaunchAttribute: a 4-byte id padded to 8, then a 64-byte value union (cuda.h)."""
-
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
-
-
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6
-"""CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (the CUDA driver API's enum value)."""
-
-_C_ARG = {np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_int64,
-          np.dtype(np.int32): ctypes.c_int32, np.dtype(np.uint32): ctypes.c_uint32,
-          np.dtype(np.float32): ctypes.c_float}
-"""Kernel argument types `launch` accepts (numpy scalars, as `ptr`/`i32`/`i64` make them), as
-the C types the driver reads them as."""
-
-
-def _kernel_params(args: tuple[Any, ...]) -> tuple[Any, list[Any]]:
-    """The `void**` array cuLaunchKernelEx reads the arguments through, and the C values it
-    points to (the caller keeps them alive until the call returns)."""
-    values = []
-    for a in args:
-        ctype = _C_ARG.get(getattr(a, "dtype", None))
-        if ctype is None:
-            raise TypeError(f"kernel argument {a!r}: expected a numpy scalar of "
-                            f"{sorted(str(d) for d in _C_ARG)}")
-        values.append(ctype(a.item()))
-    params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-    return params, values
-
-
-def _launch_programmatic(fn: Any, grid: tuple[int, int, int], block: int, args: tuple[Any, ...],
-                         stream: int, shared_mem: int) -> None:
-    """cuLaunchKernelEx with the programmatic-serialisation attribute (CuPy's launcher has no
-    launch attributes, so the driver is called through ctypes, as `max_active_clusters` does)."""
-    if not _libcuda:
-        _libcuda.append(ctypes.CDLL("libcuda.so.1"))
-    attr = _LaunchAttribute()
-    attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
-    ctypes.memmove(attr.value, ctypes.byref(ctypes.c_int(1)), 4)
-    cfg = _LaunchConfig(grid[0], grid[1], grid[2], block, 1, 1, shared_mem,
-                        ctypes.c_void_p(stream), ctypes.cast(ctypes.pointer(attr), ctypes.c_void_p), 1)
-    params, _values = _kernel_params(args)
-    rc = _libcuda[0].cuLaunchKernelEx(ctypes.byref(cfg), ctypes.c_void_p(fn.ptr), params, None)
-    if rc != 0:
-        raise KernelLaunchError(f"cuLaunchKernelEx failed (CUresult {rc}) launching "
-                                   f"{getattr(fn, 'name', 'a kernel')} with grid {grid}, block {block}")
 
 
 def ptr(value: int) -> np.uint64:

@@ -41,7 +41,3 @@ class CudaUnavailableError(GemmtuneError, RuntimeError):
 
 class KernelBuildError(GemmtuneError, RuntimeError):
     """NVRTC or nvcc refused to build a kernel variant (message carries the compiler log)."""
-
-
-class KernelLaunchError(GemmtuneError, RuntimeError):
-    """The driver refused a launch that gemmtune issued itself (message carries the CUresult)."""

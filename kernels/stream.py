@@ -14,7 +14,6 @@ the rings, and clusters need sm_90.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,21 +34,6 @@ AUTO_CLUSTERS = (1, 2, 4, 8)
 CLUSTER_CAPABILITY = (9, 0)
 """Thread-block clusters (and the bulk copies the kernel fills its rings with) start at sm_90;
 before it the kernel runs one CTA per K slice, filling its rings with cp.async."""
-
-PDL_CAPABILITY = (9, 0)
-"""Programmatic dependent launch starts at sm_90: there the kernel is launched so that it can
-start while the kernel ahead of it drains (gptq_stream_gemm.cu, "Launch overlap")."""
-
-PDL_SWITCH = "GEMMTUNE_PDL"
-"""``GEMMTUNE_PDL=0`` launches the stream kernel the ordinary way (to A/B the overlap, or to rule
-it out when debugging); read when a weight is bound."""
-
-
-def programmatic_launch(props: Any) -> bool:
-    """Whether stream kernels on this card launch programmatically: the one rule for it."""
-    if os.environ.get(PDL_SWITCH, "").strip() == "0":
-        return False
-    return (props.major, props.minor) >= PDL_CAPABILITY
 
 
 @dataclass(frozen=True)
@@ -81,7 +65,6 @@ class StreamPlan:
             raise InvalidConfigError(f"{why} ({props.name})")
         self.qweight, self.sz, self.perm = tensors  # held: the launches read them by address
         self.group_shift = group_shift
-        self.programmatic = programmatic_launch(props)
         self.steps = problem.k // (4 * (32 // problem.bits))
         tiles = -(-problem.n // 32)  # 32-column tiles
         self.units = -(-tiles // self.wn)  # what one cluster covers at a time
@@ -190,4 +173,4 @@ class StreamPlan:
         for ln in self.launches(m):
             args = (ck.ptr(a0 + 2 * ln.row0 * k), q, s, p, ck.ptr(c0 + 2 * ln.row0 * n),
                     ck.i32(ln.rows), ck.i32(k), ck.i32(n), ck.i32(self.group_shift))
-            ck.launch(ln.fn, (ln.grid, 1, 1), self.threads, args, stream, ln.smem, self.programmatic)
+            ck.launch(ln.fn, (ln.grid, 1, 1), self.threads, args, stream, ln.smem)

@@ -18,7 +18,7 @@ from gemmtune.kernels.config import (
 )
 from gemmtune.kernels.errors import InvalidConfigError
 from gemmtune.kernels.problem import Problem
-from gemmtune.kernels.stream import PDL_SWITCH, StreamPlan
+from gemmtune.kernels.stream import StreamPlan
 
 H100 = SimpleNamespace(multi_processor_count=132, shared_memory_per_block_optin=227 * 1024,
                        name="H100 (fake)", major=9, minor=0)
@@ -138,39 +138,6 @@ def test_clusters_need_sm90() -> None:
     with pytest.raises(InvalidConfigError, match="sm_90"):
         plan(4096, 4096, stream(split_k=2), props=A100)
     assert plan(4096, 1024, stream(split_k=0), props=A100).clusters == [1]
-
-
-def test_programmatic_launch_on_sm90_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    """sm_90 launches the stream kernel programmatically (it overlaps the kernel ahead of it),
-    older cards the ordinary way, and GEMMTUNE_PDL=0 turns it off for an A/B."""
-    monkeypatch.delenv(PDL_SWITCH, raising=False)
-    assert plan(4096, 1024, stream(split_k=0)).programmatic
-    assert not plan(4096, 1024, stream(split_k=0), props=A100).programmatic
-    monkeypatch.setenv(PDL_SWITCH, "0")
-    assert not plan(4096, 1024, stream(split_k=0)).programmatic
-
-
-def test_programmatic_launch_passes_the_arguments_the_driver_reads() -> None:
-    """cuLaunchKernelEx reads each argument through a pointer: the packed values must be the
-    launch's, at the kernel's C width, and the launch structures cuda.h's sizes."""
-    import ctypes
-
-    import numpy as np
-    from gemmtune.kernels import compile as ck
-
-    args = (ck.ptr(2**40 + 16), ck.i32(-3), ck.i64(2**33), ck.i32(7))
-    params, values = ck._kernel_params(args)
-    got = [ctypes.cast(params[0], ctypes.POINTER(ctypes.c_uint64)).contents.value,
-           ctypes.cast(params[1], ctypes.POINTER(ctypes.c_int32)).contents.value,
-           ctypes.cast(params[2], ctypes.POINTER(ctypes.c_int64)).contents.value,
-           ctypes.cast(params[3], ctypes.POINTER(ctypes.c_int32)).contents.value]
-    assert got == [2**40 + 16, -3, 2**33, 7] and len(values) == 4
-    with pytest.raises(TypeError, match="numpy scalar"):
-        ck._kernel_params((7,))
-    with pytest.raises(TypeError, match="numpy scalar"):
-        ck._kernel_params((np.float64(1.0),))
-    assert ctypes.sizeof(ck._LaunchAttribute) == 72  # CUlaunchAttribute: id, pad, 64-byte union
-    assert ctypes.sizeof(ck._LaunchConfig) == 56  # CUlaunchConfig on a 64-bit host
 
 
 def test_the_space_holds_the_stream_family() -> None:

@@ -92,27 +92,6 @@ __device__ __forceinline__ void copy16_async(uint4* smem_dst, const void* gmem_s
 #endif
 }
 
-// Programmatic dependent launch (sm_90). A kernel launched with the programmatic-serialisation
-// attribute (`compile.launch(..., programmatic=True)`) may start while the kernel before it in
-// the stream is still running; `grid_dependency_wait` blocks until that kernel has completed and
-// its writes are visible. Everything before the wait may only touch data no earlier kernel
-// writes (the packed weights), and every CTA must reach the wait before it exits -- otherwise
-// the kernel after it could see this one finish before the one before it has. Without the
-// attribute (or before sm_90) the wait returns at once and the trigger does nothing.
-__device__ __forceinline__ void grid_dependency_wait() {
-#if !defined(__HIPCC__) && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-// Let the next programmatic launch in the stream start (its own wait still covers this kernel's
-// writes, so the trigger can come before them).
-__device__ __forceinline__ void grid_dependents_launch() {
-#if !defined(__HIPCC__) && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
 __device__ __forceinline__ void copy_async_commit() {
 #if !defined(__HIPCC__) && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
   asm volatile("cp.async.commit_group;\n" ::: "memory");

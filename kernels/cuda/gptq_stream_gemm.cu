@@ -25,12 +25,6 @@
 // while the first chunks are in flight (gathered through `perm` with act-order), and read from
 // there for every unit: the CTA's K slice never changes.
 //
-// Launch overlap (sm_90). The host launches this kernel with programmatic stream serialisation
-// (kernels/stream.py): its CTAs can start while the kernel before it drains, set up their
-// barriers and put the first SLOTS chunks of weights in flight, and only then wait for that
-// kernel (`grid_dependency_wait`) before reading A. The launch gap and the first DRAM round trip
-// of a small layer -- most of its time at M = 1 -- then hide behind the previous kernel's tail.
-//
 // Reduction, on chip. After a unit each warp leaves its 8x32 fp32 partial in shared memory; one
 // barrier (the CTA's, or the cluster's) later the CTA -- or every CTA of the cluster for its share
 // of the outputs, reading the other CTAs' partials through distributed shared memory -- sums the
@@ -270,13 +264,9 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
 #endif
   };
 
-  // The weight stream first: SLOTS chunks in flight before anything else happens. Launched
-  // programmatically (sm_90), this runs while the kernel before it in the stream finishes: the
-  // weights are constants, and A and C are touched only after the dependency wait.
+  // The weight stream first: SLOTS chunks in flight before anything else happens.
 #pragma unroll
   for (int j = 0; j < SLOTS; ++j) refill(j);
-  grid_dependency_wait();
-  grid_dependents_launch();
 
   // This CTA's K slice of A into shared memory, gathered with act-order.
   {
