@@ -30,8 +30,8 @@ class TrialFailure(Exception):
 @dataclass(frozen=True)
 class Measurement:
     """Time of one call, in µs: median of repeats and their spread. GPU time (CUDA-graph
-    replays), except at the Ms that run eagerly in a model (`Workload.eager`), where it is the
-    call issued eagerly: host launch cost included wherever it exceeds the GPU time."""
+    replays), except at the Ms that run eagerly in a model (`Workload.eager`), where it is GPU
+    time plus host issue time (`timing.eager_cost`)."""
 
     median_us: float
     spread_us: float  # interquartile range of the repeats

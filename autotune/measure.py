@@ -3,8 +3,9 @@
 For one (problem, workload) it owns random weights (rotated copies, together larger than L2),
 activations per M, and the reference weight. Every kernel variant is checked against the CPU
 reference on fresh random data *before* it is timed (a fast wrong kernel must never win), then
-timed through CUDA graphs (`timing.graph_time`), or issued eagerly at the Ms a model runs
-eagerly (`Workload.eager`: prompt chunks), so a path's host cost counts there. Results are
+timed through CUDA graphs (`timing.graph_time`), plus the host time of issuing it at the Ms a
+model runs eagerly (`Workload.eager`: prompt chunks; `timing.eager_time`), so a path's launches
+count there. Results are
 memoised per (variant, M) for the fused kernel and per (chunk, M) for the reconstruct path, so
 trials that differ only in the dispatch threshold cost nothing. Anything that goes wrong with a
 variant (compile error, launch error, resource limit, wrong result) becomes a `TrialFailure`

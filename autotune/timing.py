@@ -5,17 +5,21 @@ captured into a CUDA graph (one call per weight copy, the copies together larger
 the graph's replays are timed with CUDA events. The result is GPU time per call.
 
 Prefill is the exception (`Workload.eager`): users run it eagerly, because prompt lengths vary
-and a graph holds one shape, so there a path that issues several launches (a chunked
-reconstruct: a kernel and a cuBLAS call per chunk) pays their host cost whenever it exceeds the
-GPU time. `eager_time` measures what such a call costs as the model runs it: calls issued back
-to back from Python, events around the batch, so the GPU's idle gaps while the host issues are
-counted.
+and a graph holds one shape, so there every launch of a path also costs host time (Python,
+argument marshalling, the launch API: ~20 µs a CuPy launch). `eager_time` charges a call its GPU
+time *plus* its host issue time. Not the larger of the two, which is what a call costs alone:
+an eager prefill of a whole model is host-bound at times (Llama-3-8B at 512 tokens on an H100:
+26.8 ms for ~20 ms of GPU work), and there every extra launch adds its host time to the step. A
+tuned plan that chunked gate+up's reconstruct into 7 kernel + cuBLAS pairs timed level with the
+unchunked one when both were measured alone, and made the model's prefill 9 ms slower, about
+its 448 extra launches at ~20 µs each (BENCHMARKS.md, H100 2026-12-07).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -69,21 +73,35 @@ def graph_time(call: Callable[[int], object], calls: int = CALLS_PER_GRAPH, repe
     return _timed([_capture(call, calls).replay], calls, repeats, warmup)[0]
 
 
-def _eager_batch(call: Callable[[int], object], calls: int) -> Callable[[], None]:
-    def run() -> None:
+def host_issue_time(call: Callable[[int], object], calls: int = CALLS_PER_GRAPH,
+                    repeats: int = 15) -> Measurement:
+    """Host time to issue one `call(i)` (Python, argument marshalling, the launch API), per call:
+    `calls` calls issued back to back on torch's current stream, the GPU drained between batches
+    so that no launch waits for room in the queue."""
+    xs: list[float] = []
+    torch.cuda.synchronize()
+    for _ in range(repeats):
+        start = time.perf_counter()
         for i in range(calls):
             call(i)
-    return run
+        xs.append((time.perf_counter() - start) * 1e6 / calls)
+        torch.cuda.synchronize()
+    return Measurement(statistics.median(xs), _iqr(xs), repeats)
+
+
+def eager_cost(gpu: Measurement, host: Measurement) -> Measurement:
+    """What a call costs in an eager forward: its GPU time plus its host issue time (the module
+    docstring says why the sum and not the larger of the two)."""
+    return Measurement(gpu.median_us + host.median_us, gpu.spread_us + host.spread_us,
+                       min(gpu.repeats, host.repeats))
 
 
 def eager_time(call: Callable[[int], object], calls: int = CALLS_PER_GRAPH, repeats: int = 15,
                warmup: int = 2) -> Measurement:
-    """Per-call time of `call(i)` for i in 0..calls-1 issued eagerly, back to back, on one
-    stream: max(host issue cost, GPU time) per call, the cost of a call in an eager forward.
-
-    Same contract as `graph_time` (torch's current stream, copy `i % copies`). The first batch
-    runs outside the timing (compiles, allocates, warms cuBLAS)."""
-    return _timed([_eager_batch(call, calls)], calls, repeats, warmup)[0]
+    """Cost of `call(i)` in an eager forward: `eager_cost` of its graph-replayed GPU time and its
+    host issue time. Same contract as `graph_time` (torch's current stream, copy `i % copies`)."""
+    gpu = graph_time(call, calls, repeats, warmup)
+    return eager_cost(gpu, host_issue_time(call, calls, repeats))
 
 
 def _timed(runs: list[Callable[[], None]], calls: int, rounds: int, warmup: int) -> list[Measurement]:
@@ -114,10 +132,11 @@ def time_interleaved(calls_a: Callable[[int], object], calls_b: Callable[[int], 
                      eager: bool = False) -> tuple[Measurement, Measurement]:
     """Time two alternatives A B A B … (same card, same conditions): for the final check of a
     tuned winner against the default, where drift between two separate runs would bias it.
-    Graph replays (`graph_time`), or with `eager` the calls issued eagerly (`eager_time`)."""
-    runs = ([_eager_batch(fn, calls) for fn in (calls_a, calls_b)] if eager
-            else [_capture(fn, calls).replay for fn in (calls_a, calls_b)])
-    a, b = _timed(runs, calls, rounds, 1)
+    Graph replays; with `eager` each side is also charged its host issue time (`eager_cost`)."""
+    a, b = _timed([_capture(fn, calls).replay for fn in (calls_a, calls_b)], calls, rounds, 1)
+    if eager:
+        a = eager_cost(a, host_issue_time(calls_a, calls, rounds))
+        b = eager_cost(b, host_issue_time(calls_b, calls, rounds))
     return a, b
 
 
