@@ -5,11 +5,10 @@ activations per M, and the reference weight. Every kernel variant is checked aga
 reference on fresh random data *before* it is timed (a fast wrong kernel must never win), then
 timed through CUDA graphs (`timing.graph_time`), plus the host time of issuing it at the Ms a
 model runs eagerly (`Workload.eager`: prompt chunks; `timing.eager_time`), so a path's launches
-count there. Results are
-memoised per (variant, M) for the fused kernel and per (chunk, M) for the reconstruct path, so
-trials that differ only in the dispatch threshold cost nothing. Anything that goes wrong with a
-variant (compile error, launch error, resource limit, wrong result) becomes a `TrialFailure`
-with its reason.
+count there. Results are memoised per (variant, M) for the fused kernel and per (chunk, M) for
+the reconstruct path, so trials that differ only in the dispatch threshold cost nothing.
+Anything that goes wrong with a variant (compile error, launch error, resource limit, wrong
+result) becomes a `TrialFailure` with its reason.
 """
 
 from __future__ import annotations
