@@ -448,8 +448,8 @@ def _wgmma_pipelines(tiles: Iterable[tuple[int, int]], wgmma_ks: Iterable[int]) 
     return tuple(out)
 
 
-STREAM_TILES = ((1, 8, 8, 2), (1, 8, 4, 4), (1, 4, 8, 4), (2, 4, 8, 2), (1, 16, 4, 2), (1, 8, 16, 2),
-                (1, 4, 8, 3), (1, 8, 8, 3), (2, 8, 4, 2))
+STREAM_TILES = ((1, 8, 8, 2), (1, 8, 4, 4), (1, 4, 8, 4), (1, 16, 8, 2), (1, 16, 4, 2), (1, 8, 16, 2),
+                (1, 4, 8, 3), (1, 8, 8, 3), (1, 16, 4, 3))
 """The stream family's (warps_n, warps_k, chunk, slots) in the standard space."""
 
 STANDARD = Space.build(

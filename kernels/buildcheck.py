@@ -101,28 +101,27 @@ def wgmma_variants(bits: Iterable[int] = KERNEL_BITS, quick: bool = False) -> li
 
 def stream_variants(bits: Iterable[int] = KERNEL_BITS, quick: bool = False,
                     clusters: bool = True) -> list[StreamVariant]:
-    """Stream-kernel instances: every (warps_n, warps_k, chunk, slots) of the tunables'
-    choices that `stream_violation` allows, at each bit width, with and without act-order, one
-    CTA per K slice. With `clusters` (sm_90 targets), also each of them as a cluster of 2, and
-    the default block as a cluster of every `split_k` choice: the cluster size changes only the
-    trip count of the reduction loop and the compiled cluster shape, so one size per block and
-    every size of one block cover what the others compile to."""
+    """Stream-kernel instances: every (warps, chunk, slots) the tunables' choices give (warps =
+    warps_n x warps_k) that `stream_violation` allows, at each bit width, with and without
+    act-order, one CTA per K slice. With `clusters` (sm_90 targets), also each of them as a
+    cluster of 2, and the default block as a cluster of every `split_k` choice: the cluster size
+    changes only the trip count of the reduction loop and the compiled cluster shape, so one size
+    per block and every size of one block cover what the others compile to."""
     bits = tuple(bits)
-    blocks = [c for c in itertools.product(_CHOICES["stream_warps_n"], _CHOICES["stream_warps_k"],
-                                           _CHOICES["stream_chunk"], _CHOICES["stream_slots"])
-              if stream_violation(*c, 0) is None]
+    blocks = sorted({(wn * wk, ch, sl) for wn, wk, ch, sl in itertools.product(
+        _CHOICES["stream_warps_n"], _CHOICES["stream_warps_k"], _CHOICES["stream_chunk"],
+        _CHOICES["stream_slots"]) if stream_violation(wn, wk, ch, sl, 0) is None})
     out = [StreamVariant(b, *blk, act, 1) for b, blk, act in itertools.product(bits, blocks, (False, True))]
     if clusters:
         out += [StreamVariant(b, *blk, False, 2) for b, blk in itertools.product(bits, blocks)]
         d = KernelConfig()
-        default = (d.stream_warps_n, d.stream_warps_k, d.stream_chunk, d.stream_slots)
+        default = (d.stream_warps_n * d.stream_warps_k, d.stream_chunk, d.stream_slots)
         out += [StreamVariant(b, *default, act, c) for b, act, c in itertools.product(
             bits, (False, True), _CHOICES["split_k"]) if c > 2]
     if quick:
-        keep = {(4, 1, 8, 8, 2, False, 1), (8, 1, 8, 8, 2, True, 1), (4, 2, 8, 8, 2, False, 1),
-                (4, 1, 16, 4, 2, False, 2), (4, 1, 8, 8, 2, True, 16), (8, 2, 8, 4, 4, False, 1)}
-        out = [v for v in out if (v.bits, v.warps_n, v.warps_k, v.chunk, v.slots, v.act_order,
-                                  v.cluster) in keep]
+        keep = {(4, 8, 8, 2, False, 1), (8, 8, 8, 2, True, 1), (4, 16, 8, 2, False, 1),
+                (4, 16, 4, 2, False, 2), (4, 8, 8, 2, True, 16), (8, 16, 4, 4, False, 1)}
+        out = [v for v in out if (v.bits, v.warps, v.chunk, v.slots, v.act_order, v.cluster) in keep]
     return out
 
 
@@ -237,7 +236,7 @@ def _mangled_args(v: Variant) -> str:
                 b(v.split)]
     elif isinstance(v, StreamVariant):
         name = "gptq_stream_gemm" if v.cluster == 1 else "gptq_stream_gemm_cluster"
-        args = [i(v.bits), i(v.warps_n), i(v.warps_k), i(v.chunk), i(v.slots), b(v.act_order)]
+        args = [i(v.bits), i(v.warps), i(v.chunk), i(v.slots), b(v.act_order)]
         args += [i(v.cluster)] if v.cluster > 1 else []
     elif isinstance(v, WgmmaVariant):
         name = "gptq_wgmma_gemm"

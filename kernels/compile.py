@@ -186,8 +186,7 @@ class StreamVariant:
     per K slice (`cluster` = 1, sm_80+) or a thread-block cluster of `cluster` CTAs (sm_90)."""
 
     bits: int
-    warps_n: int
-    warps_k: int
+    warps: int
     chunk: int
     slots: int
     act_order: bool
@@ -200,10 +199,10 @@ class StreamVariant:
 
     @property
     def threads(self) -> int:
-        return 32 * self.warps_n * self.warps_k
+        return 32 * self.warps
 
     def expression(self) -> str:
-        args = (f"{self.bits},{self.warps_n},{self.warps_k},{self.chunk},{self.slots},"
+        args = (f"{self.bits},{self.warps},{self.chunk},{self.slots},"
                 f"{'true' if self.act_order else 'false'}")
         if self.cluster == 1:
             return f"gemmtune::gptq_stream_gemm<{args}>"

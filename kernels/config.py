@@ -77,9 +77,12 @@ TUNABLES: tuple[Tunable, ...] = (
     # The stream kernel (kernels/cuda/gptq_stream_gemm.cu) and its knobs; appended, so every key
     # written before it existed still parses (see LATE_FIELDS). Its K split across blocks is
     # `split_k`: the CTAs of a thread-block cluster.
-    Tunable("stream_warps_n", "stream kernel: 32-column tiles a block covers at once (one warp "
-            "each)", (1, 2, 4), 1, 16),
-    Tunable("stream_warps_k", "stream kernel: warps splitting a block's K slice of each tile",
+    # The stream kernel cuts each block's share into one even run per warp, so it has no column
+    # dimension: its warps are stream_warps_n x stream_warps_k, and the spaces keep warps_n at 1
+    # (the field stays so that stored keys, stream1x8-..., keep their spelling).
+    Tunable("stream_warps_n", "stream kernel: a factor of the block's warps (warps_n x warps_k "
+            "warps, each streaming an even run of the block's share); 1 in the spaces", (1,), 1, 16),
+    Tunable("stream_warps_k", "stream kernel: warps a block's share is cut into (times warps_n)",
             (1, 2, 4, 8, 16), 1, 16),
     Tunable("stream_chunk", "stream kernel: K steps (512 bytes of weights each) one bulk copy "
             "brings into a warp's ring", (2, 4, 8, 16), 1, 32),
@@ -280,13 +283,13 @@ which the launch sets)."""
 
 
 def stream_fixed_smem(warps_n: int, warps_k: int, chunk: int, slots: int) -> int:
-    """Shared memory of a stream block apart from its rows of A: each warp's ring (per slot,
-    `chunk` steps of 512 weight bytes and room for one 128-byte (scale, zero) row per step), the
-    ring's mbarriers (padded to 16 bytes), and the 8 x 32 fp32 partial of every warp,
-    double-buffered. Mirrors the layout in gptq_stream_gemm.cu."""
+    """Shared memory of a stream block apart from what grows with its rows of A: each warp's ring
+    (per slot, `chunk` steps of 512 weight bytes and room for one 128-byte (scale, zero) row per
+    step) and the ring's mbarriers (padded to 16 bytes). Mirrors the layout in
+    gptq_stream_gemm.cu."""
     warps = warps_n * warps_k
     bars = -(-warps * slots * 8 // 16) * 16
-    return warps * slots * chunk * (512 + 128) + bars + 2 * warps * 8 * 32 * 4
+    return warps * slots * chunk * (512 + 128) + bars
 
 
 def stream_a_row_bytes(bits: int, k: int, cluster: int) -> int:
@@ -298,10 +301,19 @@ def stream_a_row_bytes(bits: int, k: int, cluster: int) -> int:
     return (-(-steps // cluster) * kstep + 8) * 2
 
 
+def stream_partial_row_bytes(warps: int, tiles_max: int) -> int:
+    """Shared memory one row of the partials takes in a stream block: one fp32 slot of 32 columns
+    for each (warp, tile) pair a run can end in, `tiles_max + warps - 1` of them when a cluster
+    takes at most `tiles_max` tiles (the kernel's slot `tile + warp`)."""
+    return (tiles_max + warps - 1) * 32 * 4
+
+
 def stream_smem_bytes(bits: int, warps_n: int, warps_k: int, chunk: int, slots: int, rows: int,
-                      k: int, cluster: int) -> int:
-    """Dynamic shared memory of one stream launch of `rows` rows (the launch asks for this)."""
-    return stream_fixed_smem(warps_n, warps_k, chunk, slots) + rows * stream_a_row_bytes(bits, k, cluster)
+                      k: int, cluster: int, tiles_max: int) -> int:
+    """Dynamic shared memory of one stream launch of `rows` rows whose clusters take at most
+    `tiles_max` tiles each (the launch asks for this)."""
+    per_row = stream_a_row_bytes(bits, k, cluster) + stream_partial_row_bytes(warps_n * warps_k, tiles_max)
+    return stream_fixed_smem(warps_n, warps_k, chunk, slots) + rows * per_row
 
 
 def stream_violation(warps_n: int, warps_k: int, chunk: int, slots: int, split_k: int,

@@ -1,10 +1,12 @@
 """Launch plan of the stream decode kernel (`kernels/cuda/gptq_stream_gemm.cu`).
 
 Per M it decides, once: how many rows of A one launch takes (the block keeps its K slice of those
-rows in shared memory beside the weight rings, so a long K fits fewer), the K split (the CTAs of
-a thread-block cluster; `split_k` = 0 chooses it), the persistent grid (one wave: as many
-clusters as the GPU holds at once, never more than there are column units) and the dynamic
-shared memory. A call then only launches, so it records into CUDA graphs; nothing is allocated.
+rows, and its partials of the tiles it covers, in shared memory beside the weight rings, so a
+long K or a wide layer fits fewer), the K split (the CTAs of a thread-block cluster; `split_k` = 0
+chooses the one that gives the busiest CTA the least to read), the persistent grid (one wave: as
+many clusters as the GPU holds at once, never more than there are 32-column tiles) and the
+dynamic shared memory. A call then only launches, so it records into CUDA graphs; nothing is
+allocated.
 
 Rules that hold for every layer are `config.stream_violation`'s. The ones that depend on the
 layer and the card are applied here when a weight is bound: at least one row of A must fit beside
@@ -13,7 +15,6 @@ the rings, and clusters need sm_90.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from .config import (
     KernelConfig,
     stream_a_row_bytes,
     stream_fixed_smem,
+    stream_partial_row_bytes,
+    stream_smem_bytes,
     stream_violation,
 )
 from .errors import InvalidConfigError
@@ -54,8 +57,9 @@ class StreamPlan:
                  tensors: tuple[Any, Any, Any], group_shift: int) -> None:
         self.bits, self.k, self.n, self.act_order = problem.bits, problem.k, problem.n, problem.act_order
         self.wn, self.wk = config.stream_warps_n, config.stream_warps_k
+        self.warps = self.wn * self.wk
         self.chunk, self.slots = config.stream_chunk, config.stream_slots
-        self.threads = 32 * self.wn * self.wk
+        self.threads = 32 * self.warps
         self.device_index = device_index
         self.sm_count = props.multi_processor_count
         self.smem_limit = props.shared_memory_per_block_optin
@@ -66,8 +70,7 @@ class StreamPlan:
         self.qweight, self.sz, self.perm = tensors  # held: the launches read them by address
         self.group_shift = group_shift
         self.steps = problem.k // (4 * (32 // problem.bits))
-        tiles = -(-problem.n // 32)  # 32-column tiles
-        self.units = -(-tiles // self.wn)  # what one cluster covers at a time
+        self.tiles = -(-problem.n // 32)  # 32-column tiles
         self.fixed = stream_fixed_smem(self.wn, self.wk, self.chunk, self.slots)
         clusters_ok = (props.major, props.minor) >= CLUSTER_CAPABILITY
         if config.split_k == 0:
@@ -78,7 +81,8 @@ class StreamPlan:
                     f"split_k={config.split_k}: the stream kernel splits K across a thread-block "
                     f"cluster, which needs sm_90 ({props.name} is sm_{props.major}{props.minor})")
             cands = [min(config.split_k, self.steps)]
-        self.clusters = [c for c in cands if self.rows_fit(c) >= 1]
+        # A cluster shape is kept where one row fits with the fewest partials (one tile a cluster).
+        self.clusters = [c for c in cands if self.rows_fit(c, 1) >= 1]
         if not self.clusters:
             raise InvalidConfigError(
                 f"stream kernel: one row of A of K={problem.k} ({stream_a_row_bytes(self.bits, self.k, cands[-1])} "
@@ -90,16 +94,19 @@ class StreamPlan:
         self._launches: dict[int, tuple[StreamLaunch, ...]] = {}
 
     # -- resources -------------------------------------------------------------------------------
-    def rows_fit(self, cluster: int) -> int:
-        """Rows of A one launch can keep beside the rings (at most STREAM_ROWS)."""
+    def rows_fit(self, cluster: int, tiles_max: int) -> int:
+        """Rows of A one launch can keep beside the rings (at most STREAM_ROWS) when a cluster
+        takes at most `tiles_max` tiles (each row also holds the partials of those tiles)."""
         room = self.smem_limit - self.fixed
-        return max(0, min(STREAM_ROWS, room // stream_a_row_bytes(self.bits, self.k, cluster)))
+        per_row = stream_a_row_bytes(self.bits, self.k, cluster) + stream_partial_row_bytes(self.warps, tiles_max)
+        return max(0, min(STREAM_ROWS, room // per_row))
 
-    def smem(self, rows: int, cluster: int) -> int:
-        return self.fixed + rows * stream_a_row_bytes(self.bits, self.k, cluster)
+    def smem(self, rows: int, cluster: int, tiles_max: int) -> int:
+        return stream_smem_bytes(self.bits, self.wn, self.wk, self.chunk, self.slots, rows, self.k,
+                                 cluster, tiles_max)
 
     def variant(self, cluster: int) -> ck.StreamVariant:
-        return ck.StreamVariant(self.bits, self.wn, self.wk, self.chunk, self.slots, self.act_order, cluster)
+        return ck.StreamVariant(self.bits, self.warps, self.chunk, self.slots, self.act_order, cluster)
 
     def fn(self, cluster: int) -> Any:
         fn = self._fns.get(cluster)
@@ -129,21 +136,39 @@ class StreamPlan:
         return got
 
     # -- per M -----------------------------------------------------------------------------------
+    def layout(self, cluster: int, m: int) -> tuple[int, int, int] | None:
+        """(rows per launch, grid, shared memory) of clusters of `cluster` CTAs at M, or None where
+        not one row, or not one cluster, fits. The grid is one wave of clusters (at most one per
+        tile) and sizes the partials (the most tiles a cluster takes), which size the shared
+        memory, which sizes the wave: start from one CTA an SM and grow the partials until the
+        wave they give needs no more."""
+        tiles_max = -(-self.tiles // max(1, self.sm_count // cluster))
+        while True:
+            rows = min(m, self.rows_fit(cluster, tiles_max))
+            if rows < 1:
+                return None
+            smem = self.smem(rows, cluster, tiles_max)
+            clusters = min(self.tiles, self.resident(cluster, smem) // cluster)
+            if clusters < 1:
+                return None
+            need = -(-self.tiles // clusters)
+            if need <= tiles_max:
+                return rows, clusters * cluster, smem
+            tiles_max = need
+
     def choose(self, m: int) -> tuple[int, int]:
         """(cluster, rows per launch) at M: fewest launches first (each reads the whole weight),
-        then a cluster that covers one unit over one that loops (it meets at a cluster barrier
-        after each unit: on an H100, 4096x6144 at M = 1 took 3x as long with clusters of 4
-        looping 3 times as with one CTA per unit), then the cluster that engages most of the
-        resident CTAs, then the smaller cluster."""
-        best: tuple[tuple[float, ...], int, int] | None = None
+        then the least the busiest CTA reads (its cluster's tiles times its K slice: a cluster
+        splits K, so a layer whose tiles divide badly into the SM count still spreads evenly),
+        then the smaller cluster."""
+        best: tuple[tuple[int, ...], int, int] | None = None
         for c in self.clusters:
-            rows = min(m, self.rows_fit(c))
-            slots = self.resident(c, self.smem(rows, c))
-            if slots < c:
-                continue  # not one cluster of this shape fits the card
-            loops = c > 1 and self.units * c > slots
-            fill = min(1.0, self.units * c / slots)
-            score = (math.ceil(m / rows), loops, -fill, c)
+            lay = self.layout(c, m)
+            if lay is None:
+                continue
+            rows, grid, _ = lay
+            work = -(-self.tiles // (grid // c)) * -(-self.steps // c)
+            score = (-(-m // rows), work, c)
             if best is None or score < best[0]:
                 best = (score, c, rows)
         if best is None:
@@ -153,10 +178,9 @@ class StreamPlan:
     def launches(self, m: int) -> tuple[StreamLaunch, ...]:
         got = self._launches.get(m)
         if got is None:
-            cluster, rows = self.choose(m)
+            cluster, _ = self.choose(m)
+            rows, grid, smem = self.layout(cluster, m)  # type: ignore[misc]  # choose() found it
             fn = self.fn(cluster)
-            smem = self.smem(rows, cluster)
-            grid = min(self.units, self.resident(cluster, smem) // cluster) * cluster
             got = tuple(StreamLaunch(fn, grid, smem, r0, min(rows, m - r0)) for r0 in range(0, m, rows))
             self._launches[m] = got
         return got

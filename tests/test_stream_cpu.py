@@ -14,6 +14,8 @@ from gemmtune.kernels.config import (
     KernelConfig,
     stream_a_row_bytes,
     stream_fixed_smem,
+    stream_partial_row_bytes,
+    stream_smem_bytes,
     stream_violation,
 )
 from gemmtune.kernels.errors import InvalidConfigError
@@ -85,22 +87,27 @@ def test_shared_memory_grows_with_what_a_block_holds() -> None:
     assert stream_a_row_bytes(4, 4096, 2) == 2048 * 2 + 16
     assert stream_a_row_bytes(8, 4096, 1) == stream_a_row_bytes(4, 4096, 1)
     assert stream_a_row_bytes(4, 640, 8) == 3 * 32 * 2 + 16  # 20 steps over 8: the longer slice
+    # The partials: a 32-column fp32 slot per row for each (warp, tile) pair a run can end in.
+    assert stream_partial_row_bytes(8, 1) == 8 * 128 and stream_partial_row_bytes(8, 14) == 21 * 128
+    assert stream_smem_bytes(4, 1, 8, 8, 2, 3, 4096, 1, 2) == base + 3 * (4096 * 2 + 16 + 9 * 128)
 
 
 def test_long_k_takes_fewer_rows_per_launch() -> None:
     p = plan(28672, 8192, stream(split_k=1))
-    assert p.rows_fit(1) < STREAM_ROWS
+    rows, grid, smem = p.layout(1, STREAM_ROWS)
+    assert rows == p.rows_fit(1, 2) < STREAM_ROWS  # 256 tiles on 132 CTAs: 2 at most
     launches = p.launches(STREAM_ROWS)
-    assert [ln.rows for ln in launches] == [p.rows_fit(1)] * (STREAM_ROWS // p.rows_fit(1))
-    assert [ln.row0 for ln in launches] == list(range(0, STREAM_ROWS, p.rows_fit(1)))
-    assert all(ln.smem <= H100.shared_memory_per_block_optin for ln in launches)
+    assert [ln.rows for ln in launches] == [rows] * (STREAM_ROWS // rows)
+    assert [ln.row0 for ln in launches] == list(range(0, STREAM_ROWS, rows))
+    assert all(ln.smem == smem <= H100.shared_memory_per_block_optin and ln.grid == grid == 132
+               for ln in launches)
 
 
 def test_a_row_that_does_not_fit_is_refused_when_bound() -> None:
     cfg = stream(stream_warps_k=8, stream_chunk=16, stream_slots=2, split_k=1)
     with pytest.raises(InvalidConfigError, match="does not fit"):
-        plan(28672, 64, cfg)
-    assert plan(28672, 64, cfg.replace(split_k=2)).rows_fit(2) == 1
+        plan(40960, 64, cfg)  # 80 KB of A a row, 160 KB of rings
+    assert plan(40960, 64, cfg.replace(split_k=2)).rows_fit(2, 1) >= 1
 
 
 def test_more_rows_than_one_launch_holds_are_more_launches() -> None:
@@ -117,13 +124,36 @@ def test_auto_cluster_fills_one_wave_and_the_grid_never_exceeds_it() -> None:
     assert cluster == 4 and rows == 1  # 128 CTAs of 132
     (ln,) = p.launches(1)
     assert ln.grid == 32 * 4 and ln.grid % cluster == 0
-    # 8192 x 57344: 1792 tiles, many waves of units: no split, a persistent grid of one wave.
+    # 8192 x 57344: 1792 tiles, many a cluster: the grid is one wave of every SM.
     p = plan(8192, 57344, stream(split_k=0), per_sm=1)
-    assert p.choose(1)[0] == 1
     assert p.launches(1)[0].grid == 132
-    # 4096 x 6144: 192 units fill 132 CTAs with one CTA per K slice; a cluster of 2 would have
-    # to loop over units (a cluster barrier each), so it is not chosen.
-    assert plan(4096, 6144, stream(split_k=0), per_sm=1).choose(1)[0] == 1
+    # The grid never has more clusters than tiles, whatever the split.
+    for split in (1, 2, 4, 8):
+        (ln,) = plan(4096, 256, stream(split_k=split), per_sm=1).launches(1)
+        assert ln.grid == 8 * split
+
+
+def test_the_split_evens_out_what_the_busiest_cta_reads() -> None:
+    # 4096 x 6144: 192 tiles on 132 SMs. One CTA per K slice leaves 60 CTAs with two tiles
+    # (256 steps); clusters of 2 give each CTA at most 3 half tiles (192 steps): the mean is 186.
+    p = plan(4096, 6144, stream(split_k=0), per_sm=1)
+    assert p.choose(1)[0] == 2 and p.launches(1)[0].grid == 132
+    # 5120 x 5120 (160 tiles): clusters of 4, 5 tiles of 40 steps a CTA, against 2 x 160 alone.
+    assert plan(5120, 5120, stream(split_k=0), per_sm=1).choose(1)[0] == 4
+    # 4096 x 28672 (896 tiles): 7 whole tiles a CTA alone is as even as any split: no cluster.
+    assert plan(4096, 28672, stream(split_k=0), per_sm=1).choose(1)[0] == 1
+
+
+def test_the_partials_grow_the_layout_until_the_wave_needs_no_more() -> None:
+    # Two CTAs an SM fit: twice the clusters, so each takes half the tiles.
+    p = plan(4096, 57344, stream(split_k=1), per_sm=2)
+    rows, grid, smem = p.layout(1, 1)
+    assert grid == 264 and smem == p.smem(1, 1, -(-1792 // 132))
+    # Fewer resident CTAs than SMs: the partials are sized for the tiles each then takes.
+    q = plan(4096, 57344, stream(split_k=1), per_sm=1)
+    q.resident = lambda cluster, smem: 100  # type: ignore[method-assign]
+    rows, grid, smem = q.layout(1, 8)
+    assert grid == 100 and smem == q.smem(rows, 1, 18)  # ceil(1792 / 100)
 
 
 def test_fewer_launches_beat_a_fuller_wave() -> None:
@@ -157,10 +187,12 @@ def test_the_static_build_covers_stream_instances() -> None:
     # Each (block, bits, act-order, cluster) compiles once, under a name no other has.
     assert len({_mangled_args(v) for v in every}) == len(every)
     default = KernelConfig()
-    blocks = {(v.warps_n, v.warps_k, v.chunk, v.slots) for v in every}
-    assert (default.stream_warps_n, default.stream_warps_k, default.stream_chunk,
+    blocks = {(v.warps, v.chunk, v.slots) for v in every}
+    assert (default.stream_warps_n * default.stream_warps_k, default.stream_chunk,
             default.stream_slots) in blocks
-    assert all(stream_violation(*b, 0) is None for b in blocks)
+    assert all(stream_violation(1, *b, 0) is None for b in blocks)
+    # warps_n x warps_k is one block of warps: (1, 8) and (2, 4) compile to the same instance.
+    assert len({(v.warps, v.chunk, v.slots, v.bits, v.act_order, v.cluster) for v in every}) == len(every)
 
 
 def test_tables_spell_a_stream_config_by_its_own_fields() -> None:

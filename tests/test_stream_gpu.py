@@ -74,6 +74,27 @@ def test_stream_clusters_and_uneven_slices(split_k: int) -> None:
     _run_all_m(t8, stream(wn=1, wk=8, chunk=8, slots=2, split_k=split_k), ms=(1, 2, 5, 8))
 
 
+@pytest.mark.parametrize("split_k", [1, 2, 4])
+def test_stream_runs_cross_tiles_and_every_cta_takes_several(split_k: int) -> None:
+    """263 tiles (the last one partial) on at most 132 CTAs: a cluster takes several tiles, and
+    warp runs begin and end inside tiles and inside chunks (20 steps a tile, chunks of 8 cut at
+    8, 16, 20). 4- and 8-bit; two calls give the same bits (the reduction has a fixed order)."""
+    if split_k > 1 and not _sm90():
+        pytest.skip("thread-block clusters need sm_90")
+    from gemmtune.kernels.dispatch import dispatch
+    from gemmtune.kernels.weights import QuantizedWeight
+
+    for bits in (4, 8):
+        k = 640 if bits == 4 else 320
+        t = layer(k, 263 * 32 - 8, bits, 64, False, "v2", seed=split_k + bits)
+        cfg = stream(wn=1, wk=8, chunk=8, slots=2, split_k=split_k)
+        _run_all_m(t, cfg, ms=(1, 3, 8))
+        w = QuantizedWeight(t, "cuda")
+        a = activations(8, k, seed=3)
+        first = dispatch(a, w, cfg).clone()
+        assert torch.equal(dispatch(a, w, cfg), first)
+
+
 def test_stream_cluster_of_16_runs_or_is_refused() -> None:
     """16 CTAs a cluster is past the portable 8: the launch opts in; a card that cannot schedule
     such a cluster must refuse the config with a typed error, not fail at launch."""
@@ -87,19 +108,19 @@ def test_stream_cluster_of_16_runs_or_is_refused() -> None:
 
 
 def test_long_k_takes_fewer_rows_per_launch_or_is_refused() -> None:
-    """A row of A for K = 28672 does not fit beside 160 KB of rings in one CTA's K slice: bound
+    """A row of A for K = 40960 does not fit beside 160 KB of rings in one CTA's K slice: bound
     with split_k=1 it is refused when the weight is bound; with split_k=2 half a row fits, so a
     call of M rows is M launches of one row each -- still correct."""
     from gemmtune.kernels.dispatch import plan_for
     from gemmtune.kernels.weights import QuantizedWeight
 
-    t = layer(28672, 64, 4, 128, False, "v1", seed=5)
+    t = layer(40960, 64, 4, 128, False, "v1", seed=5)
     with pytest.raises(InvalidConfigError, match="does not fit"):
         plan_for(QuantizedWeight(t, "cuda"), stream(wn=1, wk=8, chunk=16, slots=2, split_k=1))
     if _sm90():
         cfg = stream(wn=1, wk=8, chunk=16, slots=2, split_k=2)
         plan = plan_for(QuantizedWeight(t, "cuda"), cfg)
-        assert plan.stream is not None and plan.stream.rows_fit(2) == 1
+        assert plan.stream is not None and plan.stream.rows_fit(2, 1) == 1
         _run_all_m(t, cfg, ms=(1, 3))
 
 

@@ -102,7 +102,7 @@ def _tune_table(title: str, results: list[Any], layer_names: dict[Any, list[str]
               show_default=True, help="standard: 555 kernel variants (decode kernel 360, tiled "
               "kernel 115, stream kernel 45, wgmma kernel 35 on sm_90 cards); "
               "full: every valid "
-              "choice (5499).")
+              "choice (4581).")
 @click.option("--device", "device_spec", default="0", show_default=True, metavar="N|all",
               help="GPU index, or `all`: one worker process per GPU sharing the database.")
 @_db_option

@@ -6,39 +6,48 @@
 // copy per lane and step, and launches as many waves as its grid needs. On a 4096x4096 layer
 // (8 MB of weights, ~2 us of reading on an H200) those fixed costs are most of the time.
 //
-// Work split. The weight is cut into units of WARPS_N 32-column tiles. A cluster of CLUSTER
-// CTAs (a thread-block cluster, sm_90) covers one unit at a time, CTA rank r taking K slice r,
-// and the clusters loop over the units (unit = cluster id, + clusters, ...): the host sizes the
-// grid to one wave of resident CTAs, so there is no tail wave and no second launch.
-// Inside a CTA, warp (wn, wk) streams tile `unit * WARPS_N + wn` over the wk-th part of the
-// CTA's K slice, which is one contiguous piece of the tiled layout (weights.py).
+// Work split: every CTA the same number of weight bytes, one reduction at the end. The weight
+// is 32-column tiles of K steps (512 bytes a step; one tile's steps are contiguous in the tiled
+// layout, weights.py). A cluster of CLUSTER CTAs (a thread-block cluster, sm_90) takes an even
+// share of the tiles, CTA rank r of it the K slice r of each: the host sizes the grid to one wave
+// of resident CTAs, so no CTA starts late and none idles while another still reads. Inside a CTA
+// the (tile, step) pairs of its share, tile-major (the order they lie in memory), are cut into
+// WARPS equal runs, one per warp: a warp's run may end inside a tile and the next warp's begin
+// there. So a layer whose tile count divides badly into the SM count (5120 columns = 160 tiles on
+// 132 SMs) still spreads evenly, with clusters splitting K, and no warp waits for another until
+// the end: an earlier revision gave each CTA whole tiles at a time and met at a barrier after
+// each, which left CTAs with one tile more than others idle and made looping clusters slow.
 //
-// Weight stream. Each warp owns a ring of SLOTS shared-memory slots of CHUNK K steps (512 bytes
-// a step): lane 0 fills a slot with one bulk copy (cp.async.bulk, the copy engine) plus the
-// (scale, zero) rows of the groups the chunk touches, all completing on the slot's mbarrier.
-// Every warp issues its first SLOTS chunks before it does anything else, and refills a slot as
-// soon as it has consumed it, across unit boundaries: bytes are in flight from the first cycle
-// to the last chunk. sm_80..sm_89 (no bulk copies) fill the same ring with per-lane cp.async
-// that arrive on the same mbarriers; clusters need sm_90.
+// Weight stream. Each warp owns a ring of SLOTS shared-memory slots of up to CHUNK K steps: lane
+// 0 fills a slot with one bulk copy (cp.async.bulk, the copy engine) plus the (scale, zero) rows
+// of the groups the chunk touches, all completing on the slot's mbarrier. A warp's chunks follow
+// its run, cut at multiples of CHUNK steps of a tile (and where the run starts and ends). Every
+// warp issues its first SLOTS chunks before it does anything else, and refills a slot as soon as
+// it has consumed it: bytes are in flight from the first cycle to the last chunk. sm_80..sm_89
+// (no bulk copies) fill the same ring with per-lane cp.async that arrive on the same mbarriers;
+// clusters need sm_90.
 //
 // Activations. The CTA's K slice of the (at most 8) rows of A is loaded into shared memory once,
 // while the first chunks are in flight (gathered through `perm` with act-order), and read from
-// there for every unit: the CTA's K slice never changes.
+// there for every tile: the CTA's K slice never changes.
 //
-// Reduction, on chip. After a unit each warp leaves its 8x32 fp32 partial in shared memory; one
-// barrier (the CTA's, or the cluster's) later the CTA -- or every CTA of the cluster for its share
-// of the outputs, reading the other CTAs' partials through distributed shared memory -- sums the
-// WARPS_K x CLUSTER partials and writes C in fp16. Partials are double-buffered by unit parity,
-// so one barrier per unit suffices: a CTA can only overwrite a buffer after the next barrier,
-// which every reader of it has passed.
+// Reduction, on chip and deterministic. When a warp's run leaves a tile, it stores its M x 32
+// fp32 partial of that tile in its own slot, `tile + warp` (tile counted within the cluster's
+// share): a warp's tiles begin where the previous warp's end, so no two (warp, tile) pairs share
+// a slot. After one CTA barrier, the CTA sums each tile's slots over the warps whose runs cover
+// it, in warp order. One CTA: that is C. A cluster: the sum goes back into the tile's first slot
+// and, after one cluster barrier, each CTA sums its share of the outputs over the cluster's CTAs
+// in rank order, through distributed shared memory. No atomics: a call's result does not depend
+// on timing.
 //
 // The inner math is the decode kernel's (transposed mma.m16n8k16, weight = 16-row operand,
-// activations the 8-column one, exact (q - zero) integers scaled once per group in fp32).
+// activations the 8-column one, exact (q - zero) integers scaled per step in fp32).
 //
 // Shared memory (dynamic; `stream_smem_bytes` in kernels/config.py is the same formula):
 //   ring  [WARPS][SLOTS][CHUNK * 512 weight bytes + CHUNK * 128 (scale, zero) bytes]
 //   bars  [WARPS][SLOTS] mbarriers (8 bytes each), padded to a multiple of 16 bytes
-//   red   [2][WARPS][8 rows][32 columns] fp32
+//   part  [TILES + WARPS - 1][M rows][32 columns] fp32 (TILES = ceil(tiles / clusters), the most
+//         one cluster takes)
 //   A     [M rows][ceil(steps / CLUSTER) * KSTEP + 8] halves (+16 bytes a row: no bank conflicts)
 #include "common.cuh"
 
@@ -153,7 +162,28 @@ __device__ __forceinline__ void bar_arrive_copies(uint32_t bar) {
 }
 #endif
 
-template <int BITS, int WARPS_N, int WARPS_K, int CHUNK, int SLOTS, bool ACT_ORDER, int CLUSTER>
+// The first (tile, step) position of warp w's run when a CTA's share is `tiles` tiles of
+// `slice` steps: the share cut into WARPS runs as equal as whole steps allow (w = WARPS: the end).
+template <int WARPS>
+__device__ __forceinline__ int run_begin(const int w, const int tiles, const int slice) {
+  return w * tiles * slice / WARPS;
+}
+
+// The warp whose run holds position p (the last w with run_begin(w) <= p), for p < tiles * slice.
+template <int WARPS>
+__device__ __forceinline__ int run_of(const int p, const int tiles, const int slice) {
+  return ((p + 1) * WARPS - 1) / (tiles * slice);
+}
+
+// The warps whose runs cover tile `tl`: w0 (its first position's) to w1 (its last's). Both runs
+// are non-empty; one between them can be empty (fewer positions than warps) and wrote nothing.
+template <int WARPS>
+__device__ __forceinline__ void covering_warps(const int tl, const int tiles, const int slice, int& w0, int& w1) {
+  w0 = run_of<WARPS>(tl * slice, tiles, slice);
+  w1 = run_of<WARPS>((tl + 1) * slice - 1, tiles, slice);
+}
+
+template <int BITS, int WARPS, int CHUNK, int SLOTS, bool ACT_ORDER, int CLUSTER>
 __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t* __restrict__ qweight,
                                      const half2* __restrict__ sz, const int* __restrict__ perm,
                                      half* __restrict__ c, int M, int K, int N, int group_shift) {
@@ -166,39 +196,54 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
   constexpr int KSTEP = 4 * V;        // K per step (4 word rows)
   constexpr int KS_PER_WORD = V / 4;  // MMA k16 steps per step
   constexpr int AWORDS = V / 2;       // 32-bit words of activations per lane per step
-  constexpr int WARPS = WARPS_N * WARPS_K;
   constexpr int THREADS = 32 * WARPS;
   constexpr int SLOT_BYTES = CHUNK * (kStepBytes + kSzRowBytes);
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int wn = warp % WARPS_N;
-  const int wk = warp / WARPS_N;
   const int g = lane >> 2;
   const int t = lane & 3;
 
   const int steps = K / KSTEP;
   const int tiles = (N + 31) / 32;
-  const int units = (tiles + WARPS_N - 1) / WARPS_N;
   const int clusters = gridDim.x / CLUSTER;
   const int cid = blockIdx.x / CLUSTER;
   const int rank = blockIdx.x % CLUSTER;
-  const int n_units = cid < units ? (units - 1 - cid) / clusters + 1 : 0;
+  // This cluster's tiles [t_lo, t_lo + n_t) (the host launches no more clusters than tiles) and
+  // the most any cluster takes, which sizes the partials' slot array alike in every CTA.
+  const int t_lo = tiles * cid / clusters;
+  const int n_t = tiles * (cid + 1) / clusters - t_lo;
+  const int t_max = (tiles + clusters - 1) / clusters;
 
-  // K steps of this CTA [k_lo, k_hi) and of this warp [w_lo, w_hi).
-  const int k_lo = steps * rank / CLUSTER;
-  const int k_hi = steps * (rank + 1) / CLUSTER;
-  const int w_lo = k_lo + (k_hi - k_lo) * wk / WARPS_K;
-  const int w_hi = k_lo + (k_hi - k_lo) * (wk + 1) / WARPS_K;
-  const int n_chunks = (w_hi - w_lo + CHUNK - 1) / CHUNK;  // per unit
-  const int total = n_units * n_chunks;                     // this warp's chunks in all
+  // K steps of this CTA's slice [k_lo, k_lo + slice), and of rank r's (the host keeps every
+  // slice at least one step long).
+  auto slice_lo = [&](const int r) { return steps * r / CLUSTER; };
+  const int k_lo = slice_lo(rank);
+  const int slice = slice_lo(rank + 1) - k_lo;
+  // This warp's run [p_lo, p_hi) of positions p = tile * slice + step (tile within the cluster's
+  // share, step within the slice), and its chunks: each tile's slice is cut at multiples of CHUNK
+  // steps, and the run takes the pieces it overlaps (chunk grid index gc = tile * cpt + piece).
+  const int p_lo = run_begin<WARPS>(warp, n_t, slice);
+  const int p_hi = run_begin<WARPS>(warp + 1, n_t, slice);
+  const int cpt = (slice + CHUNK - 1) / CHUNK;
+  const int gc0 = p_lo / slice * cpt + p_lo % slice / CHUNK;
+  const int total = p_hi > p_lo ? (p_hi - 1) / slice * cpt + (p_hi - 1) % slice / CHUNK - gc0 + 1 : 0;
+  // Chunk j of the run: its tile (within the share) and steps [s_a, s_b) of the slice.
+  auto chunk_at = [&](const int j, int& tl, int& s_a, int& s_b) {
+    const int gc = gc0 + j;
+    tl = gc / cpt;
+    const int piece = gc - tl * cpt;
+    s_a = max(piece * CHUNK, p_lo - tl * slice);
+    s_b = min(min(piece * CHUNK + CHUNK, slice), p_hi - tl * slice);
+  };
 
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* ring = smem + warp * SLOTS * SLOT_BYTES;
   constexpr int BAR_BYTES = (WARPS * SLOTS * 8 + 15) / 16 * 16;  // keeps what follows 16-byte aligned
   unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + WARPS * SLOTS * SLOT_BYTES);
-  float* red = reinterpret_cast<float*>(smem + WARPS * SLOTS * SLOT_BYTES + BAR_BYTES);
-  half* as = reinterpret_cast<half*>(red + 2 * WARPS * 256);
+  float* part = reinterpret_cast<float*>(smem + WARPS * SLOTS * SLOT_BYTES + BAR_BYTES);
+  const int slot_floats = M * 32;  // one slot: M rows of 32 columns
+  half* as = reinterpret_cast<half*>(part + (t_max + WARPS - 1) * slot_floats);
   const int a_stride = ((steps + CLUSTER - 1) / CLUSTER) * KSTEP + 8;  // halves per row of A
   const uint32_t bar0 = smem_addr(bars + warp * SLOTS);
 
@@ -214,22 +259,17 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
   }
   __syncwarp();
 
-  // Chunk j of this warp's sequence into slot j % SLOTS (j past the end: nothing). Called by
+  // Chunk j of this warp's run into ring slot j % SLOTS (j past the end: nothing). Called by
   // lane 0 alone where the copy engine fills the ring, by every lane otherwise.
   auto issue = [&](const int j) {
     if (j >= total) return;
-    const int it = j / n_chunks;
-    const int ch = j - it * n_chunks;
-    const int tile = (cid + it * clusters) * WARPS_N + wn;
-    const int slot = j % SLOTS;
-    const uint32_t bar = bar0 + 8 * slot;
-    unsigned char* dst = ring + slot * SLOT_BYTES;
-    if (tile >= tiles) {  // past the last tile of a partial unit: an empty chunk
-      bar_arrive(bar);
-      return;
-    }
-    const int s0 = w_lo + ch * CHUNK;
-    const int cnt = min(CHUNK, w_hi - s0);
+    int tl, s_a, s_b;
+    chunk_at(j, tl, s_a, s_b);
+    const int tile = t_lo + tl;
+    const uint32_t bar = bar0 + 8 * (j % SLOTS);
+    unsigned char* dst = ring + (j % SLOTS) * SLOT_BYTES;
+    const int s0 = k_lo + s_a;
+    const int cnt = s_b - s_a;
     const int g0 = (s0 * KSTEP) >> group_shift;
     const int g1 = ((s0 + cnt) * KSTEP - 1) >> group_shift;
     const int row_bytes = min(32, N - tile * 32) * 4;
@@ -247,10 +287,10 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
       copy16_async(reinterpret_cast<uint4*>(dst + s * kStepBytes) + lane, wsrc + s * 128 + lane * 4, true);
     for (int v = lane; v < (g1 - g0 + 1) * 8; v += 32) {
       const int gr = g0 + v / 8;
-      const int part = v % 8;
-      if (part * 16 < row_bytes)
-        copy16_async(reinterpret_cast<uint4*>(dst + CHUNK * kStepBytes + (gr - g0) * kSzRowBytes) + part,
-                     ssrc + (size_t)gr * N + part * 4, true);
+      const int piece = v % 8;
+      if (piece * 16 < row_bytes)
+        copy16_async(reinterpret_cast<uint4*>(dst + CHUNK * kStepBytes + (gr - g0) * kSzRowBytes) + piece,
+                     ssrc + (size_t)gr * N + piece * 4, true);
     }
     bar_arrive_copies(bar);
 #endif
@@ -271,7 +311,7 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
   // This CTA's K slice of A into shared memory, gathered with act-order.
   {
     const int kk0 = k_lo * KSTEP;
-    const int len = (k_hi - k_lo) * KSTEP;
+    const int len = slice * KSTEP;
     if constexpr (ACT_ORDER) {
       for (int i = threadIdx.x; i < len; i += THREADS) {
         const int col = load_ro(perm + kk0 + i);
@@ -338,7 +378,7 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
     }
     const uint32_t wcol[4] = {wq.x, wq.y, wq.z, wq.w};
     const uint32_t wcol8[4] = {wcol[0] >> 8, wcol[1] >> 8, wcol[2] >> 8, wcol[3] >> 8};
-    float part[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float sum[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
     for (int ks = 0; ks < KS_PER_WORD; ++ks) {
       uint32_t p0[4], p1[4];
@@ -352,128 +392,130 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
       const uint32_t lo = av[ks];
       const uint32_t hi = av[ks + V / 4];
       const uint32_t fb[2] = {__byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632)};
-      mma_16816(part[0], fa0, fb);
-      mma_16816(part[1], fa1, fb);
+      mma_16816(sum[0], fa0, fb);
+      mma_16816(sum[1], fa1, fb);
     }
 #pragma unroll
     for (int x = 0; x < 2; ++x)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[x][e] = fmaf(part[x][e], sf[2 * x + e / 2], acc[x][e]);
+      for (int e = 0; e < 4; ++e) acc[x][e] = fmaf(sum[x][e], sf[2 * x + e / 2], acc[x][e]);
   };
 
-  int j = 0;  // this warp's chunk counter
-  for (int it = 0; it < n_units; ++it) {
-    const int unit = cid + it * clusters;
-    const bool tile_ok = unit * WARPS_N + wn < tiles;
-#pragma unroll
-    for (int x = 0; x < 2; ++x)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[x][e] = 0.f;
-    for (int ch = 0; ch < n_chunks; ++ch, ++j) {
-      const int slot = j % SLOTS;
-      bar_wait(bar0 + 8 * slot, (uint32_t)(j / SLOTS) & 1u);
-      if (tile_ok) {
-        const unsigned char* src = ring + slot * SLOT_BYTES;
-        const int s0 = w_lo + ch * CHUNK;
-        const int cnt = min(CHUNK, w_hi - s0);
-        const int g0 = (s0 * KSTEP) >> group_shift;
-        if (cnt == CHUNK) {  // warp-uniform; every chunk but a warp's last
-#pragma unroll
-          for (int s = 0; s < CHUNK; ++s) step_mma(src, s, s0 + s, g0);
-        } else {
-#pragma unroll 1
-          for (int s = 0; s < cnt; ++s) step_mma(src, s, s0 + s, g0);
-        }
-      }
-      __syncwarp();
-      refill(j + SLOTS);  // the slot just consumed
-    }
-
-    // This warp's 8 x 32 partial into red[it & 1][warp].
-    float* buf = red + (it & 1) * WARPS * 256;
-    float* mine = buf + warp * 256;
+  // The warp's partial of tile tl into its slot (tl + warp), rows below M only.
+  auto flush = [&](const int tl) {
+    float* mine = part + (tl + warp) * slot_floats;
 #pragma unroll
     for (int e = 0; e < 2; ++e)
-      *reinterpret_cast<float4*>(mine + (2 * t + e) * 32 + 4 * g) =
-          make_float4(acc[0][e], acc[0][2 + e], acc[1][e], acc[1][2 + e]);
-    __syncthreads();
-    // The CTA's sum over its WARPS_K warps of each output quad (4 columns), by as many threads
-    // as there are quads. One CTA: that is C. A cluster: it goes back into the first warp row's
-    // partial (only this thread touches that quad), and after the cluster barrier each CTA sums
-    // its share of the quads over the cluster's CTAs.
-    const int quads = M * WARPS_N * 8;
-    for (int i = threadIdx.x; i < quads; i += THREADS) {
-      const int r = i / (WARPS_N * 8);
-      const int rem = i - r * (WARPS_N * 8);
-      const int tn = rem / 8;
-      const int q4 = rem % 8;
-      float* p0 = buf + tn * 256 + r * 32 + q4 * 4;  // warp (wk 0, tn)
-      float4 sum = *reinterpret_cast<const float4*>(p0);
+      if (2 * t + e < M)
+        *reinterpret_cast<float4*>(mine + (2 * t + e) * 32 + 4 * g) =
+            make_float4(acc[0][e], acc[0][2 + e], acc[1][e], acc[1][2 + e]);
+  };
+
+  int cur = -1;  // the tile (within the share) `acc` holds
+  for (int j = 0; j < total; ++j) {
+    const int slot = j % SLOTS;
+    bar_wait(bar0 + 8 * slot, (uint32_t)(j / SLOTS) & 1u);
+    int tl, s_a, s_b;
+    chunk_at(j, tl, s_a, s_b);
+    if (tl != cur) {  // warp-uniform
+      if (cur >= 0) flush(cur);
 #pragma unroll
-      for (int k2 = 1; k2 < WARPS_K; ++k2) {
-        const float4 v = *reinterpret_cast<const float4*>(p0 + k2 * WARPS_N * 256);
-        sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
-      }
-      if constexpr (CLUSTER == 1) {
-        const int col = (unit * WARPS_N + tn) * 32 + q4 * 4;
-        if (col < N) {
-          const half2 h01 = __floats2half2_rn(sum.x, sum.y);
-          const half2 h23 = __floats2half2_rn(sum.z, sum.w);
-          *reinterpret_cast<uint2*>(c + (size_t)r * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
-        }
-      } else {
-        *reinterpret_cast<float4*>(p0) = sum;
-      }
+      for (int x = 0; x < 2; ++x)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[x][e] = 0.f;
+      cur = tl;
     }
-#if defined(GEMMTUNE_BULK)
-    if constexpr (CLUSTER > 1) {
-      cluster_sync();
-      for (int i = rank * THREADS + threadIdx.x; i < quads; i += CLUSTER * THREADS) {
-        const int r = i / (WARPS_N * 8);
-        const int rem = i - r * (WARPS_N * 8);
-        const int tn = rem / 8;
-        const int q4 = rem % 8;
-        const int col = (unit * WARPS_N + tn) * 32 + q4 * 4;
-        if (col >= N) continue;
-        const uint32_t p0 = smem_addr(buf + tn * 256 + r * 32 + q4 * 4);
-        float4 sum = load_remote(p0, 0u);
+    const unsigned char* src = ring + slot * SLOT_BYTES;
+    const int s0 = k_lo + s_a;
+    const int cnt = s_b - s_a;
+    const int g0 = (s0 * KSTEP) >> group_shift;
+    if (cnt == CHUNK) {  // warp-uniform; every chunk but those cut by a tile's or a run's end
 #pragma unroll
-        for (int rr = 1; rr < CLUSTER; ++rr) {
-          const float4 v = load_remote(p0, (uint32_t)rr);
-          sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
-        }
+      for (int s = 0; s < CHUNK; ++s) step_mma(src, s, s0 + s, g0);
+    } else {
+#pragma unroll 1
+      for (int s = 0; s < cnt; ++s) step_mma(src, s, s0 + s, g0);
+    }
+    __syncwarp();
+    refill(j + SLOTS);  // the slot just consumed
+  }
+  if (cur >= 0) flush(cur);
+  __syncthreads();
+
+  // The CTA's sum of each output quad (4 columns of one row of one tile) over the warps that
+  // cover its tile, by as many threads as there are quads. One CTA: that is C. A cluster: it goes
+  // into the tile's first covering slot (only this thread touches that quad of any of the tile's
+  // slots), and after the cluster barrier each CTA sums its share of the quads over the ranks.
+  const int quads = n_t * M * 8;
+  for (int i = threadIdx.x; i < quads; i += THREADS) {
+    const int tl = i / (M * 8);
+    const int q = i - tl * (M * 8);  // row * 8 + quad
+    int w0, w1;
+    covering_warps<WARPS>(tl, n_t, slice, w0, w1);
+    float* p0 = part + (tl + w0) * slot_floats + q * 4;
+    float4 sum = *reinterpret_cast<const float4*>(p0);
+    for (int w = w0 + 1; w <= w1; ++w) {
+      if (run_begin<WARPS>(w + 1, n_t, slice) == run_begin<WARPS>(w, n_t, slice)) continue;  // empty run
+      const float4 v = *reinterpret_cast<const float4*>(part + (tl + w) * slot_floats + q * 4);
+      sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+    }
+    if constexpr (CLUSTER == 1) {
+      const int col = (t_lo + tl) * 32 + (q % 8) * 4;
+      if (col < N) {
         const half2 h01 = __floats2half2_rn(sum.x, sum.y);
         const half2 h23 = __floats2half2_rn(sum.z, sum.w);
-        *reinterpret_cast<uint2*>(c + (size_t)r * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
+        *reinterpret_cast<uint2*>(c + (size_t)(q / 8) * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
       }
+    } else {
+      *reinterpret_cast<float4*>(p0) = sum;
     }
-#endif
   }
 #if defined(GEMMTUNE_BULK)
-  // No CTA leaves while another may still read its partials.
-  if constexpr (CLUSTER > 1) cluster_sync_relaxed();
+  if constexpr (CLUSTER > 1) {
+    cluster_sync();
+    for (int i = rank * THREADS + threadIdx.x; i < quads; i += CLUSTER * THREADS) {
+      const int tl = i / (M * 8);
+      const int q = i - tl * (M * 8);
+      const int col = (t_lo + tl) * 32 + (q % 8) * 4;
+      if (col >= N) continue;
+      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int rr = 0; rr < CLUSTER; ++rr) {
+        const int rs = slice_lo(rr + 1) - slice_lo(rr);  // rank rr's slice
+        int w0, w1;
+        covering_warps<WARPS>(tl, n_t, rs, w0, w1);
+        const float4 v = load_remote(smem_addr(part + (tl + w0) * slot_floats + q * 4), (uint32_t)rr);
+        sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+      }
+      const half2 h01 = __floats2half2_rn(sum.x, sum.y);
+      const half2 h23 = __floats2half2_rn(sum.z, sum.w);
+      *reinterpret_cast<uint2*>(c + (size_t)(q / 8) * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
+    }
+    // No CTA leaves while another may still read its partials.
+    cluster_sync_relaxed();
+  }
 #endif
 }
 
 }  // namespace stream
 
 // One CTA per K slice (CLUSTER = 1): works on sm_80 and later.
-template <int BITS, int WARPS_N, int WARPS_K, int CHUNK, int SLOTS, bool ACT_ORDER>
-__global__ void __launch_bounds__(WARPS_N * WARPS_K * 32, 1)
+template <int BITS, int WARPS, int CHUNK, int SLOTS, bool ACT_ORDER>
+__global__ void __launch_bounds__(WARPS * 32, 1)
 gptq_stream_gemm(const half* __restrict__ a, const uint32_t* __restrict__ qweight,
                  const half2* __restrict__ sz, const int* __restrict__ perm, half* __restrict__ c,
                  int M, int K, int N, int group_shift) {
-  stream::body<BITS, WARPS_N, WARPS_K, CHUNK, SLOTS, ACT_ORDER, 1>(a, qweight, sz, perm, c, M, K, N, group_shift);
+  stream::body<BITS, WARPS, CHUNK, SLOTS, ACT_ORDER, 1>(a, qweight, sz, perm, c, M, K, N, group_shift);
 }
 
 // CLUSTER CTAs split K and reduce through distributed shared memory (sm_90; the cluster shape is
 // compiled in, so an ordinary launch of a grid that is a multiple of CLUSTER runs it).
-template <int BITS, int WARPS_N, int WARPS_K, int CHUNK, int SLOTS, bool ACT_ORDER, int CLUSTER>
-__global__ void GEMMTUNE_CLUSTER_DIMS(CLUSTER) __launch_bounds__(WARPS_N * WARPS_K * 32, 1)
+template <int BITS, int WARPS, int CHUNK, int SLOTS, bool ACT_ORDER, int CLUSTER>
+__global__ void GEMMTUNE_CLUSTER_DIMS(CLUSTER) __launch_bounds__(WARPS * 32, 1)
 gptq_stream_gemm_cluster(const half* __restrict__ a, const uint32_t* __restrict__ qweight,
                          const half2* __restrict__ sz, const int* __restrict__ perm,
                          half* __restrict__ c, int M, int K, int N, int group_shift) {
-  stream::body<BITS, WARPS_N, WARPS_K, CHUNK, SLOTS, ACT_ORDER, CLUSTER>(a, qweight, sz, perm, c, M, K, N, group_shift);
+  stream::body<BITS, WARPS, CHUNK, SLOTS, ACT_ORDER, CLUSTER>(a, qweight, sz, perm, c, M, K, N, group_shift);
 }
 
 }  // namespace gemmtune
