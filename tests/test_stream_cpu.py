@@ -219,3 +219,63 @@ def test_stream_instances_build_without_spills(arch: str) -> None:
     for v, r in zip(variants, results, strict=True):
         assert r.variant is v and r.ok, r.message
         assert 0 < r.registers <= 65536 // v.threads and r.spill_bytes == 0
+
+
+def test_warp_runs_cover_every_step_once_and_their_slots_never_collide() -> None:
+    """The kernel's work split, replayed in Python with its formulas (gptq_stream_gemm.cu:
+    run_begin, run_of, the chunk grid, slot tile + warp): over random layouts every (tile, step)
+    is read by exactly one warp of one CTA, a chunk never spans two tiles or more than CHUNK
+    steps, no two (warp, tile) partials share a slot, every slot lies inside the partials
+    `stream_partial_row_bytes` sizes, and the covering warps of each tile are exactly those
+    that wrote a partial of it."""
+    import random
+
+    rng = random.Random(7)
+
+    def run_begin(w: int, n_t: int, sl: int, warps: int) -> int:
+        return w * n_t * sl // warps
+
+    def run_of(p: int, n_t: int, sl: int, warps: int) -> int:
+        return ((p + 1) * warps - 1) // (n_t * sl)
+
+    for _ in range(400):
+        tiles, steps = rng.randint(1, 300), rng.randint(1, 60)
+        cluster = rng.choice([c for c in (1, 2, 3, 4, 8) if c <= steps])
+        warps, chunk = rng.choice((1, 2, 4, 8, 16)), rng.choice((1, 2, 4, 8, 16))
+        clusters = rng.randint(1, min(tiles, max(1, 132 // cluster)))
+        t_max = -(-tiles // clusters)
+        n_slots = stream_partial_row_bytes(warps, t_max) // 128
+        seen: set[tuple[int, int]] = set()
+        for cid in range(clusters):
+            t_lo = tiles * cid // clusters
+            n_t = tiles * (cid + 1) // clusters - t_lo
+            assert 1 <= n_t <= t_max
+            for rank in range(cluster):
+                k_lo = steps * rank // cluster
+                sl = steps * (rank + 1) // cluster - k_lo
+                cpt = -(-sl // chunk)
+                writers: dict[int, tuple[int, int]] = {}
+                for w in range(warps):
+                    p_lo, p_hi = run_begin(w, n_t, sl, warps), run_begin(w + 1, n_t, sl, warps)
+                    if p_hi == p_lo:
+                        continue
+                    gc0 = p_lo // sl * cpt + p_lo % sl // chunk
+                    total = (p_hi - 1) // sl * cpt + (p_hi - 1) % sl // chunk - gc0 + 1
+                    for j in range(total):
+                        tl = (gc0 + j) // cpt
+                        piece = gc0 + j - tl * cpt
+                        s_a = max(piece * chunk, p_lo - tl * sl)
+                        s_b = min(piece * chunk + chunk, sl, p_hi - tl * sl)
+                        assert 0 <= s_a < s_b <= sl and s_b - s_a <= chunk
+                        for s in range(s_a, s_b):
+                            key = (t_lo + tl, k_lo + s)
+                            assert key not in seen
+                            seen.add(key)
+                        assert writers.setdefault(tl + w, (w, tl)) == (w, tl)  # one pair a slot
+                assert all(slot < n_slots for slot in writers)
+                for tl in range(n_t):
+                    w0, w1 = run_of(tl * sl, n_t, sl, warps), run_of((tl + 1) * sl - 1, n_t, sl, warps)
+                    covering = {w for w in range(w0, w1 + 1)
+                                if run_begin(w + 1, n_t, sl, warps) > run_begin(w, n_t, sl, warps)}
+                    assert covering == {w for w, t in writers.values() if t == tl}
+        assert len(seen) == tiles * steps
