@@ -308,11 +308,16 @@ def stream_partial_row_bytes(warps: int, tiles_max: int) -> int:
     return (tiles_max + warps - 1) * 32 * 4
 
 
+def stream_row_bytes(bits: int, warps: int, k: int, cluster: int, tiles_max: int) -> int:
+    """Shared memory each row of A adds to a stream block: its K slice and its partials."""
+    return stream_a_row_bytes(bits, k, cluster) + stream_partial_row_bytes(warps, tiles_max)
+
+
 def stream_smem_bytes(bits: int, warps_n: int, warps_k: int, chunk: int, slots: int, rows: int,
                       k: int, cluster: int, tiles_max: int) -> int:
     """Dynamic shared memory of one stream launch of `rows` rows whose clusters take at most
     `tiles_max` tiles each (the launch asks for this)."""
-    per_row = stream_a_row_bytes(bits, k, cluster) + stream_partial_row_bytes(warps_n * warps_k, tiles_max)
+    per_row = stream_row_bytes(bits, warps_n * warps_k, k, cluster, tiles_max)
     return stream_fixed_smem(warps_n, warps_k, chunk, slots) + rows * per_row
 
 

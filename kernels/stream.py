@@ -24,7 +24,7 @@ from .config import (
     KernelConfig,
     stream_a_row_bytes,
     stream_fixed_smem,
-    stream_partial_row_bytes,
+    stream_row_bytes,
     stream_smem_bytes,
     stream_violation,
 )
@@ -98,7 +98,7 @@ class StreamPlan:
         """Rows of A one launch can keep beside the rings (at most STREAM_ROWS) when a cluster
         takes at most `tiles_max` tiles (each row also holds the partials of those tiles)."""
         room = self.smem_limit - self.fixed
-        per_row = stream_a_row_bytes(self.bits, self.k, cluster) + stream_partial_row_bytes(self.warps, tiles_max)
+        per_row = stream_row_bytes(self.bits, self.warps, self.k, cluster, tiles_max)
         return max(0, min(STREAM_ROWS, room // per_row))
 
     def smem(self, rows: int, cluster: int, tiles_max: int) -> int:
