@@ -4,15 +4,15 @@
 For same-call A/Bs of kernel revisions (run it once per tree, the tree's package first on
 `PYTHONPATH`): unlike `bench/kernels.py`, which sweeps a family and keeps the fastest, this times
 exactly the variants asked for, and a variant whose output is off refuses to be timed (the row
-says `wrong` and the exit status is 1), so a fast broken kernel cannot pass for a fast one.
+says `failed` with the reason and the exit status is 1), so a fast broken kernel cannot pass for a fast one.
 
     python bench/variants.py --shapes 5120x5120,4096x6144 --ms 1,8 \\
         --keys stream1x8-ch8-sl2-sk0,stream1x8-ch8-sl2-sk2 -o ab.json
 
-Timing is the harness's (`autotune.timing.graph_time`: graph replays, weight copies rotated past
-L2, medians); 4-bit, group 128, random layers seeded by shape. The check is one call on fresh
-random activations, the output poisoned with NaN first, against the fp32 product (no TF32) of the
-CPU reference's dequantised weight (`kernels.reference`), within the fp32-accumulation tolerance.
+Check and timing are the tuner's own (`autotune.measure.CudaEvaluator.fused`): one call on fresh
+random activations, the output poisoned with NaN first, against the CPU reference's dequantised
+weight within the fp32-accumulation tolerance, then graph replays (eager cost above
+`GRAPHED_MAX_M`) with weight copies rotated past L2, medians; 4-bit, group 128, random layers.
 """
 
 from __future__ import annotations
@@ -23,24 +23,12 @@ import json
 import sys
 
 import torch
-from gemmtune.autotune import timing
-from gemmtune.kernels import reference
+from gemmtune.autotune.evaluator import TrialFailure
+from gemmtune.autotune.measure import CudaEvaluator
 from gemmtune.kernels.config import KernelConfig
-from gemmtune.kernels.dispatch import plan_for
-from gemmtune.kernels.gptq import random_gptq
+from gemmtune.kernels.problem import Problem
 from gemmtune.kernels.sources import kernel_hash
-from gemmtune.kernels.weights import QuantizedWeight
-
-FORCE_FUSED = 8192
-"""max_q_gemm_rows that keeps every asked M on the fused path."""
-
-
-def check(plan, a: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative error of one call on `a` against `ref` (the output poisoned with NaN first)."""
-    out = torch.full(tuple(ref.shape), float("nan"), device="cuda", dtype=torch.float16)
-    plan(a.cuda(), out)
-    torch.cuda.synchronize()
-    return reference.relative_error(out.cpu(), ref)
+from gemmtune.kernels.workload import Workload
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,37 +39,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", help="JSON file for the rows")
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    ms = [int(v) for v in args.ms.split(",")]
+    ms = tuple(int(v) for v in args.ms.split(","))
     keys = args.keys.split(",")
+    workload = Workload("variants", ms, tuple(1.0 for _ in ms))
     rows, bad = [], 0
     for k, n in shapes:
-        t = random_gptq(k, n, 4, 128, generator=torch.Generator().manual_seed(k * 7 + n))
-        copies = timing.copies_needed(t.problem.weight_bytes())
-        weights = [QuantizedWeight(t, "cuda") for _ in range(copies)]
-        acts = {m: torch.randn(m, k, device="cuda", dtype=torch.float16) for m in ms}
-        w32 = reference.dequantize(t, torch.float32).cuda()
-        fresh = {m: torch.randn(m, k, dtype=torch.float16) for m in ms}  # not the timed ones
-        torch.backends.cuda.matmul.allow_tf32 = False
-        refs = {m: (fresh[m].cuda().float() @ w32).cpu() for m in ms}
-        del w32
-        tol = reference.fp32_accum_tolerance(k)
+        ev = CudaEvaluator(Problem(k, n), workload, seed=k * 7 + n)
         for key in keys:
-            cfg = KernelConfig.from_variant_key(key).replace(max_q_gemm_rows=FORCE_FUSED)
-            plans = [plan_for(w, cfg) for w in weights]
-            plans[0].prepare()
+            cfg = KernelConfig.from_variant_key(key)
             for m in ms:
-                err = check(plans[0], fresh[m], refs[m])
-                row = {"K": k, "N": n, "M": m, "key": key, "rel_error": err}
-                if not err <= tol:  # NaN included
-                    row["wrong"] = True
+                row = {"K": k, "N": n, "M": m, "key": key}
+                try:
+                    row["us"] = ev.fused(cfg, m).median_us
+                    shown = f"{row['us']:9.2f} us"
+                except TrialFailure as exc:  # a wrong result, or a variant this layer refuses
+                    row["failed"] = exc.reason
                     bad += 1
-                else:
-                    a = acts[m]
-                    row["us"] = timing.graph_time(lambda i, a=a, ps=plans: ps[i % len(ps)](a)).median_us
+                    shown = f"FAILED: {exc.reason}"
                 rows.append(row)
-                shown = f"{row['us']:9.2f} us" if "us" in row else f"WRONG (rel error {err:.3g} > {tol:.3g})"
                 print(f"{k}x{n} M={m:<3} {key:<28} {shown}", flush=True)
-        del weights
+        ev.close()
         torch.cuda.empty_cache()
     if args.output:
         with open(args.output, "w") as f:
