@@ -81,12 +81,18 @@ where the fused/reconstruct switch of real configs lies (32, 50, 64)."""
 
 
 def parse_threshold(text: str) -> float:
-    """`3%`, `3 %` or `0.03` -> 0.03."""
+    """`3%`, `3 %` or `0.03` -> 0.03. A bare number must be a fraction below 1: `5` is far more
+    likely a percentage without its sign than a 500 % threshold, and read as the latter it would
+    turn a CI gate off without a word."""
     t = str(text).strip()
+    percent = t.endswith("%")
     try:
-        value = float(t[:-1].strip()) / 100 if t.endswith("%") else float(t)
+        value = float(t[:-1].strip()) / 100 if percent else float(t)
     except ValueError:
         raise CompareError(f"threshold {text!r}: expected a fraction (0.03) or a percentage (3%)") from None
+    if not percent and value >= 1:
+        raise CompareError(f"threshold {text!r}: a bare number is a fraction below 1 (0.05); "
+                           f"for a percentage write {t}%")
     if not math.isfinite(value) or value < 0 or value >= 10:
         raise CompareError(f"threshold {text!r} is out of range (0 to 1000 %)")
     return value

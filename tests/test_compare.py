@@ -118,6 +118,12 @@ def test_threshold_parsing() -> None:
     for bad in ("abc", "-1%", "nan", "5000%"):
         with pytest.raises(cmp.CompareError):
             cmp.parse_threshold(bad)
+    # `--threshold 5` in a CI script means 5 %, not 500 %: refused with the spelling that works,
+    # rather than read as a gate that never fires.
+    for bare in ("5", "1", "3.0"):
+        with pytest.raises(cmp.CompareError, match=f"write {bare}%"):
+            cmp.parse_threshold(bare)
+    assert cmp.parse_threshold("150%") == pytest.approx(1.5)
 
 
 def test_m_lists() -> None:
