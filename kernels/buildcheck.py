@@ -251,6 +251,11 @@ def run_check(archs: list[str], bits: list[int], jobs: int, quick: bool, console
     from rich.progress import Progress
     from rich.table import Table
 
+    # A check that builds nothing must not pass (a CI gate with an empty list would be green).
+    if not archs:
+        raise KernelBuildError("no target to build: give --arch, e.g. sm_90")
+    if not bits:
+        raise KernelBuildError(f"no bit width to build: give --bits, e.g. {','.join(map(str, KERNEL_BITS))}")
     for b in bits:
         if b not in KERNEL_BITS:
             raise KernelBuildError(f"no CUDA kernel for {b}-bit weights (kernels: {KERNEL_BITS})")

@@ -281,3 +281,23 @@ def test_a_growing_workspace_keeps_the_buffers_graphs_captured() -> None:
     assert not ws.partials.any() and not ws.counters.any()  # split-K scratch starts zero
     assert [t.data_ptr() for t in ws.retired] == ptrs  # the old buffers, still alive
     assert all(t.data_ptr() not in ptrs for t in (ws.partials, ws.counters, ws.dequant))
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--bits", "x"], "expected comma-separated bit widths"),
+    (["--arch", ""], "no target to build"),
+    (["--bits", ""], "no bit width to build"),
+    (["--bits", "3"], "no CUDA kernel for 3-bit"),
+    (["--arch", "90"], "is not of the form sm_90"),
+])
+def test_kernels_check_refuses_bad_or_empty_lists_in_one_line(args: list[str], says: str) -> None:
+    # A check that builds nothing must not pass as "all 0 builds clean": a CI gate with an empty
+    # list would stay green. One line, exit 1, before any build.
+    from click.testing import CliRunner
+
+    from gemmtune.cli import main
+
+    res = CliRunner().invoke(main, ["kernels", "check", *args])
+    assert res.exit_code == 1
+    assert says in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1

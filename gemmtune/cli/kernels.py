@@ -40,7 +40,7 @@ def kernels() -> None:
 @click.option("--arch", default="sm_90", show_default=True,
               help="Comma-separated targets, e.g. sm_80,sm_86,sm_89,sm_90.")
 @click.option("--bits", default="4,8", show_default=True, help="Bit widths to build.")
-@click.option("--jobs", "-j", type=int, default=os.cpu_count() or 1, show_default=True,
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
               help="Parallel nvcc processes.")
 @click.option("--quick", is_flag=True, help="Build only the preset and a corner sample of the space.")
 @_friendly
@@ -48,10 +48,14 @@ def kernels_check(arch: str, bits: str, jobs: int, quick: bool) -> None:
     """Build every kernel variant with nvcc (no GPU needed) and report registers, spills and
     shared memory. Exits 1 on any build failure or spill."""
     from gemmtune.kernels.buildcheck import run_check
+    from gemmtune.kernels.errors import KernelBuildError
 
+    widths = [b.strip() for b in bits.split(",") if b.strip()]
+    if not all(b.isdigit() for b in widths):
+        raise KernelBuildError(f"--bits {bits!r}: expected comma-separated bit widths, e.g. 4,8")
     ok = run_check(
         archs=[a.strip() for a in arch.split(",") if a.strip()],
-        bits=[int(b) for b in bits.split(",") if b.strip()],
+        bits=[int(b) for b in widths],
         jobs=jobs,
         quick=quick,
         console=console,
