@@ -177,7 +177,7 @@ def test_plot_without_matplotlib_fails_before_measuring(fake_gpu: list[Any], no_
     r = CliRunner().invoke(main, ["compare", "exllamav2-0.0.11", "exllamav2-0.0.12",
                                   "--model", "llama-2-70b", "--plot", str(png)])
     line = _error_line(r)
-    assert "matplotlib" in line and "pip install 'gemmtune[plot]'" in line
+    assert "matplotlib" in line and "pip install -e '.[plot]'" in line
     assert fake_gpu == []  # nothing was measured
     assert not png.exists()
 
@@ -188,7 +188,7 @@ def test_plot_without_matplotlib_fails_before_comparing_files(pair: tuple[str, s
     report = tmp_path / "c.md"
     r = CliRunner().invoke(main, ["compare", pair[0], pair[1], "--plot", str(tmp_path / "c.png"),
                                   "--report", str(report)])
-    assert "gemmtune[plot]" in _error_line(r)
+    assert "'.[plot]'" in _error_line(r)
     assert "REGRESSION" not in r.output and not report.exists()
 
 
@@ -268,6 +268,14 @@ def test_bench_writes_results_then_compare_against_a_live_source(fake_gpu: list[
     assert r.exit_code == 0 and "4096x4096" in r.output
     first = next(ln for ln in r.output.splitlines() if ln.startswith("4096x4096"))
     assert _config_short(PRESETS["default"]) in first, r.output
+    # ... and -o writes the (filtered) subset, itself a results file; a filter matching nothing
+    # is an error, not an empty table
+    sub = tmp_path / "m1.json"
+    r = CliRunner().invoke(main, ["bench", str(out), "--m", "1", "-o", str(sub)])
+    assert r.exit_code == 0, r.output
+    assert {m for m in cmp.load_results(sub).problems[0].points} == {1}
+    r = CliRunner().invoke(main, ["bench", str(out), "--shape", "8192x8192"])
+    assert r.exit_code == 1 and "no (shape, M) of it matches" in r.stderr
 
 
 def test_bench_refuses_an_unwritable_output_before_measuring(fake_gpu: list[Any],

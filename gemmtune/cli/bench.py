@@ -176,7 +176,12 @@ def bench(source: str, model: str | None, config_path: str | None, layout: str,
         if problems or m_text or workload_text:
             results = results.restrict({p.key() for p in problems} or None,
                                        set(ms) if (m_text or workload_text) else None)
+            if not results.problems:
+                fail(f"{source}: no (shape, M) of it matches the --shape/--model/--m filters")
         console.print(_bench_table(results))
+        if output:  # the filtered subset, itself a results file `compare` reads
+            results.save(output)
+            console.print(f"results written to {escape(output)}", highlight=False)
         return
     if not problems:
         fail("nothing to measure: give --model NAME, --config PATH/config.json or --shape KxN")
