@@ -64,7 +64,7 @@ def render_markdown(c: Comparison, title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-PLOT_INSTALL_HINT = "pip install 'gemmtune[plot]'"
+PLOT_INSTALL_HINT = "pip install -e '.[plot]' in the gemmtune checkout"
 
 
 def _matplotlib() -> Any:

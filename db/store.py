@@ -128,9 +128,10 @@ class Store:
         try:
             engine = make_engine(u, path, readonly, min(BUSY_TIMEOUT_S, lock_timeout_s))
         except (ImportError, sa_exc.NoSuchModuleError) as exc:
+            hint = ("; for PostgreSQL: pip install -e '.[postgres]' in the gemmtune checkout"
+                    if u.get_backend_name() == "postgresql" else "")
             raise DatabaseUnavailableError(
-                f"cannot use database {where}: its driver is not installed ({exc}); for "
-                "PostgreSQL: pip install 'gemmtune[postgres]'"
+                f"cannot use database {where}: its driver is not installed ({exc}){hint}"
             ) from None
         except sa_exc.ArgumentError as exc:
             raise DatabasePathError(f"not a usable database URL {where}: {exc}") from None

@@ -233,10 +233,15 @@ def test_export_selects_the_stale_hash_explicitly(filled, tmp_path, make_device)
     assert r.exit_code == 0 and "stale" in r.stderr and "--force" in r.stderr
     with Store.open(fresh) as s:
         assert [e.stale for e in s.list_results(current_kernel_hash=CURRENT)] == [True]
+    # only stale entries: --no-stale says they are hidden, not that nothing was ever tuned
+    r = run("show", "--db", fresh, "--no-stale")
+    assert r.exit_code == 0 and "1 stale entry hidden by --no-stale" in r.output, r.output
     r = run("import", str(out), "--db", fresh, "--force")
     assert r.exit_code == 0 and "--force stored" in r.stderr
     with Store.open(fresh) as s:
         assert sorted(e.stale for e in s.list_results(current_kernel_hash=CURRENT)) == [False, True]
+    r = run("import", str(out), "--db", fresh, "--force")  # already there: nothing is stored
+    assert r.exit_code == 0 and "nothing imported" in r.output and "--force stored" not in r.stderr
 
 
 def test_import_dry_run_writes_nothing(filled, tmp_path):

@@ -163,3 +163,13 @@ def test_runtime_serves_defaults_with_one_warning(value: str, words: str, in_emp
     finally:
         clear_cache()
     _nothing_created(in_empty_cwd)
+
+
+def test_a_missing_driver_gets_the_install_hint_of_its_own_database_only() -> None:
+    # The PostgreSQL extra is the only driver gemmtune ships an extra for: a MySQL URL must not be
+    # told to install psycopg.
+    from gemmtune.db.errors import DatabaseUnavailableError
+
+    with pytest.raises(DatabaseUnavailableError, match="driver is not installed") as got:
+        Store.open("mysql://u@localhost/db")
+    assert "postgres" not in str(got.value).lower()

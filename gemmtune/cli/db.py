@@ -95,7 +95,9 @@ def show(db_url: str | None, device_spec: str | None, include_stale: bool,
             if not fps:
                 fail(f"no tuned device matches {device_spec!r} in {display_url(store.url)}")
             entries = [e for e in entries if e.device_fingerprint in fps]
+    hidden = 0
     if not include_stale:
+        hidden = sum(e.stale for e in entries)
         entries = [e for e in entries if not e.stale]
     if full_keys:
         for e in entries:
@@ -105,8 +107,13 @@ def show(db_url: str | None, device_spec: str | None, include_stale: bool,
                                      + (["stale"] if e.stale else [])))
         return
     if not entries:
-        console.print(f"nothing tuned yet in {where} (run `gemmtune tune` or `gemmtune import`)",
-                      highlight=False, soft_wrap=True)
+        if hidden:
+            console.print(f"no current entries in {where}: {hidden} stale "
+                          f"{'entry' if hidden == 1 else 'entries'} hidden by --no-stale",
+                          highlight=False, soft_wrap=True)
+        else:
+            console.print(f"nothing tuned yet in {where} (run `gemmtune tune` or `gemmtune import`)",
+                          highlight=False, soft_wrap=True)
         return
     by_device: dict[str, list[Any]] = {}
     for e in entries:
@@ -253,7 +260,7 @@ def import_cmd(file: str, db_url: str | None, replace: bool, force: bool, dry_ru
             f"[yellow]warning:[/] the profile's kernel hash {report.profile_kernel_hash[:12]} is not "
             f"this build's {current[:12]}: its entries are stored as stale and will not be served "
             "(re-import with --force to serve them anyway)", highlight=False, soft_wrap=True)
-    elif report.forced:
+    elif report.forced and written:
         err_console.print(
             f"[yellow]note:[/] kernel hash {report.profile_kernel_hash[:12]} differs from this "
             f"build's {current[:12]}; --force stored the entries under this build's hash",
