@@ -43,7 +43,16 @@ from gemmtune.kernels.workload import Workload
 from torch import nn
 
 from .fusion import form_group, fuse_projections, planned_groups
-from .quant_linear import QuantLinear, _validate_sym, check_layout
+from .quant_linear import (
+    QuantLinear,
+    _validate_sym,
+    as_device,
+    check_config,
+    check_layout,
+    check_workload,
+    checkpoint_file,
+    open_safetensors,
+)
 
 
 @dataclass(frozen=True)
@@ -305,9 +314,14 @@ def patch(model: nn.Module, quantization_config: Mapping[str, Any] | Any | None 
     gate/up of Llama, Mistral, Qwen2, ...) run as one GEMM each (runtime/fusion.py), which is
     what `gemmtune tune --model` tunes; `fuse=False` runs every projection alone (tune those
     shapes with `--layout separate`).
+
+    Bad arguments (an unknown preset or workload, a CUDA `device` without CUDA, a format the
+    modules contradict) raise before any module is replaced.
     """
-    spec = None if quantization_config is None else read_format(quantization_config)
+    check_config(config)
+    check_workload(workload)
     target = None if device is None else _device(device)
+    spec = None if quantization_config is None else read_format(quantization_config)
     # Names, not modules: a replaced module is freed as soon as it is replaced.
     names = [n for n, m in model.named_modules() if n and _is_quantized_module(m)]
     report = PatchReport()
@@ -328,11 +342,9 @@ def patch(model: nn.Module, quantization_config: Mapping[str, Any] | Any | None 
 
 
 def _device(device: torch.device | str | int) -> torch.device:
-    """`device` with a CUDA index (the current card when none is given)."""
-    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
+    """`device` with a CUDA index (the current card when none is given); CudaUnavailableError
+    for a CUDA one on a machine without it (`as_device`)."""
+    return as_device(device)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -443,8 +455,9 @@ def materialize(model: nn.Module, device: torch.device | str | int) -> None:
 
 
 def checkpoint_quantization_config(path: str | Path) -> Mapping[str, Any]:
-    """The `quantization_config` of the `config.json` beside a safetensors file."""
-    cfg_path = Path(path).parent / "config.json"
+    """The `quantization_config` of the `config.json` beside a safetensors file (`path` may be
+    the folder holding it, see `checkpoint_file`)."""
+    cfg_path = checkpoint_file(path).parent / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -478,15 +491,20 @@ def load_quantized(model: nn.Module, path: str | Path,
     docstring). For a model built on `meta`, tensors no checkpoint holds (rotary frequencies)
     are computed by the model's initialiser (transformers models have one). `fuse`: as in
     `patch` (sibling projections of a known architecture run as one GEMM; off: each alone).
-    """
-    from safetensors import safe_open
 
+    `path` may be a folder holding `model.safetensors` or a single `*.safetensors` file. Bad
+    arguments (a missing path, a file that is not safetensors, an unknown preset or workload, a
+    CUDA `device` without CUDA) raise a typed error before the model is touched.
+    """
+    check_config(config)
+    check_workload(workload)
+    target = _model_device(model) if device is None else _device(device)
+    path = checkpoint_file(path)
     if quantization_config is None:
         quantization_config = checkpoint_quantization_config(path)
     spec = read_format(quantization_config, str(path))
-    target = _model_device(model) if device is None else _device(device)
     report = PatchReport()
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_safetensors(path) as f:
         keys = set(f.keys())
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.qweight" in keys]
         replaced = tuple(f"{n}." for n in names)
@@ -558,6 +576,8 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, act_o
     For tests and benchmarks (random-weight models): real checkpoints come quantized already.
     `fuse`: as in `patch` (what a loaded checkpoint would run).
     """
+    check_config(config)
+    check_workload(workload)
     keep = _name_filter(include, exclude)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and keep(n)]
     for name, lin in targets:

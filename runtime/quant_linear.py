@@ -51,13 +51,18 @@ import torch
 import torch.nn.functional as F
 from gemmtune.db.resolve import Band
 from gemmtune.kernels.awq import AWQTensors, is_awq_layout, to_gptq
-from gemmtune.kernels.config import KernelConfig
-from gemmtune.kernels.errors import InvalidProblemError, InvalidTensorError
+from gemmtune.kernels.config import PRESETS, KernelConfig, preset
+from gemmtune.kernels.errors import (
+    CudaUnavailableError,
+    InvalidConfigError,
+    InvalidProblemError,
+    InvalidTensorError,
+)
 from gemmtune.kernels.formats import QuantFormat, read_format
 from gemmtune.kernels.gptq import GPTQTensors, ZeroFormat, zeros
 from gemmtune.kernels.problem import KERNEL_BITS, Problem
 from gemmtune.kernels.weights import packed_bytes
-from gemmtune.kernels.workload import Workload
+from gemmtune.kernels.workload import WORKLOADS, Workload
 from torch import nn
 
 from . import ops
@@ -86,6 +91,109 @@ def check_layout(method: str, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     raise InvalidTensorError(
         f"{where}quantization_config says quant_method={said} but the tensors have {found} shapes "
         f"(qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)})")
+
+
+def check_config(config: object) -> None:
+    """Refuse a `config` argument the lookup could not use (a typo'd preset, a wrong type) when
+    it is given: otherwise it surfaces only at the first CUDA preparation, or never on CPU.
+    Valid: None (look the config up), a KernelConfig, a preset name, a dict of its fields."""
+    if config is None or isinstance(config, KernelConfig):
+        return
+    known = ", ".join(PRESETS)
+    if isinstance(config, str):
+        try:
+            preset(config)  # what the lookup resolves a name with
+        except InvalidConfigError:
+            raise InvalidConfigError(
+                f"config={config!r} is not a preset (known: {known}); pass one of them, a "
+                "KernelConfig, or None to look the config up") from None
+        return
+    if isinstance(config, dict):
+        try:
+            KernelConfig.from_dict(config)
+        except InvalidConfigError as exc:
+            raise InvalidConfigError(f"config dict: {exc}") from None
+        return
+    raise InvalidConfigError(
+        f"config must be a preset name ({known}), a KernelConfig, a dict of its fields or None, "
+        f"got {type(config).__name__} {config!r}")
+
+
+def check_workload(workload: object) -> None:
+    """Refuse a `workload` argument the lookup could not parse, when it is given (the lookup
+    would raise only at the first CUDA preparation). Valid: None, a Workload, a preset name or
+    Ms like `1,2,4` / `1:4,512:1` (`Workload.parse`)."""
+    if workload is None or isinstance(workload, Workload):
+        return
+    if not isinstance(workload, str):
+        raise InvalidProblemError(
+            f"workload must be a Workload, a preset name ({', '.join(WORKLOADS)}), Ms like "
+            f"'1,2,4' or '1:4,512:1', or None, got {type(workload).__name__} {workload!r}")
+    try:
+        Workload.parse(workload)
+    except InvalidProblemError as exc:
+        msg = str(exc)
+        if repr(workload.strip()) not in msg:  # parse names the text only when it is not Ms
+            msg = f"workload={workload!r}: {msg}"
+        raise InvalidProblemError(msg) from None
+
+
+def as_device(device: torch.device | str | int) -> torch.device:
+    """`device` as a torch.device, a CUDA one with its index (the current card when none is
+    given). Checked before anything moves: without CUDA torch answers a move with an
+    AssertionError ("Torch not compiled with CUDA enabled"), and a bad index faults later."""
+    try:
+        if isinstance(device, int) and not isinstance(device, bool):
+            dev = torch.device("cuda", device)
+        else:
+            dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidTensorError(
+            f"device={device!r} is not a device (e.g. 'cpu', 'cuda', 'cuda:1' or a GPU index)") from None
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise CudaUnavailableError(
+            f"device={device!r}: no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    n = torch.cuda.device_count()
+    if dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if dev.index >= n:
+        raise CudaUnavailableError(f"device={device!r}: GPU {dev.index} does not exist ({n} visible)")
+    return dev
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The safetensors file `path` names: the file itself, or in a folder its `model.safetensors`
+    or its only `*.safetensors` file. Anything else raises InvalidTensorError naming the path
+    (safetensors says "No such device" of a folder)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "model.safetensors").is_file():
+            return p / "model.safetensors"
+        files = sorted(q for q in p.glob("*.safetensors") if q.is_file())
+        if len(files) == 1:
+            return files[0]
+        held = "no .safetensors file" if not files else (
+            f"{len(files)} .safetensors files ({', '.join(q.name for q in files[:3])}"
+            f"{', ...' if len(files) > 3 else ''})")
+        raise InvalidTensorError(f"{p} is a folder holding {held}: give the .safetensors file, not the folder")
+    if not p.exists():
+        raise InvalidTensorError(f"checkpoint {p} does not exist")
+    return p
+
+
+def open_safetensors(path: Path, device: str = "cpu") -> Any:
+    """`safe_open(path)`, its errors typed: a file that is not safetensors (its header does
+    not parse) or cannot be read raises InvalidTensorError naming the path."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except SafetensorError as exc:
+        raise InvalidTensorError(f"{path} is not a safetensors file ({exc})") from None
+    except OSError as exc:
+        raise InvalidTensorError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
 
 
 def band_edges(bands: Sequence[Band[Any]]) -> tuple[int, ...]:
@@ -134,6 +242,10 @@ class QuantLinear(nn.Module):
         Problem(in_features, out_features, bits, group_size)  # validates shape rules
         if zero_format not in ("v1", "v2"):
             raise InvalidProblemError(f"zero_format={zero_format!r} must be 'v1' or 'v2'")
+        check_config(config)
+        check_workload(workload)
+        if device is not None:
+            as_device(device)
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
@@ -189,13 +301,16 @@ class QuantLinear(nn.Module):
                          workload: Workload | str | None = None,
                          device: str | torch.device = "cpu") -> QuantLinear:
         """Load layer `prefix` (e.g. `model.layers.0.mlp.down_proj`) from a safetensors file,
-        reading only its tensors. `quantization_config` is the checkpoint's (GPTQ or AWQ)."""
-        from safetensors import safe_open
-
+        reading only its tensors. `quantization_config` is the checkpoint's (GPTQ or AWQ); `path`
+        may be a folder holding one safetensors file (`checkpoint_file`)."""
+        check_config(config)
+        check_workload(workload)
+        as_device(device)
+        path = checkpoint_file(path)
         spec = read_format(quantization_config)
         names = {n: f"{prefix}.{n}" for n in ("qweight", "qzeros", "scales", "g_idx", "bias")}
         got: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with open_safetensors(path, str(device)) as f:
             keys = set(f.keys())
             for short, full in names.items():
                 if full in keys:
@@ -435,9 +550,7 @@ class QuantLinear(nn.Module):
         """Build the kernel-ready weight, resolve the config and compile its kernels (CUDA), so
         `forward` does none of it. Returns the lookup result (None for CPU / non-kernel bits)."""
         if device is not None:
-            dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
-            if dev.type == "cuda" and dev.index is None:
-                dev = torch.device("cuda", torch.cuda.current_device())
+            dev = as_device(device)
             if dev != self.device:
                 self.to(dev)  # _apply prepares
                 return self.lookup_result
