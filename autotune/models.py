@@ -252,6 +252,10 @@ def model_spec(name_or_path: str | Path) -> ModelSpec:
     p = Path(name_or_path)
     if p.is_file() or p.is_dir() or str(name_or_path).endswith(".json"):
         return load_config(p)
+    text = str(name_or_path)
+    if "/" in text or "\\" in text or text.startswith((".", "~")):  # meant as a path
+        raise InvalidProblemError(f"model {text!r}: no such file or folder (give a Hugging Face "
+                                  "config.json, the folder holding it, or a preset name)")
     raise InvalidProblemError(
         f"unknown model {str(name_or_path)!r}: known presets are {', '.join(MODEL_PRESETS)}; "
         "or give a path to a Hugging Face config.json"

@@ -285,3 +285,14 @@ def test_shape_layers_and_unique_problems() -> None:
         shape_layers(["4100x4096"])
     both = model_layers("llama-3-8b", layout="fused") + model_layers("mistral-7b", layout="fused")
     assert all(count == 64 for count in unique_problems(both).values())  # same shapes: summed
+
+
+def test_an_unknown_model_says_whether_it_was_taken_for_a_path_or_a_name() -> None:
+    from gemmtune.autotune.models import model_spec
+    from gemmtune.kernels.errors import InvalidProblemError
+
+    for path in ("/no/such/dir", "./missing", "~/nope", "models/llama"):
+        with pytest.raises(InvalidProblemError, match="no such file or folder"):
+            model_spec(path)
+    with pytest.raises(InvalidProblemError, match="known presets are"):
+        model_spec("llama-9-1b")
