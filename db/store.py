@@ -294,6 +294,15 @@ class Store:
 
         return self._read(work, [])
 
+    def kernel_hashes(self) -> list[str]:
+        """The kernel hashes stored entries were measured with."""
+        def work(session: Session) -> list[str]:
+            q = (select(KernelBuild.kernel_hash).join(TunedConfig, TunedConfig.kernel_build_id == KernelBuild.id)
+                 .distinct().order_by(KernelBuild.kernel_hash))
+            return list(session.scalars(q))
+
+        return self._read(work, [])
+
     def stale_count(self, current_kernel_hash: str) -> int:
         def work(session: Session) -> int:
             q = (select(func.count(TunedConfig.id)).join(TunedConfig.kernel_build)

@@ -118,6 +118,18 @@ def current_kernel_hash() -> str:
     return kernel_hash()
 
 
+def _build_hash(offers: list[Offer]) -> str:
+    """The hash `offers` are judged against: this build's, or where NVRTC does not load the
+    offered one that is these very sources (`kernels.sources.build_hash`)."""
+    from gemmtune.kernels.sources import NO_COMPILER, build_hash, compiler_version
+
+    if compiler_version() != NO_COMPILER:
+        return current_kernel_hash()
+    stored = {o.kernel_hash for o in offers if o.kernel_hash}  # a profile's, for all its entries
+    stored |= {e.kernel_hash for o in offers if not o.kernel_hash for e in o.entries}
+    return build_hash(stored)
+
+
 def _disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
@@ -312,7 +324,7 @@ def _resolve(fingerprint: str | None, pkey: str, wkey: str | None, split: bool, 
     from gemmtune.db.resolve import resolve as resolve_bands
 
     try:
-        res = resolve_bands(offers, fingerprint, current_kernel_hash(), pkey, wkey,
+        res = resolve_bands(offers, fingerprint, _build_hash(offers), pkey, wkey,
                             default=default.to_dict(), split=split).map(KernelConfig.from_dict)
     except GemmtuneError as exc:  # an entry this version cannot read: never fail the load
         _warn_once(f"entry:{pkey}", f"gemmtune: a stored config for {pkey} is not usable, using "

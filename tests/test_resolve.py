@@ -434,3 +434,46 @@ def test_resolve_lists_every_band_of_a_plan(tmp_path: Path, make_entry) -> None:
         assert _config_short(cfg) in lines[at], r.output
         assert f"database: {workload} entry" in lines[at + 1], r.output
     assert db in lines[-1]  # the database, named once
+
+
+def test_build_hash_matches_these_sources_under_any_compiler_only_where_nvrtc_is_missing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gemmtune.kernels import sources
+
+    gpu = kernel_hash("nvrtc-13.2")  # these sources, as a GPU machine with NVRTC 13.2 hashes them
+    monkeypatch.setattr(sources, "compiler_version", lambda: sources.NO_COMPILER)
+    assert sources.build_hash([gpu, "ab" * 32]) == gpu
+    assert sources.build_hash(["ab" * 32]) == sources.kernel_hash()  # other sources: not ours
+    # two compilers' results of these sources: ambiguous, so neither is taken for this build
+    assert sources.build_hash([gpu, kernel_hash("nvrtc-12.8")]) == sources.kernel_hash()
+    monkeypatch.setattr(sources, "compiler_version", lambda: "nvrtc-13.0")
+    assert sources.build_hash([gpu]) == kernel_hash("nvrtc-13.0")  # with NVRTC: its own only
+
+
+def test_without_nvrtc_resolve_and_show_serve_a_gpu_machines_results_of_these_sources(
+        tmp_path: Path, make_entry, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What README's "resolve needs no GPU" promises: a laptop without NVRTC reading the database
+    # of a GPU machine that ran this very code. Results of other code stay stale.
+    import json
+
+    from gemmtune.kernels import sources
+
+    monkeypatch.setattr(sources, "compiler_version", lambda: sources.NO_COMPILER)
+    db = str(tmp_path / "gpu.db")
+    with Store.open(f"sqlite:///{db}") as store:
+        store.put_result(make_entry(config=MIXED_CFG, workload="mixed", device=DEV.to_dict(),
+                                    kh=kernel_hash("nvrtc-13.2")))
+        store.put_result(make_entry(4096, 14336, config=MIXED_CFG, workload="mixed",
+                                    kh="ab" * 32, device=DEV.to_dict()))
+    r = _resolve_cli("--shape", "4096x4096", "--shape", "4096x14336", "--db", db,
+                     "--fingerprint", DEV.fingerprint, "--json")
+    assert r.exit_code == 0, r.output
+    first, second = json.loads(r.stdout)["layers"]
+    assert [(b["source"], b["config_key"]) for b in first["bands"]] == [("database", MIXED_CFG.key())]
+    assert [s["reason"] for s in second["skipped"]] == ["stale"]
+    r = CliRunner().invoke(main, ["show", "--db", db])
+    assert r.exit_code == 0 and "1 stale entry" in r.output, r.output
+    # with NVRTC another compiler's results are another build, as before
+    monkeypatch.setattr(sources, "compiler_version", lambda: "nvrtc-13.0")
+    r = _resolve_cli("--shape", "4096x4096", "--db", db, "--fingerprint", DEV.fingerprint, "--json")
+    assert [s["reason"] for s in json.loads(r.stdout)["layers"][0]["skipped"]] == ["stale"]

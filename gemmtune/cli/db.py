@@ -83,11 +83,11 @@ def show(db_url: str | None, device_spec: str | None, include_stale: bool,
     from gemmtune.db.profiles import select_device
     from gemmtune.db.resolve import Band, serving
     from gemmtune.db.store import display_url
-    from gemmtune.kernels.sources import kernel_hash
+    from gemmtune.kernels.sources import build_hash
 
-    current = kernel_hash()
     with _open_for_reading(db_url) as store:
         where = escape(display_url(store.url))
+        current = build_hash(store.kernel_hashes())
         entries = store.list_results(current_kernel_hash=current)
         serves = serving(entries, current)
         if device_spec is not None:
@@ -174,10 +174,10 @@ def export(db_url: str | None, output: str | None, device_spec: str | None, fmt:
     from gemmtune.db.header import render_header
     from gemmtune.db.profiles import build_profile, select_device
     from gemmtune.db.store import display_url, tool_version
-    from gemmtune.kernels.sources import kernel_hash
+    from gemmtune.kernels.sources import build_hash
 
-    current = kernel_hash()
     with _open_for_reading(db_url) as store:
+        current = build_hash(store.kernel_hashes())
         devices = select_device(store, device_spec)
         if not devices:
             # fail() escapes rich markup itself: give it the plain text.
@@ -224,10 +224,10 @@ def import_cmd(file: str, db_url: str | None, replace: bool, force: bool, dry_ru
 
     from gemmtune.db.profiles import import_profile, read_profile
     from gemmtune.db.store import Store, display_url
-    from gemmtune.kernels.sources import kernel_hash
+    from gemmtune.kernels.sources import build_hash
 
     profile = read_profile(file, _profile_validator())
-    current = kernel_hash()
+    current = build_hash([profile.kernel_hash])
     if dry_run:
         with _open_for_reading(db_url) as store:
             where = escape(display_url(store.url))
@@ -279,7 +279,7 @@ def doctor(db_url: str | None) -> None:
     from gemmtune.db.migrate import head_revision
     from gemmtune.db.paths import ENV_VAR, resolve_url
     from gemmtune.db.store import display_url
-    from gemmtune.kernels.sources import compiler_version, kernel_hash
+    from gemmtune.kernels.sources import NO_COMPILER, build_hash, compiler_version, kernel_hash
 
     # Plain "label  value" lines rather than a table: paths stay whole (copyable) at any
     # terminal width, and the output pastes cleanly into a bug report.
@@ -303,13 +303,15 @@ def doctor(db_url: str | None) -> None:
                 row("schema", f"{rev} ({'current' if rev == head else 'code head is ' + head})")
             writable, why = store.is_writable()
             row("writable", "" if writable else escape(why), writable)
-            entries = store.list_results(current_kernel_hash=current)
+            entries = store.list_results(current_kernel_hash=build_hash(store.kernel_hashes()))
             n_stale = sum(e.stale for e in entries)
             row("entries", f"{len(entries)} ({n_stale} stale)")
     except DatabaseError as exc:
         db_error = str(exc)
         row("database", "unusable (see below)", False)
-    row("kernel hash", current)
+    row("kernel hash", current if compiler_version() != NO_COMPILER else
+        f"{current} (no NVRTC here: stored results count as current when they were measured "
+        "with these sources and flags under any NVRTC version)")
 
     try:
         import torch
