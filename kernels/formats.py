@@ -144,7 +144,11 @@ class _Reader:
         key, value = self.first(*keys)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        if isinstance(value, str | bool):  # a type slip, not a mixed-width model
+            raise UnsupportedFormatError(
+                f"{self.label(key)}={value!r}: a {type(value).__name__} is not supported, the "
+                f"bit width is an integer (one of {', '.join(map(str, allowed))})")
+        if not isinstance(value, int | float) or value != int(value):
             raise UnsupportedFormatError(
                 f"{self.label(key)}={value!r}: mixed or fractional bit widths are not supported "
                 f"(one integer width for every layer: {', '.join(map(str, allowed))})")

@@ -105,6 +105,11 @@ def test_mixed_bit_widths_are_called_that() -> None:
     for qc in ({**GPTQ, "bits": 4.5}, {**GPTQ, "dynamic": {"x": {"bits": 8}}}):
         with pytest.raises(UnsupportedFormatError, match="mixed"):
             read_format(qc)
+    # a hand-edited "4" is a type slip, not a mixed-width model
+    for qc in ({**GPTQ, "bits": "4"}, {**GPTQ, "bits": True}):
+        with pytest.raises(UnsupportedFormatError, match="bit width is an integer") as info:
+            read_format(qc)
+        assert "mixed" not in str(info.value)
 
 
 def test_refusals_are_invalid_problems_too() -> None:
