@@ -69,6 +69,29 @@ def test_no_gpu_is_one_line_and_touches_no_database(monkeypatch: pytest.MonkeyPa
     assert not path.exists()
 
 
+def test_layers_without_a_cuda_kernel_are_refused_before_anything_else(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A 3-bit checkpoint runs on the CPU reference path: tuning or measuring it would only fail
+    # later, or time a kernel it never runs. One line, before the GPU check.
+    import json
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                               "num_hidden_layers": 2, "num_attention_heads": 32,
+                               "num_key_value_heads": 8,
+                               "quantization_config": {"quant_method": "gptq", "bits": 3,
+                                                       "group_size": 128}}))
+    monkeypatch.setattr(st, "gpu_count", lambda: 1)
+    for args, what in ((["tune", "--config", str(cfg)], "nothing to tune"),
+                       (["bench", "default", "--config", str(cfg)], "nothing to measure")):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1, r.output
+        assert "3-bit layers have no CUDA kernel" in r.stderr and what in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    r = CliRunner().invoke(main, ["resolve", "--config", str(cfg), "--fingerprint", "0" * 16])
+    assert "no CUDA kernel" not in r.output  # resolve still shows what such a layer gets
+
+
 # Llama-3-8B's distinct shapes: as gemmtune's runtime runs it (q+k+v and gate+up fused, o,
 # down), every projection alone (q/o, k/v, gate/up, down), and an engine's fused layout.
 LLAMA_3_8B = {

@@ -90,7 +90,7 @@ def _bench_problems(model: str | None, config_path: str | None, layout: str,
         parse_layout(layout)  # a bad --layout is an error even where no model is named
         return {}
     return dict(_tune_problems(model, config_path, layout, shapes, int(bits) if bits else None,
-                               int(group) if group else None, act_order))
+                               int(group) if group else None, act_order, "measure"))
 
 
 def _require_gpu(device_index: int, code: int = 1) -> None:
