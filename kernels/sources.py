@@ -65,14 +65,15 @@ def _hashes_under_any_compiler(here: str) -> frozenset[str]:
     return frozenset(kernel_hash(c) for c in NVRTC_VERSIONS)
 
 
-def build_hash(stored: Iterable[str] = ()) -> str:
+def build_hash(stored: Iterable[str] = (), here: str | None = None) -> str:
     """The kernel hash to judge stored results against: this build's (`kernel_hash()`). Where
     NVRTC does not load, this machine cannot name its compiler, so its own hash matches nothing
     measured on a GPU machine; there the one hash among `stored` that is these very sources and
     flags under some NVRTC version is taken instead (when exactly one is), so that `resolve`,
     `show`, `export` and `import` on a machine without a GPU judge a GPU machine's results by
-    the code that measured them. On a machine with NVRTC, `stored` changes nothing."""
-    here = kernel_hash()
+    the code that measured them. On a machine with NVRTC, `stored` is not even read. `here`:
+    `kernel_hash()` when the caller has it already (it reads every source file)."""
+    here = here or kernel_hash()
     if compiler_version() != NO_COMPILER:
         return here
     ours = {h for h in stored if h in _hashes_under_any_compiler(here)}

@@ -119,15 +119,14 @@ def current_kernel_hash() -> str:
 
 
 def _build_hash(offers: list[Offer]) -> str:
-    """The hash `offers` are judged against: this build's, or where NVRTC does not load the
-    offered one that is these very sources (`kernels.sources.build_hash`)."""
-    from gemmtune.kernels.sources import NO_COMPILER, build_hash, compiler_version
+    """The hash `offers` are judged against (`kernels.sources.build_hash`): this build's, or
+    where NVRTC does not load the offered one that is these very sources. The offered hashes
+    are a generator: only a machine without NVRTC walks the entries."""
+    from gemmtune.kernels.sources import build_hash
 
-    if compiler_version() != NO_COMPILER:
-        return current_kernel_hash()
-    stored = {o.kernel_hash for o in offers if o.kernel_hash}  # a profile's, for all its entries
-    stored |= {e.kernel_hash for o in offers if not o.kernel_hash for e in o.entries}
-    return build_hash(stored)
+    stored = (h for o in offers  # a profile's one hash covers all its entries
+              for h in ((o.kernel_hash,) if o.kernel_hash else (e.kernel_hash for e in o.entries)))
+    return build_hash(stored, here=current_kernel_hash())
 
 
 def _disabled() -> bool:
