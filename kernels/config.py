@@ -285,10 +285,10 @@ which the launch sets)."""
 def stream_fixed_smem(warps_n: int, warps_k: int, chunk: int, slots: int) -> int:
     """Shared memory of a stream block apart from what grows with its rows of A: each warp's ring
     (per slot, `chunk` steps of 512 weight bytes and room for one 128-byte (scale, zero) row per
-    step) and the ring's mbarriers (padded to 16 bytes). Mirrors the layout in
-    gptq_stream_gemm.cu."""
+    step), the rings' mbarriers and two more (A's bulk copy, a cluster's pushes), padded to 16
+    bytes. Mirrors the layout in gptq_stream_gemm.cu."""
     warps = warps_n * warps_k
-    bars = -(-warps * slots * 8 // 16) * 16
+    bars = -(-(warps * slots + 2) * 8 // 16) * 16
     return warps * slots * chunk * (512 + 128) + bars
 
 
@@ -308,9 +308,21 @@ def stream_partial_row_bytes(warps: int, tiles_max: int) -> int:
     return (tiles_max + warps - 1) * 32 * 4
 
 
+def stream_recv_row_bytes(cluster: int, tiles_max: int) -> int:
+    """Shared memory one row takes in a stream block of a cluster for the sums the other CTAs
+    push: one 16-byte slot a rank for each of the quads (4 columns) it owns, `tiles_max * 8`
+    quads a row in all, rounded up to a multiple of `cluster` (exact up to 8; 16 adds at most 8
+    quads, which the extra 128 bytes a row cover). None without a cluster."""
+    if cluster == 1:
+        return 0
+    return tiles_max * 8 * 16 + (128 if cluster > 8 else 0)
+
+
 def stream_row_bytes(bits: int, warps: int, k: int, cluster: int, tiles_max: int) -> int:
-    """Shared memory each row of A adds to a stream block: its K slice and its partials."""
-    return stream_a_row_bytes(bits, k, cluster) + stream_partial_row_bytes(warps, tiles_max)
+    """Shared memory each row of A adds to a stream block: its K slice, its partials and, in a
+    cluster, the pushed sums."""
+    return (stream_a_row_bytes(bits, k, cluster) + stream_partial_row_bytes(warps, tiles_max)
+            + stream_recv_row_bytes(cluster, tiles_max))
 
 
 def stream_smem_bytes(bits: int, warps_n: int, warps_k: int, chunk: int, slots: int, rows: int,

@@ -15,6 +15,7 @@ from gemmtune.kernels.config import (
     stream_a_row_bytes,
     stream_fixed_smem,
     stream_partial_row_bytes,
+    stream_recv_row_bytes,
     stream_smem_bytes,
     stream_violation,
 )
@@ -90,6 +91,44 @@ def test_shared_memory_grows_with_what_a_block_holds() -> None:
     # The partials: a 32-column fp32 slot per row for each (warp, tile) pair a run can end in.
     assert stream_partial_row_bytes(8, 1) == 8 * 128 and stream_partial_row_bytes(8, 14) == 21 * 128
     assert stream_smem_bytes(4, 1, 8, 8, 2, 3, 4096, 1, 2) == base + 3 * (4096 * 2 + 16 + 9 * 128)
+    # A cluster adds a slot a row for each quad pushed to it (none without a cluster): 8 quads
+    # of 16 bytes a tile, and 8 more quads at 16 CTAs, where rounding to the cluster can add them.
+    assert stream_recv_row_bytes(1, 5) == 0
+    assert stream_recv_row_bytes(4, 5) == 5 * 128 and stream_recv_row_bytes(16, 5) == 6 * 128
+    assert (stream_smem_bytes(4, 1, 8, 8, 2, 3, 4096, 2, 2)
+            == base + 3 * (2048 * 2 + 16 + 9 * 128 + 2 * 128))
+    # Two mbarriers beside the rings' (A's bulk copy, the pushes'), padded to 16 bytes.
+    assert stream_fixed_smem(1, 1, 1, 2) == 1 * 2 * (512 + 128) + 32
+
+
+def test_pushed_sums_fill_each_owners_slots_once() -> None:
+    """The cluster reduction's mapping, replayed with the kernel's formulas: quad i goes to CTA
+    i % CLUSTER, into slot (i - i % CLUSTER) + rank. Every owner gets exactly one sum from every
+    rank for each quad it owns, the pushes it waits for are the bytes its barrier expects, and
+    every slot lies inside what `stream_recv_row_bytes` sizes."""
+    for cluster in (2, 4, 8, 16):
+        for t_max in (1, 2, 3, 5, 17):
+            for m in range(1, STREAM_ROWS + 1):
+                recv_quads = -(-t_max * m * 8 // cluster) * cluster
+                assert recv_quads * 16 <= m * stream_recv_row_bytes(cluster, t_max)
+                for n_t in {1, max(1, t_max - 1), t_max}:
+                    quads = n_t * m * 8
+                    got: dict[int, dict[int, int]] = {r: {} for r in range(cluster)}
+                    for rank in range(cluster):
+                        for i in range(quads):
+                            owner = i % cluster
+                            slot = i - owner + rank
+                            assert 0 <= slot < recv_quads
+                            assert slot not in got[owner]
+                            got[owner][slot] = i
+                    for rank in range(cluster):
+                        owned = [i for i in range(quads) if i % cluster == rank]
+                        expect = (quads - rank + cluster - 1) // cluster if quads > rank else 0
+                        assert len(owned) == expect
+                        pushed = sum(1 for slot, i in got[rank].items() if slot - (i - rank) != rank)
+                        assert pushed * 16 == (cluster - 1) * expect * 16
+                        for i in owned:  # the owner reads slots i - rank + rr, rr = 0..cluster-1
+                            assert [got[rank][i - rank + rr] for rr in range(cluster)] == [i] * cluster
 
 
 def test_long_k_takes_fewer_rows_per_launch() -> None:
@@ -259,11 +298,15 @@ def test_warp_runs_cover_every_step_once_and_their_slots_never_collide() -> None
                     p_lo, p_hi = run_begin(w, n_t, sl, warps), run_begin(w + 1, n_t, sl, warps)
                     if p_hi == p_lo:
                         continue
-                    gc0 = p_lo // sl * cpt + p_lo % sl // chunk
-                    total = (p_hi - 1) // sl * cpt + (p_hi - 1) % sl // chunk - gc0 + 1
+                    tl0 = p_lo // sl
+                    piece0 = (p_lo - tl0 * sl) // chunk
+                    total = (p_hi - 1) // sl * cpt + (p_hi - 1) % sl // chunk - (tl0 * cpt + piece0) + 1
+                    tl, piece = tl0, piece0  # the kernel's cursor: no division per chunk
                     for j in range(total):
-                        tl = (gc0 + j) // cpt
-                        piece = gc0 + j - tl * cpt
+                        if j:
+                            piece += 1
+                            if piece == cpt:
+                                tl, piece = tl + 1, 0
                         s_a = max(piece * chunk, p_lo - tl * sl)
                         s_b = min(piece * chunk + chunk, sl, p_hi - tl * sl)
                         assert 0 <= s_a < s_b <= sl and s_b - s_a <= chunk

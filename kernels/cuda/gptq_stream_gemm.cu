@@ -27,27 +27,35 @@
 // (no bulk copies) fill the same ring with per-lane cp.async that arrive on the same mbarriers;
 // clusters need sm_90.
 //
-// Activations. The CTA's K slice of the (at most 8) rows of A is loaded into shared memory once,
-// while the first chunks are in flight (gathered through `perm` with act-order), and read from
-// there for every tile: the CTA's K slice never changes.
+// Activations. The CTA's K slice of the (at most 8) rows of A is loaded into shared memory once
+// and read from there for every tile: the CTA's K slice never changes. On sm_90 without
+// act-order it is one bulk copy a row, issued by thread 0 before anything else, so its round trip
+// overlaps the start; otherwise threads load it (gathered through `perm` with act-order) while
+// the first chunks are in flight.
 //
 // Reduction, on chip and deterministic. When a warp's run leaves a tile, it stores its M x 32
 // fp32 partial of that tile in its own slot, `tile + warp` (tile counted within the cluster's
 // share): a warp's tiles begin where the previous warp's end, so no two (warp, tile) pairs share
 // a slot. After one CTA barrier, the CTA sums each tile's slots over the warps whose runs cover
-// it, in warp order. One CTA: that is C. A cluster: the sum goes back into the tile's first slot
-// and, after one cluster barrier, each CTA sums its share of the outputs over the cluster's CTAs
-// in rank order, through distributed shared memory. No atomics: a call's result does not depend
-// on timing.
+// it, in warp order. One CTA: that is C. A cluster: output quad i (4 columns of one row) belongs
+// to CTA i % CLUSTER, and every other CTA pushes its sum of the quad into the owner's slot for its
+// rank (st.async through distributed shared memory, completing on the owner's mbarrier); the
+// owner adds the ranks' sums in rank order. A push is one way, so no CTA waits for a read of its
+// shared memory to finish, and there is no cluster barrier at the end (an earlier revision read
+// the other CTAs' partials between two cluster barriers: ncu put a quarter of the warps' time
+// of a 5120x5120, M = 1 call in that epilogue). No atomics: a call's result does not depend on
+// timing.
 //
 // The inner math is the decode kernel's (transposed mma.m16n8k16, weight = 16-row operand,
 // activations the 8-column one, exact (q - zero) integers scaled per step in fp32).
 //
 // Shared memory (dynamic; `stream_smem_bytes` in kernels/config.py is the same formula):
 //   ring  [WARPS][SLOTS][CHUNK * 512 weight bytes + CHUNK * 128 (scale, zero) bytes]
-//   bars  [WARPS][SLOTS] mbarriers (8 bytes each), padded to a multiple of 16 bytes
+//   bars  [WARPS][SLOTS] ring mbarriers, then A's and the pushes' (8 bytes each), padded to a
+//         multiple of 16 bytes
 //   part  [TILES + WARPS - 1][M rows][32 columns] fp32 (TILES = ceil(tiles / clusters), the most
 //         one cluster takes)
+//   recv  clusters only: TILES * M * 8 quads (16 bytes each), rounded up to a multiple of CLUSTER
 //   A     [M rows][ceil(steps / CLUSTER) * KSTEP + 8] halves (+16 bytes a row: no bank conflicts)
 #include "common.cuh"
 
@@ -127,29 +135,27 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+// The two halves of a cluster barrier, apart: a CTA arrives (relaxed) once its barriers are
+// initialised, at the start, and waits only before its first store into another CTA, at the end,
+// by which time every CTA of the cluster has long arrived: the wait costs nothing.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
-// A cluster barrier that orders nothing: for the last one, which only keeps every CTA's shared
-// memory alive until the others have read it. Those reads were consumed before this thread's
-// stores of C, so a relaxed arrival is late enough -- and a release here would hold every warp
-// until its stores of C have reached L2 (a global round trip: "Stall Membar" was the top stall
-// of the kernel at 4096x1024, M = 1 on an H100).
-__device__ __forceinline__ void cluster_sync_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
-}
-
-// The float4 at this CTA's shared address `local`, as CTA `rank` of the cluster holds it.
-__device__ __forceinline__ float4 load_remote(uint32_t local, uint32_t rank) {
-  uint32_t remote;
+// `v` into the shared address `local` as CTA `rank` of the cluster holds it, completing `bytes`
+// on that CTA's mbarrier at `local_bar`: a one-way push (a read of another CTA's shared memory
+// is a round trip, and its owner could not leave until every reader was done).
+__device__ __forceinline__ void store_remote(uint32_t local, uint32_t rank, float4 v, uint32_t local_bar) {
+  uint32_t remote, bar;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(remote) : "memory");
-  return v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(bar) : "r"(local_bar), "r"(rank));
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];\n"
+      :: "r"(remote), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(bar) : "memory");
 }
 #else
 // Completion of this lane's earlier cp.async copies arrives on `bar` (init count 32).
@@ -226,27 +232,72 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
   const int p_lo = run_begin<WARPS>(warp, n_t, slice);
   const int p_hi = run_begin<WARPS>(warp + 1, n_t, slice);
   const int cpt = (slice + CHUNK - 1) / CHUNK;
-  const int gc0 = p_lo / slice * cpt + p_lo % slice / CHUNK;
-  const int total = p_hi > p_lo ? (p_hi - 1) / slice * cpt + (p_hi - 1) % slice / CHUNK - gc0 + 1 : 0;
-  // Chunk j of the run: its tile (within the share) and steps [s_a, s_b) of the slice.
-  auto chunk_at = [&](const int j, int& tl, int& s_a, int& s_b) {
-    const int gc = gc0 + j;
-    tl = gc / cpt;
-    const int piece = gc - tl * cpt;
-    s_a = max(piece * CHUNK, p_lo - tl * slice);
-    s_b = min(min(piece * CHUNK + CHUNK, slice), p_hi - tl * slice);
+  const int tl0 = p_lo / slice;
+  const int piece0 = (p_lo - tl0 * slice) / CHUNK;
+  const int total = p_hi > p_lo ? (p_hi - 1) / slice * cpt + (p_hi - 1) % slice / CHUNK - (tl0 * cpt + piece0) + 1 : 0;
+  // A chunk's place in the run, (tile within the share, piece of that tile's slice): the warp
+  // walks its chunks in order, so a cursor steps from one to the next without a division (the
+  // consumer's and the refill's cursors, SLOTS chunks apart).
+  struct Cursor {
+    int tl, piece;
+  };
+  auto next = [&](Cursor& at) {
+    if (++at.piece == cpt) {
+      at.piece = 0;
+      ++at.tl;
+    }
+  };
+  // Steps [s_a, s_b) of the slice that the chunk at `at` covers.
+  auto steps_of = [&](const Cursor at, int& s_a, int& s_b) {
+    s_a = max(at.piece * CHUNK, p_lo - at.tl * slice);
+    s_b = min(min(at.piece * CHUNK + CHUNK, slice), p_hi - at.tl * slice);
   };
 
+  // Shared memory (the header's layout): the rings, their barriers and the A and push barriers,
+  // the partials, the pushed sums a cluster reduces (none without one), this CTA's slice of A.
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* ring = smem + warp * SLOTS * SLOT_BYTES;
-  constexpr int BAR_BYTES = (WARPS * SLOTS * 8 + 15) / 16 * 16;  // keeps what follows 16-byte aligned
+  constexpr int BAR_BYTES = ((WARPS * SLOTS + 2) * 8 + 15) / 16 * 16;  // keeps what follows 16-byte aligned
   unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + WARPS * SLOTS * SLOT_BYTES);
   float* part = reinterpret_cast<float*>(smem + WARPS * SLOTS * SLOT_BYTES + BAR_BYTES);
   const int slot_floats = M * 32;  // one slot: M rows of 32 columns
-  half* as = reinterpret_cast<half*>(part + (t_max + WARPS - 1) * slot_floats);
+  float4* recv = reinterpret_cast<float4*>(part + (t_max + WARPS - 1) * slot_floats);
+  const int recv_quads = CLUSTER > 1 ? (t_max * M * 8 + CLUSTER - 1) / CLUSTER * CLUSTER : 0;
+  half* as = reinterpret_cast<half*>(recv + recv_quads);
   const int a_stride = ((steps + CLUSTER - 1) / CLUSTER) * KSTEP + 8;  // halves per row of A
   const uint32_t bar0 = smem_addr(bars + warp * SLOTS);
+  const uint32_t a_bar = smem_addr(bars + WARPS * SLOTS);  // this CTA's slice of A has landed
+  const uint32_t push_bar = a_bar + 8;                      // the cluster's sums of my outputs have
+  // The outputs of this cluster's share, in quads (4 columns of one row of one tile): quad i is
+  // reduced over the cluster by CTA i % CLUSTER, which the others push their sums of it to.
+  const int quads = n_t * M * 8;
+  const int kk0 = k_lo * KSTEP;
+  const int a_len = slice * KSTEP;  // halves of each row of A this CTA reads
+#if defined(GEMMTUNE_BULK)
+  constexpr bool kBulkA = !ACT_ORDER;  // contiguous: one bulk copy a row
+#else
+  constexpr bool kBulkA = false;
+#endif
 
+  if (threadIdx.x == 0) {
+#if defined(GEMMTUNE_BULK)
+    // A first: it is small, and its round trip then overlaps everything up to the first step.
+    if constexpr (kBulkA) {
+      bar_init(a_bar, 1);
+      bar_init_fence();
+      bar_expect(a_bar, M * a_len * 2);
+      for (int m = 0; m < M; ++m)
+        bulk_copy(smem_addr(as + m * a_stride), a + (size_t)m * K + kk0, a_len * 2, a_bar);
+    }
+    if constexpr (CLUSTER > 1) {
+      // Armed for the bytes the other CTAs will push: (CLUSTER - 1) sums of each quad it owns.
+      const int owned = quads > rank ? (quads - rank + CLUSTER - 1) / CLUSTER : 0;
+      bar_init(push_bar, 1);
+      bar_init_fence();
+      bar_expect(push_bar, (CLUSTER - 1) * owned * 16);
+    }
+#endif
+  }
   if (lane == 0) {
     for (int s = 0; s < SLOTS; ++s) {
 #if defined(GEMMTUNE_BULK)
@@ -259,13 +310,12 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
   }
   __syncwarp();
 
-  // Chunk j of this warp's run into ring slot j % SLOTS (j past the end: nothing). Called by
-  // lane 0 alone where the copy engine fills the ring, by every lane otherwise.
-  auto issue = [&](const int j) {
-    if (j >= total) return;
-    int tl, s_a, s_b;
-    chunk_at(j, tl, s_a, s_b);
-    const int tile = t_lo + tl;
+  // The chunk at `at` of this warp's run into ring slot j % SLOTS. Called by lane 0 alone where
+  // the copy engine fills the ring, by every lane otherwise.
+  auto issue = [&](const int j, const Cursor at) {
+    int s_a, s_b;
+    steps_of(at, s_a, s_b);
+    const int tile = t_lo + at.tl;
     const uint32_t bar = bar0 + 8 * (j % SLOTS);
     unsigned char* dst = ring + (j % SLOTS) * SLOT_BYTES;
     const int s0 = k_lo + s_a;
@@ -276,7 +326,7 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
     const uint32_t* wsrc = qweight + ((size_t)tile * steps + s0) * (kStepBytes / 4);
     const half2* ssrc = sz + tile * 32;
 #if defined(GEMMTUNE_BULK)
-    fence_proxy_async();
+    if (j >= SLOTS) fence_proxy_async();  // the warp has read this slot before (not the first fills)
     bar_expect(bar, cnt * kStepBytes + (g1 - g0 + 1) * row_bytes);
     bulk_copy(smem_addr(dst), wsrc, cnt * kStepBytes, bar);
     for (int gr = g0; gr <= g1; ++gr)
@@ -296,29 +346,32 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
 #endif
   };
 
+  // Chunk j of the run (at the refill cursor, which then moves on); past the end, nothing.
+  Cursor fill = {tl0, piece0};
   auto refill = [&](const int j) {
+    if (j >= total) return;
 #if defined(GEMMTUNE_BULK)
-    if (lane == 0) issue(j);
+    if (lane == 0) issue(j, fill);
 #else
-    issue(j);
+    issue(j, fill);
 #endif
+    next(fill);
   };
 
   // The weight stream first: SLOTS chunks in flight before anything else happens.
 #pragma unroll
   for (int j = 0; j < SLOTS; ++j) refill(j);
 
-  // This CTA's K slice of A into shared memory, gathered with act-order.
-  {
-    const int kk0 = k_lo * KSTEP;
-    const int len = slice * KSTEP;
+  // This CTA's K slice of A into shared memory where no bulk copy brought it: gathered with
+  // act-order, by per-thread copies before sm_90.
+  if constexpr (!kBulkA) {
     if constexpr (ACT_ORDER) {
-      for (int i = threadIdx.x; i < len; i += THREADS) {
+      for (int i = threadIdx.x; i < a_len; i += THREADS) {
         const int col = load_ro(perm + kk0 + i);
         for (int m = 0; m < M; ++m) as[m * a_stride + i] = load_ro(a + (size_t)m * K + col);
       }
     } else {
-      const int vecs = len / 8;
+      const int vecs = a_len / 8;
       for (int i = threadIdx.x; i < M * vecs; i += THREADS) {
         const int m = i / vecs;
         const int v = i - m * vecs;
@@ -328,7 +381,12 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
       copy_async_wait<0>();
     }
   }
+  // Every thread sees the barriers thread 0 initialised (and A, where threads loaded it).
   __syncthreads();
+#if defined(GEMMTUNE_BULK)
+  if constexpr (CLUSTER > 1) cluster_arrive_relaxed();  // this CTA's push barrier is ready
+  if constexpr (kBulkA) bar_wait(a_bar, 0);
+#endif
 
   // Accumulators: lane (g, t) holds C[2t + e][col0 + 2x + h] in acc[x][2h + e] (col0 = 4g).
   // Each step's MMAs start from zero and the step's exact (q - zero) x A sums are scaled into
@@ -412,18 +470,19 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
   };
 
   int cur = -1;  // the tile (within the share) `acc` holds
-  for (int j = 0; j < total; ++j) {
+  Cursor at = {tl0, piece0};
+  for (int j = 0; j < total; ++j, next(at)) {
     const int slot = j % SLOTS;
     bar_wait(bar0 + 8 * slot, (uint32_t)(j / SLOTS) & 1u);
-    int tl, s_a, s_b;
-    chunk_at(j, tl, s_a, s_b);
-    if (tl != cur) {  // warp-uniform
+    int s_a, s_b;
+    steps_of(at, s_a, s_b);
+    if (at.tl != cur) {  // warp-uniform
       if (cur >= 0) flush(cur);
 #pragma unroll
       for (int x = 0; x < 2; ++x)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[x][e] = 0.f;
-      cur = tl;
+      cur = at.tl;
     }
     const unsigned char* src = ring + slot * SLOT_BYTES;
     const int s0 = k_lo + s_a;
@@ -441,19 +500,21 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
   }
   if (cur >= 0) flush(cur);
   __syncthreads();
+#if defined(GEMMTUNE_BULK)
+  // Every CTA of the cluster has initialised its push barrier (they arrived at their start).
+  if constexpr (CLUSTER > 1) cluster_wait();
+#endif
 
   // The CTA's sum of each output quad (4 columns of one row of one tile) over the warps that
-  // cover its tile, by as many threads as there are quads. One CTA: that is C. A cluster: it goes
-  // into the tile's first covering slot (only this thread touches that quad of any of the tile's
-  // slots), and after the cluster barrier each CTA sums its share of the quads over the ranks.
-  const int quads = n_t * M * 8;
+  // cover its tile, by as many threads as there are quads. One CTA: that is C. A cluster: quad i
+  // goes to CTA i % CLUSTER, into its slot for this rank (pushed, or stored where that is this
+  // CTA), and each CTA then sums the quads it owns over the ranks, in rank order.
   for (int i = threadIdx.x; i < quads; i += THREADS) {
     const int tl = i / (M * 8);
     const int q = i - tl * (M * 8);  // row * 8 + quad
     int w0, w1;
     covering_warps<WARPS>(tl, n_t, slice, w0, w1);
-    float* p0 = part + (tl + w0) * slot_floats + q * 4;
-    float4 sum = *reinterpret_cast<const float4*>(p0);
+    float4 sum = *reinterpret_cast<const float4*>(part + (tl + w0) * slot_floats + q * 4);
     for (int w = w0 + 1; w <= w1; ++w) {
       if (run_begin<WARPS>(w + 1, n_t, slice) == run_begin<WARPS>(w, n_t, slice)) continue;  // empty run
       const float4 v = *reinterpret_cast<const float4*>(part + (tl + w) * slot_floats + q * 4);
@@ -467,32 +528,39 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
         *reinterpret_cast<uint2*>(c + (size_t)(q / 8) * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
       }
     } else {
-      *reinterpret_cast<float4*>(p0) = sum;
+#if defined(GEMMTUNE_BULK)
+      const int owner = i % CLUSTER;
+      float4* slot = recv + (i - owner) + rank;
+      if (owner == rank) {
+        *slot = sum;
+      } else {
+        store_remote(smem_addr(slot), (uint32_t)owner, sum, push_bar);
+      }
+#endif
     }
   }
 #if defined(GEMMTUNE_BULK)
   if constexpr (CLUSTER > 1) {
-    cluster_sync();
-    for (int i = rank * THREADS + threadIdx.x; i < quads; i += CLUSTER * THREADS) {
+    bar_wait(push_bar, 0);  // the other CTAs' sums of my quads
+    __syncthreads();        // and this CTA's own, stored by other threads
+    for (int i = rank + CLUSTER * threadIdx.x; i < quads; i += CLUSTER * THREADS) {
       const int tl = i / (M * 8);
       const int q = i - tl * (M * 8);
       const int col = (t_lo + tl) * 32 + (q % 8) * 4;
       if (col >= N) continue;
-      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+      const float4* from = recv + (i - rank);
+      float4 sum = from[0];
 #pragma unroll
-      for (int rr = 0; rr < CLUSTER; ++rr) {
-        const int rs = slice_lo(rr + 1) - slice_lo(rr);  // rank rr's slice
-        int w0, w1;
-        covering_warps<WARPS>(tl, n_t, rs, w0, w1);
-        const float4 v = load_remote(smem_addr(part + (tl + w0) * slot_floats + q * 4), (uint32_t)rr);
+      for (int rr = 1; rr < CLUSTER; ++rr) {
+        const float4 v = from[rr];
         sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
       }
       const half2 h01 = __floats2half2_rn(sum.x, sum.y);
       const half2 h23 = __floats2half2_rn(sum.z, sum.w);
       *reinterpret_cast<uint2*>(c + (size_t)(q / 8) * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
     }
-    // No CTA leaves while another may still read its partials.
-    cluster_sync_relaxed();
+    // No barrier at the end: nothing reads another CTA's shared memory, and a CTA leaves only
+    // once everything pushed to it has landed.
   }
 #endif
 }
