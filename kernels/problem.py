@@ -31,6 +31,13 @@ class Problem:
     group_size: int = 128
     act_order: bool = False
 
+    @property
+    def has_kernel(self) -> bool:
+        """Whether the CUDA kernels run this problem; a layer without one (2/3 bits) takes the
+        dense reference path everywhere (dequantized once, then `F.linear`), so no config,
+        tuned or default, ever applies to it."""
+        return self.bits in KERNEL_BITS
+
     def __post_init__(self) -> None:
         for name in ("k", "n", "bits", "group_size"):
             value = getattr(self, name)

@@ -156,6 +156,8 @@ def _layer_row(name: str, m: QuantLinear) -> PatchedLayer:
         src = ", ".join(dict.fromkeys(b.source for b in m.bands))
     elif res is not None:
         ck, src = res.config.key(), res.source
+    elif m.device.type == "cuda" and not m.problem.has_kernel:
+        ck, src = "-", f"dense reference (no CUDA kernel for {m.bits}-bit weights)"
     elif m.device.type == "cuda":
         ck, src = "-", "unresolved"
     else:

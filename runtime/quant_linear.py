@@ -557,7 +557,7 @@ class QuantLinear(nn.Module):
         dev = self.device
         if dev.type != "cuda":
             return None
-        if self.bits not in KERNEL_BITS:
+        if not self.problem.has_kernel:
             self._bias16 = None if self.bias is None else self.bias.to(torch.float16)
             return None  # no CUDA kernel: forward uses the dense reference on the GPU
         g = self._group
@@ -643,7 +643,7 @@ class QuantLinear(nn.Module):
             out = self._forward_alone(x.to(torch.float16))
             return out.to(x.dtype)
         dev = self.device
-        if x.is_cuda and dev.type == "cuda" and self.bits in KERNEL_BITS:
+        if x.is_cuda and dev.type == "cuda" and self.bits in KERNEL_BITS:  # Problem.has_kernel, without a Problem per call
             if x.device != dev:
                 raise InvalidTensorError(f"input is on {x.device}, layer on {dev}")
             self._prepare_alone(dev)
@@ -703,7 +703,7 @@ class QuantLinear(nn.Module):
                 cfg += ", bands=" + "; ".join(
                     f"{b.span}: {b.config.key()} ({b.source}"
                     + (f", {b.workload_key}" if b.workload_key else "") + ")" for b in self.bands)
-        elif self.device.type == "cuda" and self.bits not in KERNEL_BITS:
+        elif self.device.type == "cuda" and not self.problem.has_kernel:
             cfg = "config=none (no CUDA kernel for this bit width: dense reference path)"
         elif self.device.type == "cuda":
             cfg = "config=unresolved (resolved at prepare / first forward)"

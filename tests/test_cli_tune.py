@@ -88,8 +88,15 @@ def test_layers_without_a_cuda_kernel_are_refused_before_anything_else(
         assert r.exit_code == 1, r.output
         assert "3-bit layers have no CUDA kernel" in r.stderr and what in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+    # resolve shows what such a layer gets: the dense reference at every M, not a band's config
+    # the runtime would never apply.
     r = CliRunner().invoke(main, ["resolve", "--config", str(cfg), "--fingerprint", "0" * 16])
-    assert "no CUDA kernel" not in r.output  # resolve still shows what such a layer gets
+    assert r.exit_code == 0, r.output
+    assert "dense reference" in r.output and "no CUDA kernel for 3-bit" in r.output
+    assert "default" not in r.output
+    r = CliRunner().invoke(main, ["resolve", "--config", str(cfg), "--fingerprint", "0" * 16, "--json"])
+    layers = json.loads(r.output)["layers"]
+    assert layers and all(lay["path"] == "dense reference" and lay["bands"] == [] for lay in layers)
 
 
 # Llama-3-8B's distinct shapes: as gemmtune's runtime runs it (q+k+v and gate+up fused, o,

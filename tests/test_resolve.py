@@ -297,6 +297,7 @@ def test_resolve_shows_bands_sources_and_stale_entries_from_a_database(tmp_path:
     doc = json.loads(r.stdout)
     assert doc["card"]["fingerprint"] == DEV.fingerprint and doc["kernel_hash"] == kernel_hash()
     first, second = doc["layers"]
+    assert first["path"] == second["path"] == "kernel"
     assert [(b["m_lo"], b["m_hi"], b["config_key"], b["source"], b["workload"])
             for b in first["bands"]] == [(1, 8, DECODE_CFG.key(), "database", "decode"),
                                          (9, None, MIXED_CFG.key(), "database", "mixed")]

@@ -75,8 +75,11 @@ def _resolve_json(ex: Any) -> dict[str, Any]:
     return {"format": "gemmtune-resolve", "card": {"fingerprint": ex.card.fingerprint,
                                                    "name": ex.card.name, "found": ex.card.found},
             "kernel_hash": ex.kernel_hash, "workload": ex.workload,
+            # path "dense reference": no CUDA kernel for these bits, so no band applies
             "layers": [{"problem": a.problem.to_dict(), "problem_key": a.problem.key(),
-                        "layers": list(a.layers), "bands": [band(b) for b in a.resolution.bands],
+                        "layers": list(a.layers),
+                        "path": "kernel" if a.problem.has_kernel else "dense reference",
+                        "bands": [band(b) for b in a.resolution.bands] if a.problem.has_kernel else [],
                         "skipped": [skip(s) for s in a.resolution.skipped]}
                        for a in ex.answers],
             "warnings": list(ex.warnings)}
@@ -126,8 +129,13 @@ def resolve_cmd(model: str | None, config_path: str | None, layout: str, shapes:
                    f"kernel {ex.kernel_hash[:12]}", "shape (layers)~", "M", "config (from)")
     where: dict[str, str] = {}  # "database" / "profile": the one it names
     for a in ex.answers:
+        name = a.problem.key() + (f"\n[dim]{escape(', '.join(a.layers))}[/]" if a.layers else "")
+        if not a.problem.has_kernel:
+            # What the runtime runs for it at every M; a band's config would never apply.
+            table.add_row(name, "all", f"dense reference\n[dim]no CUDA kernel for {a.problem.bits}-bit "
+                                       "weights: dequantized once, then torch's matmul[/]")
+            continue
         for i, b in enumerate(a.resolution.bands):
-            name = a.problem.key() + (f"\n[dim]{escape(', '.join(a.layers))}[/]" if a.layers else "")
             if b.entry is not None:
                 where[b.source] = b.detail
             # where it came from under the config, not in a column of its own: at 80 columns
