@@ -146,6 +146,18 @@ __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
+// Wait until this CTA's barrier phase with this parity has completed, acquiring at cluster scope:
+// for data other CTAs of the cluster stored (st.async) and completed on it.
+__device__ __forceinline__ void bar_wait_cluster(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  }
+}
+
 // `v` into the shared address `local` as CTA `rank` of the cluster holds it, completing `bytes`
 // on that CTA's mbarrier at `local_bar`: a one-way push (a read of another CTA's shared memory
 // is a round trip, and its owner could not leave until every reader was done).
@@ -541,7 +553,7 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
   }
 #if defined(GEMMTUNE_BULK)
   if constexpr (CLUSTER > 1) {
-    bar_wait(push_bar, 0);  // the other CTAs' sums of my quads
+    bar_wait_cluster(push_bar, 0);  // the other CTAs' sums of my quads
     __syncthreads();        // and this CTA's own, stored by other threads
     for (int i = rank + CLUSTER * threadIdx.x; i < quads; i += CLUSTER * THREADS) {
       const int tl = i / (M * 8);
