@@ -119,7 +119,7 @@ def main() -> int:
                     help="more sources: NAME=PATH[:-DFLAG,-DFLAG] (timed beside new and old)")
     ap.add_argument("--shapes", default="", help="comma list of KxN (default: the eight)")
     ap.add_argument("--ms", default="", help="comma list of M")
-    ap.add_argument("--anchor", type=Path, help="peer timings JSON (shared/anchors)")
+    ap.add_argument("--anchor", type=Path, help="peer timings JSON on the same card model (an anchor file, as bench/report.py reads)")
     ap.add_argument("--splits", default="0", help="comma list of split_k values to time (0 = auto)")
     ap.add_argument("-o", "--output", default="fused-ab.json")
     args = ap.parse_args()

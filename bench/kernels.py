@@ -9,9 +9,12 @@ replays (20 calls per graph, each on a different weight copy, copies > 150 MB so
 them), median of 15 replays. Ceilings (streaming-read bandwidth, the roofline's; fp16 matmul
 peak; and, for comparison only, a graph-captured torch copy) are measured in the same run. Writes JSON; `bench/report.py` turns it into the BENCHMARKS.md table.
 
-`--peers` merges the peers' figures (`../shared/peers/peer_bench.py`'s `peer.json`, taken in the
-same device call on the same card, with its `peer_meta.json` beside it) into each row as `marlin_us`, `exl_us` and `peer_fp16_us`, beside
-our own `fp16_us` and `dispatch_us`; a peers file from another card model is refused.
+`--peers` merges the peers' figures into each row as `marlin_us`, `exl_us` and `peer_fp16_us`,
+beside our own `fp16_us` and `dispatch_us`: a `peer.json` of Marlin's, ExLlamaV2's and cuBLAS
+fp16's µs per shape and M, timed the way this harness times (graph replays, weight copies past
+L2, medians) in the same device call on the same card, with a `peer_meta.json` naming the card
+beside it (the peers are not part of gemmtune; the team's peer harness writes these two files).
+A peers file from another card model is refused.
 
     python bench/kernels.py -o out/kernels.json              # full run (~ minutes on an H100)
     python bench/kernels.py --shapes 4096x4096 --ms 1,16,64  # quick look

@@ -10,7 +10,7 @@ re-measured in *our* run, so the ratio to it is same-run.
 The roofline's bandwidth is the streaming-read ceiling of the same run (`read_bandwidth_TBps`);
 results from before it existed fall back to their copy bandwidth and say so.
 
-    python bench/report.py out/kernels.json --anchor ../shared/anchors/h200-2026-12-01.json
+    python bench/report.py out/kernels.json --anchor h200-2026-12-01.json   # peers' timings, same card model
 """
 
 from __future__ import annotations
