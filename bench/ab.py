@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n, _ in args.tree]
     if len(args.tree) < 2 or len(set(names)) != len(names):
         ap.error("give at least two --tree NAME=PATH with different names")
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench/ab.py times kernels: it needs a CUDA GPU, and this machine has none", file=sys.stderr)
+        return 1
     results: dict[str, dict[str, Any]] = {}
     bad = 0
     with tempfile.TemporaryDirectory(prefix="gemmtune-ab-") as tmp:

@@ -56,3 +56,15 @@ def test_table_compares_every_tree_with_the_first(ab: ModuleType) -> None:
     assert lines[2] == "| 4096×1024 | 1 | `a` | 5.00 | 5.50 | 10.00 | 1.10 | 2.00 |"
     assert lines[3] == "| 4096×1024 | 8 | `a` | 6.00 | failed | 3.00 | — | 0.50 |"
     assert len(lines) == 4
+
+
+def test_no_gpu_is_one_line_before_anything_is_installed(ab: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ab, "install", lambda *a: pytest.fail("installed a tree without a GPU"))
+    root = str(BENCH.parent)
+    assert ab.main(["--tree", f"a={root}", "--tree", f"b={root}", "--shapes", "64x64", "--keys", "k"]) == 1
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
