@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .problem import KERNEL_BITS, Problem
+from .problem import Problem
 
 COLUMN_TILE = 32
 """Columns per tile of the kernel layout (kernels/weights.py): member offsets must be multiples."""
@@ -67,7 +67,7 @@ def why_not_fused(problems: Sequence[Problem]) -> str | None:
             return f"quantization differs (b{first.bits} g{first.group_size} vs b{p.bits} g{p.group_size})"
         if p.act_order != first.act_order:
             return "act-order differs"
-    if first.bits not in KERNEL_BITS:
+    if not first.has_kernel:
         return f"{first.bits}-bit weights have no CUDA kernel"
     odd = [p.n for p in problems[:-1] if p.n % COLUMN_TILE]
     if odd:

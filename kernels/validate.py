@@ -36,7 +36,7 @@ def _workload(data: dict[str, Any]) -> Workload:
 class KernelValidator:
     def problem(self, data: dict[str, Any]) -> str:
         p = Problem.from_dict(data)
-        if p.bits not in KERNEL_BITS:
+        if not p.has_kernel:
             raise InvalidProblemError(
                 f"bits={p.bits} has no CUDA kernel in this build (kernels: "
                 f"{', '.join(map(str, KERNEL_BITS))} bits), so it cannot have been tuned")

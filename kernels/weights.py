@@ -96,7 +96,7 @@ class QuantizedWeight:
         rebuilds (`gptq_tensors`) like a GPU one, which is how CPU tests check the layout."""
         tensors.validate()
         problem = tensors.problem
-        if problem.bits not in KERNEL_BITS:
+        if not problem.has_kernel:
             raise InvalidProblemError(
                 f"{problem.bits}-bit weights have no CUDA kernel (supported: {KERNEL_BITS}); "
                 "use the CPU reference path"

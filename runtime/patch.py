@@ -322,7 +322,7 @@ def patch(model: nn.Module, quantization_config: Mapping[str, Any] | Any | None 
     """
     check_config(config)
     check_workload(workload)
-    target = None if device is None else _device(device)
+    target = None if device is None else as_device(device)
     spec = None if quantization_config is None else read_format(quantization_config)
     # Names, not modules: a replaced module is freed as soon as it is replaced.
     names = [n for n, m in model.named_modules() if n and _is_quantized_module(m)]
@@ -343,19 +343,13 @@ def patch(model: nn.Module, quantization_config: Mapping[str, Any] | Any | None 
     return report
 
 
-def _device(device: torch.device | str | int) -> torch.device:
-    """`device` with a CUDA index (the current card when none is given); CudaUnavailableError
-    for a CUDA one on a machine without it (`as_device`)."""
-    return as_device(device)
-
-
 def _model_device(model: nn.Module) -> torch.device:
     """Where `model` lives: its first tensor not on `meta`; for a model built entirely on meta,
     the current GPU if there is one, else the host."""
     for t in itertools.chain(model.parameters(), model.buffers()):
         if t.device.type != "meta":
             return t.device
-    return _device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return as_device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _persistent_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -411,7 +405,7 @@ def materialize(model: nn.Module, device: torch.device | str | int) -> None:
     rotary frequencies); a model built on `meta` whose linears were replaced by QuantLinears
     becomes a whole random model this way (bench/generate.py). A meta tensor no initialiser
     can fill raises InvalidTensorError."""
-    device = _device(device)
+    device = as_device(device)
     owners: dict[int, tuple[nn.Module, list[str]]] = {}
     for mname, m in model.named_modules():
         for attr, t in itertools.chain(m._parameters.items(), m._buffers.items()):
@@ -500,7 +494,7 @@ def load_quantized(model: nn.Module, path: str | Path,
     """
     check_config(config)
     check_workload(workload)
-    target = _model_device(model) if device is None else _device(device)
+    target = _model_device(model) if device is None else as_device(device)
     path = checkpoint_file(path)
     if quantization_config is None:
         quantization_config = checkpoint_quantization_config(path)

@@ -120,7 +120,7 @@ def _tune_problems(model: str | None, config_path: str | None, layout: str,
     if what != "resolve":  # resolve still shows what such a layer gets: the CPU reference path
         from gemmtune.kernels.problem import KERNEL_BITS
 
-        cpu_only = sorted({p.bits for p in names if p.bits not in KERNEL_BITS})
+        cpu_only = sorted({p.bits for p in names if not p.has_kernel})
         if cpu_only:
             fail(f"{'/'.join(map(str, cpu_only))}-bit layers have no CUDA kernel (kernels: "
                  f"{', '.join(map(str, KERNEL_BITS))}-bit); gemmtune runs them on its CPU "
