@@ -278,8 +278,8 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
   half* as = reinterpret_cast<half*>(recv + recv_quads);
   const int a_stride = ((steps + CLUSTER - 1) / CLUSTER) * KSTEP + 8;  // halves per row of A
   const uint32_t bar0 = smem_addr(bars + warp * SLOTS);
-  const uint32_t a_bar = smem_addr(bars + WARPS * SLOTS);  // this CTA's slice of A has landed
-  const uint32_t push_bar = a_bar + 8;                      // the cluster's sums of my outputs have
+  [[maybe_unused]] const uint32_t a_bar = smem_addr(bars + WARPS * SLOTS);  // A has landed
+  [[maybe_unused]] const uint32_t push_bar = a_bar + 8;  // the other CTAs' sums of my quads have landed
   // The outputs of this cluster's share, in quads (4 columns of one row of one tile): quad i is
   // reduced over the cluster by CTA i % CLUSTER, which the others push their sums of it to.
   const int quads = n_t * M * 8;
@@ -517,6 +517,16 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
   if constexpr (CLUSTER > 1) cluster_wait();
 #endif
 
+  // Output quad q (row q / 8, columns 4 (q % 8) ..) of share tile tl into C, where it lies in N.
+  auto store_quad = [&](const int tl, const int q, const float4 sum) {
+    const int col = (t_lo + tl) * 32 + (q % 8) * 4;
+    if (col < N) {
+      const half2 h01 = __floats2half2_rn(sum.x, sum.y);
+      const half2 h23 = __floats2half2_rn(sum.z, sum.w);
+      *reinterpret_cast<uint2*>(c + (size_t)(q / 8) * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
+    }
+  };
+
   // The CTA's sum of each output quad (4 columns of one row of one tile) over the warps that
   // cover its tile, by as many threads as there are quads. One CTA: that is C. A cluster: quad i
   // goes to CTA i % CLUSTER, into its slot for this rank (pushed, or stored where that is this
@@ -533,12 +543,7 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
       sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
     }
     if constexpr (CLUSTER == 1) {
-      const int col = (t_lo + tl) * 32 + (q % 8) * 4;
-      if (col < N) {
-        const half2 h01 = __floats2half2_rn(sum.x, sum.y);
-        const half2 h23 = __floats2half2_rn(sum.z, sum.w);
-        *reinterpret_cast<uint2*>(c + (size_t)(q / 8) * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
-      }
+      store_quad(tl, q, sum);
     } else {
 #if defined(GEMMTUNE_BULK)
       const int owner = i % CLUSTER;
@@ -557,9 +562,6 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
     __syncthreads();        // and this CTA's own, stored by other threads
     for (int i = rank + CLUSTER * threadIdx.x; i < quads; i += CLUSTER * THREADS) {
       const int tl = i / (M * 8);
-      const int q = i - tl * (M * 8);
-      const int col = (t_lo + tl) * 32 + (q % 8) * 4;
-      if (col >= N) continue;
       const float4* from = recv + (i - rank);
       float4 sum = from[0];
 #pragma unroll
@@ -567,9 +569,7 @@ __device__ __forceinline__ void body(const half* __restrict__ a, const uint32_t*
         const float4 v = from[rr];
         sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
       }
-      const half2 h01 = __floats2half2_rn(sum.x, sum.y);
-      const half2 h23 = __floats2half2_rn(sum.z, sum.w);
-      *reinterpret_cast<uint2*>(c + (size_t)(q / 8) * N + col) = make_uint2(h2_as_u32(h01), h2_as_u32(h23));
+      store_quad(tl, i - tl * (M * 8), sum);
     }
     // No barrier at the end: nothing reads another CTA's shared memory, and a CTA leaves only
     // once everything pushed to it has landed.
