@@ -312,7 +312,7 @@ def stream_recv_row_bytes(cluster: int, tiles_max: int) -> int:
     """Shared memory one row takes in a stream block of a cluster for the sums the other CTAs
     push: one 16-byte slot a rank for each of the quads (4 columns) it owns, `tiles_max * 8`
     quads a row in all, rounded up to a multiple of `cluster` (exact up to 8; 16 adds at most 8
-    quads, which the extra 128 bytes a row cover). None without a cluster."""
+    quads, which the extra 128 bytes a row cover). 0 without a cluster."""
     if cluster == 1:
         return 0
     return tiles_max * 8 * 16 + (128 if cluster > 8 else 0)
